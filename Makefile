@@ -1,0 +1,45 @@
+# migstall — see README.md.  `make demo` and `make test` install what they need.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.migstall-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow test-host kernels bench clean help
+
+help:
+	@echo "make demo       run the default scenario here and print the results"
+	@echo "make test       run the test suite (installs what it needs first)"
+	@echo "make test-slow  the long end-to-end tests (nightly against the virtual host)"
+	@echo "make test-host  the host scenario matrix with KVM (needs an Intel VMX/AMD SVM host)"
+	@echo "make kernels    build stock and patched kernels of the seed test series"
+	@echo "make bench      benchmarks: print timings (not tests)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup-host
+	./scripts/setup-host
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,build]'
+	touch $@
+
+demo: setup
+	$(BIN)/migstall demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-host: setup
+	$(BIN)/migstall run --scenario scenarios/host.toml --accel kvm --out results/host.csv
+
+kernels: setup
+	$(BIN)/migstall kernel build --manifest patches/migstall-dirtylog-tracepoints/series.toml --variant both
+
+bench: setup
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

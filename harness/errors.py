@@ -1,0 +1,88 @@
+"""Exception hierarchy.
+
+Every error migstall raises derives from :class:`MigstallError`.  Two branches
+decide the exit code and what the user is told:
+
+* :class:`UserError` (exit 2): bad input.  The message is one line naming the
+  problem and the fix.  Raised before any process is started wherever possible.
+* :class:`InfraError` (exit 1): something we started or depend on failed.  It
+  carries the path of the log that explains it.
+
+Subclasses keep their cause (``raise X(...) from exc``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+
+class MigstallError(Exception):
+    """Root of all migstall errors."""
+
+    exit_code = 1
+
+    def one_line(self) -> str:
+        return " ".join(str(self).split())
+
+
+class UserError(MigstallError):
+    """Bad input: the user can fix it.  Exit code 2."""
+
+    exit_code = 2
+
+
+class InfraError(MigstallError):
+    """Infrastructure failure.  Exit code 1; ``log_path`` points at the evidence."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, log_path: Optional[Union[str, Path]] = None):
+        super().__init__(message)
+        self.log_path = str(log_path) if log_path is not None else None
+
+    def one_line(self) -> str:
+        msg = super().one_line()
+        if self.log_path and self.log_path not in msg:
+            msg += f" (log: {self.log_path})"
+        return msg
+
+
+# --- infrastructure failures -------------------------------------------------
+
+class HostError(InfraError):
+    """A command or file operation on a host failed."""
+
+
+class CommandTimeout(HostError):
+    """A host command did not finish within its timeout."""
+
+
+class SSHError(HostError):
+    """SSH connection, authentication or channel failure."""
+
+
+class QEMUError(InfraError):
+    """QEMU failed to start, died, or a QMP command failed."""
+
+
+class GuestError(InfraError):
+    """The guest or its probe misbehaved (no READY, bad protocol, ...)."""
+
+
+class MigrationError(InfraError):
+    """Migration failed or did not progress in time."""
+
+
+class KernelBuildInfraError(InfraError):
+    """The build machinery itself failed (not the user's series or config)."""
+
+
+# --- user errors with a specific meaning --------------------------------------
+
+class HostKeyMismatch(UserError):
+    """An SSH host key does not match the pinned known_hosts entry."""
+
+
+class KVMUnusable(UserError):
+    """KVM was requested but is not usable on this host."""

@@ -1,0 +1,1 @@
+"""The guest: kernel, initramfs with busybox and the probe, and the probe channel."""

@@ -1,0 +1,123 @@
+"""The host contract.
+
+Everything the runner does on the machine that runs QEMU goes through this
+interface, so that the same code drives this machine, a bare-metal host over
+SSH, and the nested "virtual host".
+
+Rules every implementation keeps:
+* commands are argument lists (never shell strings built by interpolation);
+* every call that can block takes a timeout, with the defaults below;
+* :meth:`runtime_dir` directories are 0700 and removed on exit;
+* :meth:`connect_unix` returns a real connected ``socket.socket`` that asyncio
+  (qemu.qmp) can use, whatever the transport.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import signal as _signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence
+
+#: default timeout of one host command, seconds
+DEFAULT_COMMAND_TIMEOUT = 60.0
+#: default timeout to connect to a unix socket on the host, seconds
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: default grace between SIGTERM and SIGKILL when stopping a process, seconds
+DEFAULT_KILL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+class Host(abc.ABC):
+    """A machine that runs QEMU.  Use as a context manager."""
+
+    #: short identifier written to the ``host`` column, e.g. ``local``
+    name: str = "host"
+
+    # -- commands ---------------------------------------------------------------
+    @abc.abstractmethod
+    def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_COMMAND_TIMEOUT,
+            input: Optional[bytes] = None, check: bool = True,
+            env: Optional[Mapping[str, str]] = None) -> CommandResult:
+        """Run ``argv`` to completion.  Raises CommandTimeout, or HostError
+        when ``check`` and the exit status is non-zero."""
+
+    # -- files --------------------------------------------------------------------
+    @abc.abstractmethod
+    @contextlib.contextmanager
+    def runtime_dir(self, prefix: str = "migstall-") -> Iterator[str]:
+        """A fresh 0700 directory on the host, removed on exit."""
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def write_bytes(self, path: str, data: bytes, mode: int = 0o600) -> None: ...
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def stage(self, local_path: Path) -> str:
+        """Make a local file available on the host; return its path there.
+        Remote hosts cache by content hash, so staging twice copies once."""
+
+    @abc.abstractmethod
+    def fetch(self, host_path: str, local_path: Path) -> None:
+        """Copy a file from the host to this machine."""
+
+    # -- processes and sockets -------------------------------------------------------
+    @abc.abstractmethod
+    def connect_unix(self, path: str, timeout: float = DEFAULT_CONNECT_TIMEOUT):
+        """A connected ``socket.socket`` to the unix socket ``path`` on the host."""
+
+    @abc.abstractmethod
+    def pid_alive(self, pid: int) -> bool: ...
+
+    @abc.abstractmethod
+    def signal(self, pid: int, sig: int) -> None: ...
+
+    @abc.abstractmethod
+    def wait_pid_exit(self, pid: int, timeout: float) -> bool:
+        """Wait until ``pid`` has exited; False on timeout."""
+
+    def stop_pid(self, pid: int, grace: float = DEFAULT_KILL_GRACE) -> None:
+        """SIGTERM, wait ``grace`` seconds, then SIGKILL.  Never raises if gone."""
+        if not self.pid_alive(pid):
+            return
+        with contextlib.suppress(Exception):
+            self.signal(pid, _signal.SIGCONT)  # a SIGSTOPped process cannot die of SIGTERM
+            self.signal(pid, _signal.SIGTERM)
+        if self.wait_pid_exit(pid, grace):
+            return
+        with contextlib.suppress(Exception):
+            self.signal(pid, _signal.SIGKILL)
+        self.wait_pid_exit(pid, grace)
+
+    # -- clock ------------------------------------------------------------------------
+    def clock_offset_s(self) -> float:
+        """Host wall clock minus this machine's wall clock, in seconds."""
+        return 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Release connections.  Idempotent."""
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
