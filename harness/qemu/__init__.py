@@ -1,0 +1,1 @@
+"""QEMU machines, QMP and migration."""
