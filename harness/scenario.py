@@ -1,21 +1,70 @@
-"""Scenarios: what one run does, as a frozen dataclass.
+"""Scenarios: what one run does, as a frozen dataclass, and where they come from.
 
-Owner of validation and TOML loading: see :func:`load_scenarios` and
-:meth:`Scenario.validate`.  A scenario file expands to a matrix
-(mem x vcpus x backing x mode x repeat) that is fully validated before any
-QEMU starts.
+A scenario comes from command-line flags (one run) or from a TOML file that
+expands to a matrix.  Either way the whole list is validated before any QEMU
+starts: :func:`scenarios_from_args` first checks everything that needs no host
+(:func:`check_static`), then gathers :class:`HostFacts` once and checks the rest
+(:func:`validate`).  Every problem is a :class:`~harness.errors.UserError` whose
+message is one line naming where (file and entry, or flag), the key, and the fix.
+
+Scenario file format (see README "Scenario files")::
+
+    description = "optional text"
+
+    [defaults]                 # optional; applies to every [[scenario]]
+    vcpus = 2
+    repeat = 3
+
+    [[scenario]]
+    name = "small"
+    mem = ["512M", "1G"]       # list-valued: mem, vcpus, backing, dirty_log_mode
+    backing = ["anon", "thp"]
+    touch = 256                # MiB (or "256M")
+
+Each ``[[scenario]]`` expands to mem x vcpus x backing x dirty_log_mode x repeat
+runs.  The repeat index is the outermost loop, so that the repeats of one
+combination are spread over the whole run (slow drift of the host does not land
+on a single combination).  Command-line flags given together with ``--scenario``
+override the file's value for every entry (``make test-host`` adds
+``--accel kvm`` this way).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+import argparse
+import itertools
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from harness.errors import KVMUnusable, UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on older Pythons only
+    import tomli as tomllib
 
 BACKINGS = ("anon", "thp", "hugetlb2m", "hugetlb1g", "memfd")
 ACCELS = ("auto", "kvm", "tcg")
 DIRTY_LOG_MODES = ("default", "legacy", "ring")
 LOOPS = ("pio", "write", "cpu")
 END_ACTIONS = ("complete", "cancel")
+
+#: smallest guest migstall boots (Debian kernel + busybox initramfs + probe)
+MIN_MEM_MIB = 128
+#: memory the guest keeps for its kernel and initramfs: touch_mib may not exceed mem_mib - this
+GUEST_RESERVED_MIB = 64
+#: QEMU's pc/q35 limit is 255 vCPUs without an IOMMU/x2APIC setup; the probe is tested far below it
+MAX_VCPUS = 255
+#: KVM_DIRTY_RING_MAX_ENTRIES; QEMU documents 1024 as the smallest useful ring
+DIRTY_RING_MIN, DIRTY_RING_MAX = 1024, 65536
+HUGETLB_PAGE_KIB = {"hugetlb2m": 2048, "hugetlb1g": 1048576}
+#: cpu models that only exist with KVM
+KVM_ONLY_CPU_MODELS = ("host",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +92,11 @@ class Scenario:
     qemu: str = ""                  # "" = qemu-system-x86_64 on the host's PATH
     guest_kernel: str = ""          # "" = Debian's linux-image, cached
     l1_cmdline: str = ""            # virtual host only: extra L1 kernel args (e.g. kvm.tdp_mmu=0)
+    # Where the scenario came from, for error messages only (not compared):
+    # "" = command-line flags, else "FILE [[scenario]] #N".
+    origin: str = field(default="", compare=False)
+    # Keys set by command-line flags (they override the file), for error messages.
+    flag_keys: Tuple[str, ...] = field(default=(), compare=False)
 
     def loop_for(self, vcpu: int) -> str:
         if self.loops:
@@ -52,3 +106,470 @@ class Scenario:
     @property
     def loop_list(self) -> Tuple[str, ...]:
         return tuple(self.loop_for(i) for i in range(self.vcpus))
+
+    def validate(self, facts: "HostFacts") -> None:
+        """See :func:`validate`."""
+        validate(self, facts)
+
+
+# --- keys: TOML name -> (Scenario field, kind, command-line flag) ---------------
+
+_KEYS: Dict[str, Tuple[str, str, Optional[str]]] = {
+    "name": ("name", "str", "--name"),
+    "mem": ("mem_mib", "size", "--mem"),
+    "vcpus": ("vcpus", "int", "--vcpus"),
+    "backing": ("backing", "str", "--backing"),
+    "prealloc": ("prealloc", "bool", "--prealloc"),
+    "accel": ("accel", "str", "--accel"),
+    "cpu_model": ("cpu_model", "str", "--cpu-model"),
+    "dirty_log_mode": ("dirty_log_mode", "str", "--dirty-log-mode"),
+    "dirty_ring": ("dirty_ring", "int", "--dirty-ring"),
+    "touch": ("touch_mib", "size0", "--touch"),
+    "loops": ("loops", "loops", "--loops"),
+    "threshold_us": ("threshold_us", "int", "--threshold-us"),
+    "baseline_s": ("baseline_s", "float", "--baseline-s"),
+    "end": ("end_action", "str", "--end"),
+    "cancel_after_s": ("cancel_after_s", "float", "--cancel-after-s"),
+    "margin_ms": ("margin_ms", "float", "--margin-ms"),
+    "ready_timeout_s": ("ready_timeout_s", "float", "--ready-timeout"),
+    "migration_timeout_s": ("migration_timeout_s", "float", "--migration-timeout"),
+    "repeat": ("repeat", "int", "--repeat"),
+    "overcommit": ("overcommit", "bool", "--overcommit"),
+    "qemu": ("qemu", "str", "--qemu"),
+    "guest_kernel": ("guest_kernel", "str", "--guest-kernel"),
+    "l1_cmdline": ("l1_cmdline", "str", None),
+}
+#: keys that may be lists in a file; each list is one axis of the matrix
+MATRIX_KEYS = ("mem", "vcpus", "backing", "dirty_log_mode")
+_FIELD_TO_KEY = {f: k for k, (f, _, _) in _KEYS.items()}
+_KIND_HINT = {
+    "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+    "size": "a size such as 512, \"512M\" or \"1G\"", "size0": "a size in MiB such as 256 or \"256M\"",
+    "loops": "a list such as [\"pio\", \"write\"]",
+}
+_TOP_KEYS = ("description", "defaults", "scenario")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
+
+
+def parse_size_mib(value: Any) -> int:
+    """``512`` / ``"512"`` / ``"512M"`` / ``"1G"`` / ``"1.5GiB"`` -> MiB.  Plain numbers are MiB.
+
+    Raises ValueError with a short reason (callers wrap it into a UserError)."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        mib = float(value)
+    elif isinstance(value, float):
+        mib = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value.strip())
+        if not m:
+            raise ValueError("not a size")
+        mib = float(m.group(1)) * _SIZE_FACTOR[m.group(2).upper()]
+    else:
+        raise ValueError("not a size")
+    if not math.isfinite(mib) or mib < 0:
+        raise ValueError("not a size")
+    if mib != int(mib):
+        raise ValueError("not a whole number of MiB")
+    return int(mib)
+
+
+# --- where a problem is: names the file/entry or the flag ----------------------
+
+def _key_name(s_origin: str, flag_keys: Sequence[str], key: str) -> str:
+    flag = _KEYS[key][2] if key in _KEYS else None
+    if (not s_origin or key in flag_keys) and flag:
+        return flag
+    return key
+
+
+def _err(s: Scenario, key: str, problem: str, fix: str) -> UserError:
+    where = f"{s.origin}: " if s.origin and key not in s.flag_keys else ""
+    return UserError(f"{where}{_key_name(s.origin, s.flag_keys, key)} {problem}; {fix}")
+
+
+# --- building Scenario objects from raw key/value maps ---------------------------
+
+def _convert(key: str, value: Any, where: str, *, from_flag: bool) -> Any:
+    """Check the type of one raw value and convert it to the Scenario field's type."""
+    kind = _KEYS[key][1]
+    label = _KEYS[key][2] if from_flag else key
+
+    def bad(reason: str = "") -> UserError:
+        shown = value if isinstance(value, str) else repr(value)
+        why = f" ({reason})" if reason else ""
+        return UserError(f"{where}{label} {shown!s} is not {_KIND_HINT[kind]}{why}; fix the value")
+
+    if kind in ("size", "size0"):
+        try:
+            return parse_size_mib(value)
+        except ValueError as exc:
+            shown = f"{value!r}" if not isinstance(value, (int, float)) else f"{value}"
+            why = "" if str(exc) == "not a size" else f" ({exc})"
+            raise UserError(f"{where}{label} {shown} is not a size{why}; "
+                            f"use MiB (512) or a suffix M/G/T (512M, 1G)") from None
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and from_flag and re.fullmatch(r"-?\d+", value.strip()):
+                return int(value)
+            raise bad()
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str) and from_flag:
+                try:
+                    return float(value)
+                except ValueError:
+                    raise bad() from None
+            raise bad()
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if kind == "loops":
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = [v.strip() for v in value]
+        else:
+            raise bad()
+        if not items or any(not v for v in items):
+            raise UserError(f"{where}{label} {value!r} has an empty item; "
+                            f"give one loop per vCPU from {', '.join(LOOPS)}, e.g. pio,write")
+        return tuple(items)
+    raise AssertionError(kind)
+
+
+def _expand(raw: Mapping[str, Any], origin: str, flag_keys: Sequence[str], where: str) -> List[Scenario]:
+    """One raw entry (defaults | entry | flags) -> the list of its matrix scenarios."""
+    axes: Dict[str, List[Any]] = {}
+    scalars: Dict[str, Any] = {}
+    for key, value in raw.items():
+        from_flag = key in flag_keys
+        w = "" if from_flag else where
+        if key in MATRIX_KEYS and isinstance(value, list):
+            if not value:
+                raise UserError(f"{w}{key} is an empty list; give at least one value")
+            axes[key] = [_convert(key, v, w, from_flag=from_flag) for v in value]
+        else:
+            scalars[key] = _convert(key, value, w, from_flag=from_flag)
+    repeats = scalars.pop("repeat", 1)
+    if repeats < 1:
+        raise UserError(f"{'' if 'repeat' in flag_keys else where}"
+                        f"{'--repeat' if ('repeat' in flag_keys or not origin) else 'repeat'} "
+                        f"{repeats} is below 1; give the number of repeats (1 or more)")
+    base = {_KEYS[k][0]: v for k, v in scalars.items()}
+    axis_keys = [k for k in MATRIX_KEYS if k in axes]
+    out = []
+    for r in range(1, repeats + 1):
+        for combo in itertools.product(*(axes[k] for k in axis_keys)):
+            fields = dict(base)
+            fields.update({_KEYS[k][0]: v for k, v in zip(axis_keys, combo)})
+            out.append(Scenario(**fields, repeat=r, origin=origin, flag_keys=tuple(flag_keys)))
+    return out
+
+
+def _read_toml(path: Path) -> Dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"scenario file {path} does not exist; check the path given to --scenario") from None
+    except IsADirectoryError:
+        raise UserError(f"scenario file {path} is a directory; give a .toml file to --scenario") from None
+    except OSError as exc:
+        raise UserError(f"scenario file {path} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save the scenario file as UTF-8 TOML") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {' '.join(str(exc).split())}; fix the syntax there") from None
+
+
+def _check_keys(table: Mapping[str, Any], where: str, allowed: Iterable[str], what: str) -> None:
+    allowed = list(allowed)
+    for key in table:
+        if key not in allowed:
+            import difflib
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
+            raise UserError(f"{where}unknown key {key!r} in {what}; {hint}")
+
+
+def load_scenarios(path: Any, overrides: Optional[Mapping[str, Any]] = None) -> List[Scenario]:
+    """Read a scenario TOML file and expand it (see the module docstring).
+
+    ``overrides`` maps TOML keys to values given as command-line flags; they
+    replace the file's value (a list included) in every entry.  Only types and
+    names are checked here; run :func:`check_static` / :func:`validate` next.
+    """
+    path = Path(path)
+    doc = _read_toml(path)
+    overrides = dict(overrides or {})
+    _check_keys(doc, f"{path}: ", _TOP_KEYS, "the top level (use [defaults] and [[scenario]])")
+    if "description" in doc and not isinstance(doc["description"], str):
+        raise UserError(f"{path}: description must be a string; quote it")
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UserError(f"{path}: defaults must be a table; write it as [defaults]")
+    _check_keys(defaults, f"{path} [defaults]: ", _KEYS, "[defaults]")
+    entries = doc.get("scenario")
+    if entries is None:
+        raise UserError(f"{path} has no [[scenario]] entries; add at least one [[scenario]] table")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise UserError(f"{path}: scenario must be an array of tables; write each entry as [[scenario]]")
+    if not entries:
+        raise UserError(f"{path} has no [[scenario]] entries; add at least one [[scenario]] table")
+    out: List[Scenario] = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{path} [[scenario]] #{i}: "
+        _check_keys(entry, where, _KEYS, f"[[scenario]] #{i}")
+        raw = {**defaults, **entry}
+        raw.setdefault("name", f"{path.stem}-{i}")
+        for key in ("guest_kernel",):  # local paths: relative to the file
+            value = raw.get(key)
+            if key not in overrides and isinstance(value, str) and value and not os.path.isabs(value):
+                raw[key] = str((path.parent / value))
+        raw.update(overrides)
+        origin = f"{path} [[scenario]] #{i}"
+        if isinstance(raw.get("name"), str) and "name" not in overrides:
+            origin += f" ({raw['name']})"
+        out.extend(_expand(raw, origin, tuple(overrides), where))
+    return out
+
+
+# --- validation ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HugePool:
+    page_kib: int
+    total: int
+    free: int
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What validation needs to know about the host (see :func:`gather_host_facts`)."""
+
+    mem_total_mib: int
+    mem_available_mib: int
+    online_cpus: int
+    hugepages: Mapping[int, HugePool]     # page size in KiB -> pool
+    thp_mode: str                         # always | madvise | never | "" (no THP)
+    accel_auto: str                       # what "auto" resolves to here: kvm | tcg
+    kvm_usable: bool
+    kvm_reason: str                       # one line: why KVM is (un)usable
+    executables: Mapping[str, str]        # scenario.qemu ("" = default) -> resolved path, "" if missing
+
+
+def check_static(s: Scenario) -> None:
+    """Checks that need no host: names, ranges, combinations.  Raises UserError."""
+    if not _NAME_RE.match(s.name):
+        raise _err(s, "name", f"{s.name!r} is not a usable name",
+                   "use up to 64 letters, digits, '.', '_' or '-' (it names result files)")
+    if s.mem_mib < MIN_MEM_MIB:
+        raise _err(s, "mem", f"{s.mem_mib} MiB is below the {MIN_MEM_MIB} MiB minimum",
+                   f"give at least {MIN_MEM_MIB}M (e.g. 512M or 1G)")
+    if s.vcpus < 1:
+        raise _err(s, "vcpus", f"{s.vcpus} is not a vCPU count", "give 1 or more vCPUs (e.g. 2)")
+    if s.vcpus > MAX_VCPUS:
+        raise _err(s, "vcpus", f"{s.vcpus} is above QEMU's {MAX_VCPUS}", f"give at most {MAX_VCPUS} vCPUs")
+    for key, value, allowed in (("backing", s.backing, BACKINGS), ("accel", s.accel, ACCELS),
+                                ("dirty_log_mode", s.dirty_log_mode, DIRTY_LOG_MODES),
+                                ("end", s.end_action, END_ACTIONS)):
+        if value not in allowed:
+            raise _err(s, key, f"{value!r} is unknown", f"use one of {', '.join(allowed)}")
+    for loop in s.loops:
+        if loop not in LOOPS:
+            raise _err(s, "loops", f"has unknown loop {loop!r}", f"use {', '.join(LOOPS)} (one per vCPU)")
+    if len(s.loops) > s.vcpus:
+        raise _err(s, "loops", f"names {len(s.loops)} loops for {s.vcpus} vCPUs",
+                   "give at most one loop per vCPU (the last one repeats)")
+    page_kib = HUGETLB_PAGE_KIB.get(s.backing)
+    if page_kib and s.mem_mib * 1024 % page_kib:
+        raise _err(s, "mem", f"{s.mem_mib} MiB is not a multiple of the {page_kib // 1024} MiB page of {s.backing}",
+                   f"round it to a multiple of {page_kib // 1024}M")
+    if s.touch_mib < 0 or s.touch_mib > s.mem_mib - GUEST_RESERVED_MIB:
+        raise _err(s, "touch", f"{s.touch_mib} MiB does not fit a {s.mem_mib} MiB guest",
+                   f"touch at most mem - {GUEST_RESERVED_MIB} MiB ({s.mem_mib - GUEST_RESERVED_MIB}), or 0 for as much as fits")
+    if s.dirty_log_mode == "ring":
+        if not s.dirty_ring:
+            raise _err(s, "dirty_ring", "is missing for dirty_log_mode ring",
+                       f"give the ring size in entries, a power of two in {DIRTY_RING_MIN}..{DIRTY_RING_MAX} (e.g. 4096)")
+    if s.dirty_ring:
+        if s.dirty_log_mode != "ring":
+            raise _err(s, "dirty_ring", f"{s.dirty_ring} needs dirty_log_mode ring",
+                       "add --dirty-log-mode ring (dirty_log_mode = \"ring\"), or drop the ring size")
+        if not (DIRTY_RING_MIN <= s.dirty_ring <= DIRTY_RING_MAX) or s.dirty_ring & (s.dirty_ring - 1):
+            raise _err(s, "dirty_ring", f"{s.dirty_ring} is not a valid ring size",
+                       f"give a power of two in {DIRTY_RING_MIN}..{DIRTY_RING_MAX} (e.g. 4096)")
+    if s.accel == "tcg":
+        _check_tcg(s, "accel")
+    if not 1 <= s.threshold_us <= 1_000_000:
+        raise _err(s, "threshold_us", f"{s.threshold_us} is out of range", "give 1..1000000 microseconds (default 50)")
+    for key, value, lo in (("baseline_s", s.baseline_s, 0.0), ("cancel_after_s", s.cancel_after_s, 0.0),
+                           ("margin_ms", s.margin_ms, 0.0)):
+        if not math.isfinite(value) or value < lo:
+            raise _err(s, key, f"{value:g} is negative or not finite", "give 0 or more")
+    for key, value in (("ready_timeout_s", s.ready_timeout_s), ("migration_timeout_s", s.migration_timeout_s)):
+        if not math.isfinite(value) or value <= 0:
+            raise _err(s, key, f"{value:g} is not a positive number of seconds", "give a timeout above 0")
+    if s.repeat < 1:
+        raise _err(s, "repeat", f"{s.repeat} is below 1", "give the number of repeats (1 or more)")
+    if s.guest_kernel:
+        p = Path(s.guest_kernel)
+        if not p.is_file():
+            raise _err(s, "guest_kernel", f"{s.guest_kernel} does not exist or is not a file",
+                       "give the path of a bzImage/vmlinuz, or drop it to use Debian's kernel")
+        if not os.access(p, os.R_OK):
+            raise _err(s, "guest_kernel", f"{s.guest_kernel} is not readable", "fix its permissions")
+
+
+def _check_tcg(s: Scenario, because: str) -> None:
+    why = "--accel tcg" if because == "accel" else "there is no usable KVM here (accel auto -> tcg)"
+    if s.dirty_log_mode in ("legacy", "ring"):
+        raise _err(s, "dirty_log_mode", f"{s.dirty_log_mode} needs KVM, but {why}",
+                   "use dirty_log_mode default under tcg, or run on a KVM host with --accel kvm")
+    if s.cpu_model in KVM_ONLY_CPU_MODELS:
+        raise _err(s, "cpu_model", f"{s.cpu_model!r} needs KVM, but {why}",
+                   "use --cpu-model max (or leave it empty) under tcg")
+
+
+def validate(s: Scenario, facts: HostFacts) -> None:
+    """Everything :func:`check_static` checks, plus what depends on the host."""
+    check_static(s)
+    accel = facts.accel_auto if s.accel == "auto" else s.accel
+    if s.accel == "kvm" and not facts.kvm_usable:
+        raise KVMUnusable(f"--accel kvm: {facts.kvm_reason}")
+    if accel == "tcg" and s.accel == "auto":
+        _check_tcg(s, "auto")
+    qemu = facts.executables.get(s.qemu, "")
+    if not qemu:
+        if s.qemu:
+            raise _err(s, "qemu", f"{s.qemu} does not exist or is not executable on the host",
+                       "give the path of a qemu-system-x86_64 binary")
+        raise _err(s, "qemu", "not given and qemu-system-x86_64 is not on the host's PATH",
+                   "install qemu-system-x86 (make setup) or pass --qemu PATH")
+    if s.vcpus > facts.online_cpus and not s.overcommit:
+        raise _err(s, "vcpus", f"{s.vcpus} exceeds the host's {facts.online_cpus} CPUs (stalls would measure "
+                   "host scheduling)", f"give at most {facts.online_cpus}, or add --overcommit")
+    page_kib = HUGETLB_PAGE_KIB.get(s.backing)
+    if page_kib:
+        pool = facts.hugepages.get(page_kib)
+        # source and destination both run on this host and both reserve their pages
+        need = 2 * s.mem_mib * 1024 // page_kib
+        pool_dir = f"/sys/kernel/mm/hugepages/hugepages-{page_kib}kB"
+        label = "2 MiB" if page_kib == 2048 else "1 GiB"
+        if pool is None:
+            raise _err(s, "backing", f"{s.backing} needs {label} hugepages, which this host does not offer",
+                       "use backing thp or anon" + (" (1G pages need the pdpe1gb CPU flag)" if page_kib > 2048 else ""))
+        if pool.free < need:
+            raise _err(s, "backing", f"{s.backing} needs {need} free {label} hugepages for a {s.mem_mib} MiB "
+                       f"guest and its migration destination, the pool has {pool.free} free",
+                       f"as root: echo {pool.total - pool.free + need} > {pool_dir}/nr_hugepages "
+                       f"(or hugepagesz=/hugepages= on the kernel command line)")
+    elif s.mem_mib > facts.mem_total_mib and not s.overcommit:
+        raise _err(s, "mem", f"{s.mem_mib} MiB is more than the host's {facts.mem_total_mib} MiB",
+                   "give a smaller size, or add --overcommit if you mean it")
+    if s.backing == "thp" and facts.thp_mode not in ("always", "madvise"):
+        raise _err(s, "backing", f"thp needs transparent hugepages, but the host's mode is {facts.thp_mode or 'absent'!r}",
+                   "as root: echo madvise > /sys/kernel/mm/transparent_hugepage/enabled, or use backing anon")
+
+
+def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
+    """Read what :func:`validate` needs from ``host`` (one pass for a whole matrix).
+
+    The KVM check (which may boot a guest) runs only if a scenario asks for
+    ``auto`` or ``kvm``, once, with the first such scenario's QEMU."""
+    from harness import doctor
+
+    mem = doctor.read_meminfo(host)
+    executables = {q: doctor.find_qemu(host, q) for q in sorted({s.qemu for s in scenarios})}
+    wants_kvm = [s for s in scenarios if s.accel in ("auto", "kvm")]
+    if wants_kvm:
+        qemu = executables.get(wants_kvm[0].qemu, "")
+        status = doctor.kvm_status(host, qemu or None)
+        usable = status.usable
+        reason = status.reason if usable else f"{status.reason}; {status.fix}"
+    else:
+        usable, reason = False, "not checked (every scenario asks for tcg)"
+    return HostFacts(
+        mem_total_mib=mem.get("MemTotal", 0) // 1024,
+        mem_available_mib=mem.get("MemAvailable", 0) // 1024,
+        online_cpus=doctor.online_cpus(host),
+        hugepages={p.page_kib: HugePool(p.page_kib, p.total, p.free) for p in doctor.hugepage_pools(host)},
+        thp_mode=doctor.thp_mode(host),
+        accel_auto="kvm" if usable else "tcg",
+        kvm_usable=usable,
+        kvm_reason=reason,
+        executables=executables,
+    )
+
+
+# --- command line ---------------------------------------------------------------
+
+def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the scenario flags to a ``run``-like parser.  Every flag defaults to
+    None so that, with ``--scenario``, only the flags given override the file."""
+    g = parser.add_argument_group("scenario (a file, or flags for one run; flags override the file)")
+    g.add_argument("--scenario", metavar="FILE", help="scenario TOML file (a matrix; see README)")
+    g.add_argument("--name", help="scenario name written to the CSV (default: adhoc)")
+    g.add_argument("--mem", metavar="SIZE", help="guest memory: MiB (512) or with a suffix (512M, 1G); default 1G")
+    g.add_argument("--vcpus", metavar="N", help="vCPUs (default 2; at most the host's CPUs without --overcommit)")
+    g.add_argument("--backing", metavar="KIND", help=f"guest RAM backing: {'|'.join(BACKINGS)} (default anon)")
+    g.add_argument("--prealloc", action="store_true", default=None, help="preallocate guest RAM in QEMU")
+    g.add_argument("--accel", metavar="ACCEL", help="auto|kvm|tcg (default auto: kvm where usable, else tcg)")
+    g.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu model (default host under kvm, max under tcg)")
+    g.add_argument("--dirty-log-mode", metavar="MODE",
+                   help="default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); kvm only except default")
+    g.add_argument("--dirty-ring", metavar="N", help="dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
+    g.add_argument("--touch", metavar="MIB", help="MiB the probe prefaults (default 0 = as much as the guest can spare)")
+    g.add_argument("--loops", metavar="L,L,..", help="loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
+    g.add_argument("--threshold-us", metavar="US", help="record guest gaps at or above this (default 50)")
+    g.add_argument("--baseline-s", metavar="S", help="baseline window before migrate (default 2)")
+    g.add_argument("--end", metavar="END", help="complete|cancel: let migration finish, or migrate_cancel (default complete)")
+    g.add_argument("--cancel-after-s", metavar="S", help="with --end cancel: seconds after the first pass (default 1)")
+    g.add_argument("--margin-ms", metavar="MS", help="stall window ends this long after the first pass (default 200)")
+    g.add_argument("--repeat", metavar="N", help="runs of each scenario (default 1)")
+    g.add_argument("--overcommit", action="store_true", default=None,
+                   help="allow more guest memory or vCPUs than the host has")
+    g.add_argument("--qemu", metavar="PATH", help="QEMU binary on the host (default qemu-system-x86_64 on PATH)")
+    g.add_argument("--guest-kernel", metavar="PATH", help="guest kernel (default Debian's linux-image, cached)")
+    g.add_argument("--ready-timeout", metavar="S", help="seconds to wait for the probe's READY (default 300)")
+    g.add_argument("--migration-timeout", metavar="S", help="seconds a migration may take (default 600)")
+
+
+def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, (_, _, flag) in _KEYS.items():
+        if flag is None:
+            continue
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def scenarios_from_args(args: argparse.Namespace, host: Any) -> List[Scenario]:
+    """The validated scenario list for ``run`` (``--scenario FILE`` or flags).
+
+    Raises UserError (KVMUnusable included) before anything is started."""
+    flags = _flag_values(args)
+    if getattr(args, "scenario", None):
+        scenarios = load_scenarios(args.scenario, overrides=flags)
+    else:
+        scenarios = _expand(flags, "", tuple(flags), "")
+    for s in scenarios:
+        check_static(s)
+    facts = gather_host_facts(host, scenarios)
+    for s in scenarios:
+        validate(s, facts)
+    return scenarios

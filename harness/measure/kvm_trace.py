@@ -1,47 +1,331 @@
-"""Kernel-side timing of dirty-log enable/disable through tracefs.
+"""Kernel-side timing of dirty-log enable/disable through tracefs (no bcc).
 
-INTERFACE (used by the runner; the implementation is filled in by the
-virtual-host work).  Works on any Linux host through the Host API: kprobe /
-kretprobe events on the memslot and MMU-walk functions that
-``available_filter_functions`` lists, and trace_marker phase markers so the
-runner can attribute time to the enable (migration start) and disable
-(cancel) phases.
+Mechanism, on any Linux host reached through the Host API (as root):
+
+* a kprobe (``p:``) and a kretprobe (``r:``) event on each function of
+  :data:`CANDIDATES` that the running kernel's ``available_filter_functions``
+  lists (static functions may be inlined, and names differ by version), in a
+  private event group ``migstall_<random>``;
+* a private tracefs *instance* (``instances/migstall_<random>``) with its own
+  ring buffer, ``trace_clock`` (``mono``) and ``tracing_on``, so the global
+  tracer, its buffer and its ``tracing_on`` are never touched;
+* the KERNEL work's tracepoints ``kvm/kvm_migstall_*`` are enabled in the same
+  instance when the running kernel has them (their lines go to the sidecar);
+* ``trace_marker`` lines ``migstall-phase NAME`` split the trace into phases
+  (the runner marks ``enable`` right before QMP ``migrate`` and ``disable`` right
+  before ``migrate_cancel``).
+
+Definitions (milliseconds):
+
+* ``kvm_enable_ms``: the sum, over every call of the *anchor* function whose
+  entry lies in the ``enable`` phase, of (return time - entry time).  The anchor
+  is ``kvm_set_memslot`` (Linux >= 5.x; one call per ``KVM_SET_USER_MEMORY_REGION``
+  that changes a slot, i.e. per memslot whose ``KVM_MEM_LOG_DIRTY_PAGES`` flag
+  QEMU sets), else ``__kvm_set_memory_region`` (older kernels).  It is the
+  kernel time of all memslot flag changes of one dirty-log start, including the
+  MMU walks (write protection, D-bit clearing, huge page splitting) and the
+  memslot RCU swap.  Empty when the anchor saw no call (e.g. TCG).
+* ``kvm_disable_ms``: the same sum over the ``disable`` phase (cancel).
+* breakdown (sidecar): per phase, per probed function: total ms (inclusive of
+  callees), call count and max ms.
+
+Teardown (``__exit__``, also after errors or Ctrl-C): the instance is switched
+off and removed, then every probe of our group is deleted from ``kprobe_events``
+(appending ``-:group/event``; ``kprobe_events`` is never truncated, so other
+users' probes survive).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from harness.errors import HostError
 from harness.hosts.base import Host
+
+log = logging.getLogger(__name__)
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+#: anchor functions for kvm_enable_ms / kvm_disable_ms, first available wins
+ANCHORS = ("kvm_set_memslot", "__kvm_set_memory_region")
+#: functions probed when available_filter_functions lists them
+CANDIDATES = (
+    # memslot ioctl path
+    "kvm_set_memslot", "__kvm_set_memory_region",
+    "kvm_arch_commit_memory_region", "kvm_mmu_slot_apply_flags",
+    # 6.x MMU walks
+    "kvm_mmu_slot_remove_write_access", "kvm_mmu_slot_leaf_clear_dirty",
+    "kvm_tdp_mmu_wrprot_slot", "kvm_tdp_mmu_clear_dirty_slot",
+    "kvm_mmu_slot_try_split_huge_pages", "kvm_mmu_zap_collapsible_sptes",
+    # 5.0 (VMX/PML) names
+    "vmx_slot_enable_log_dirty", "vmx_slot_disable_log_dirty",
+    "kvm_mmu_slot_largepage_remove_write_access", "kvm_mmu_slot_set_dirty",
+    # dirty log harvesting
+    "kvm_vm_ioctl_clear_dirty_log", "kvm_vm_ioctl_get_dirty_log",
+)
+#: KVM module parameters recorded as provenance
+PARAMS = (
+    "kvm/parameters/tdp_mmu", "kvm/parameters/eager_page_split",
+    "kvm_intel/parameters/pml", "kvm_intel/parameters/ept",
+    "kvm_amd/parameters/npt", "kvm_amd/parameters/nested",
+)
+#: seconds for one tracefs command on the host
+TRACE_CMD_TIMEOUT = 60.0
+#: per-CPU ring buffer of the instance, KiB
+BUFFER_KB = 8192
+
+_LINE_RE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
+                      r"(?:(?P<flags>[^\s:]{4,6})\s+)?(?P<ts>\d+\.\d+):\s+(?P<event>[\w.]+):\s?(?P<rest>.*)$")
+
+_SETUP = r"""
+T=$1; G=$2; KB=$3; shift 3
+I=$T/instances/$G
+for f in "$@"; do
+  if echo "p:$G/${f}__e $f" >> "$T/kprobe_events" 2>/dev/null; then
+    if echo "r:$G/${f}__r $f" >> "$T/kprobe_events" 2>/dev/null; then echo "probed $f"
+    else echo "-:$G/${f}__e" >> "$T/kprobe_events"; echo "failed $f"; fi
+  else echo "failed $f"; fi
+done
+mkdir "$I" || exit 3
+echo 0 > "$I/tracing_on"
+if grep -qw mono "$I/trace_clock"; then echo mono > "$I/trace_clock"; else echo global > "$I/trace_clock"; fi
+echo "$KB" > "$I/buffer_size_kb"
+[ -d "$I/events/$G" ] && echo 1 > "$I/events/$G/enable"
+for e in "$T"/events/kvm/kvm_migstall_*; do
+  [ -d "$e" ] && echo 1 > "$I/events/kvm/${e##*/}/enable" && echo "tracepoint ${e##*/}"
+done
+echo 1 > "$I/tracing_on"
+echo "clock $(cat "$I/trace_clock")"
+"""
+
+_TEARDOWN = r"""
+T=$1; G=$2
+I=$T/instances/$G
+if [ -d "$I" ]; then
+  echo 0 > "$I/tracing_on"
+  [ -d "$I/events/$G" ] && echo 0 > "$I/events/$G/enable"
+  for e in "$I"/events/kvm/kvm_migstall_*; do [ -d "$e" ] && echo 0 > "$e/enable"; done
+  rmdir "$I" || echo "cannot remove $I" >&2
+fi
+grep "^[pr][0-9]*:$G/" "$T/kprobe_events" | while read -r def rest; do
+  ev=${def#*:}
+  echo "-:$ev" >> "$T/kprobe_events" || echo "cannot remove probe $ev" >&2
+done
+! grep -q "^[pr][0-9]*:$G/" "$T/kprobe_events"
+"""
 
 
 @dataclass(frozen=True)
 class KvmTiming:
     enable_ms: Optional[float]                 # kvm_enable_ms column
     disable_ms: Optional[float]                # kvm_disable_ms column
-    breakdown: Dict[str, Dict[str, float]] = field(default_factory=dict)  # phase -> function -> ms
+    breakdown: Dict[str, Any] = field(default_factory=dict)  # phase -> function -> {ms, calls, max_ms}; "_meta"
     params: Dict[str, str] = field(default_factory=dict)                  # kvm module params
     raw: str = ""                              # trace text, for the sidecar
 
 
+@dataclass(frozen=True)
+class Call:
+    func: str
+    pid: int
+    start_s: float
+    end_s: float
+    phase: str
+
+    @property
+    def ms(self) -> float:
+        return (self.end_s - self.start_s) * 1e3
+
+
+def parse_calls(text: str) -> Tuple[List[Call], List[Tuple[float, str]]]:
+    """Pair ``FUNC__e``/``FUNC__r`` events per (pid, function) into calls and
+    attribute each call to the phase whose marker precedes its entry."""
+    stacks: Dict[Tuple[int, str], List[float]] = defaultdict(list)
+    calls: List[Call] = []
+    markers: List[Tuple[float, str]] = []
+    phase = "setup"
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = _LINE_RE.match(line)
+        if not m:
+            continue
+        ts, event, pid = float(m.group("ts")), m.group("event"), int(m.group("pid"))
+        if event == "tracing_mark_write":
+            words = m.group("rest").split()
+            if len(words) >= 2 and words[0] == "migstall-phase":
+                phase = words[1]
+                markers.append((ts, phase))
+            continue
+        if event.endswith("__e"):
+            stacks[(pid, event[:-3])].append(ts)
+            # remember the phase at entry in a parallel stack
+            stacks[(pid, event[:-3] + "#phase")].append(len(markers))
+        elif event.endswith("__r"):
+            func = event[:-3]
+            if stacks[(pid, func)]:
+                start = stacks[(pid, func)].pop()
+                idx = int(stacks[(pid, func + "#phase")].pop())
+                ph = markers[idx - 1][1] if idx else "setup"
+                calls.append(Call(func, pid, start, ts, ph))
+    return calls, markers
+
+
+def summarize(calls: List[Call], anchor: Optional[str]) -> Tuple[Optional[float], Optional[float], Dict]:
+    breakdown: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for c in calls:
+        b = breakdown.setdefault(c.phase, {}).setdefault(c.func, {"ms": 0.0, "calls": 0, "max_ms": 0.0})
+        b["ms"] = round(b["ms"] + c.ms, 4)
+        b["calls"] += 1
+        b["max_ms"] = round(max(b["max_ms"], c.ms), 4)
+
+    def phase_ms(phase: str) -> Optional[float]:
+        if anchor is None:
+            return None
+        entry = breakdown.get(phase, {}).get(anchor)
+        return round(entry["ms"], 3) if entry and entry["calls"] else None
+
+    return phase_ms("enable"), phase_ms("disable"), breakdown
+
+
 class KvmTracer:
-    """Context manager: sets tracing up on enter, tears it down on exit (also on error)."""
+    """Context manager: sets tracing up on enter, tears it down on exit (also on error).
+
+    When the host has no tracefs or we are not root there, :meth:`available` is
+    False and every method is a no-op (the columns stay empty)."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
+        self.tracefs: Optional[str] = None
+        self.group = f"migstall_{secrets.token_hex(4)}"
+        self.functions: List[str] = []
+        self.tracepoints: List[str] = []
+        self.anchor: Optional[str] = None
+        self.clock = ""
+        self._active = False
+        self._why = ""
+
+    # -- discovery ----------------------------------------------------------------------
+    def _find_tracefs(self) -> Optional[str]:
+        for path in TRACEFS_CANDIDATES:
+            try:
+                if self.host.exists(f"{path}/kprobe_events"):
+                    return path
+            except HostError:
+                continue
+        return None
 
     def available(self) -> bool:
-        return False
+        if self.tracefs is None:
+            self.tracefs = self._find_tracefs()
+        if self.tracefs is None:
+            self._why = "no tracefs with kprobe_events (CONFIG_KPROBE_EVENTS, mounted tracefs)"
+            return False
+        res = self.host.run(["id", "-u"], check=False, timeout=TRACE_CMD_TIMEOUT)
+        if res.text.strip() != "0":
+            self._why = "not root on the host"
+            return False
+        return True
 
+    def _available_functions(self) -> List[str]:
+        assert self.tracefs
+        pattern = "^(" + "|".join(re.escape(f) for f in CANDIDATES) + r")( |$)"
+        res = self.host.run(["grep", "-E", pattern, f"{self.tracefs}/available_filter_functions"],
+                            check=False, timeout=TRACE_CMD_TIMEOUT)
+        found = {line.split()[0] for line in res.text.splitlines() if line.strip()}
+        return [f for f in CANDIDATES if f in found]
+
+    def params(self) -> Dict[str, str]:
+        paths = [f"/sys/module/{p}" for p in PARAMS]
+        res = self.host.run(["grep", "-H", ".", *paths], check=False, timeout=TRACE_CMD_TIMEOUT)
+        out = {}
+        for line in res.text.splitlines():
+            path, _, value = line.partition(":")
+            parts = path.split("/")
+            if len(parts) >= 6:
+                out[f"{parts[3]}.{parts[5]}"] = value.strip()
+        return out
+
+    # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> "KvmTracer":
+        try:
+            if not self.available():
+                log.info("kernel-side timing unavailable on %s: %s", self.host.name, self._why)
+                return self
+            funcs = self._available_functions()
+            self.anchor = next((a for a in ANCHORS if a in funcs), None)
+            self._active = True   # from here on, teardown must run
+            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB), *funcs],
+                                check=False, timeout=TRACE_CMD_TIMEOUT)
+            for line in res.text.splitlines():
+                word, _, rest = line.partition(" ")
+                if word == "probed":
+                    self.functions.append(rest)
+                elif word == "tracepoint":
+                    self.tracepoints.append(rest)
+                elif word == "clock":
+                    self.clock = rest
+            if res.returncode != 0:
+                raise HostError(f"setting up tracefs on {self.host.name} failed: "
+                                f"{res.stderr.decode(errors='replace').strip()[-200:]}")
+            if self.anchor not in self.functions:
+                self.anchor = None
+            log.info("kvm trace on %s: probes %s, tracepoints %s, anchor %s, clock %s", self.host.name,
+                     self.functions, self.tracepoints, self.anchor, self.clock)
+        except BaseException:
+            self._teardown()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self._teardown()
 
+    def _teardown(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        try:
+            res = self.host.run(["sh", "-c", _TEARDOWN, "sh", self.tracefs or "", self.group],
+                                check=False, timeout=TRACE_CMD_TIMEOUT)
+            if res.returncode != 0:
+                log.warning("kvm trace teardown on %s incomplete: %s", self.host.name,
+                            res.stderr.decode(errors="replace").strip())
+        except Exception as exc:  # never mask the run's own error
+            log.warning("kvm trace teardown on %s failed: %s", self.host.name, exc)
+
+    # -- use --------------------------------------------------------------------------------------
     def phase(self, name: str) -> None:
         """Mark the start of a phase (``enable`` before migrate, ``disable`` before cancel)."""
+        if not self._active:
+            return
+        self.host.run(["sh", "-c", 'echo "migstall-phase $2" > "$1"', "sh",
+                       f"{self.tracefs}/instances/{self.group}/trace_marker", name], timeout=TRACE_CMD_TIMEOUT)
 
     def collect(self) -> KvmTiming:
-        return KvmTiming(None, None)
+        if not self._active:
+            params = {}
+            try:
+                params = self.params()
+            except HostError:
+                pass
+            return KvmTiming(None, None, params=params)
+        params = self.params()
+        raw = self.host.run(["cat", f"{self.tracefs}/instances/{self.group}/trace"],
+                            timeout=TRACE_CMD_TIMEOUT).text
+        calls, _ = parse_calls(raw)
+        enable, disable, breakdown = summarize(calls, self.anchor)
+        breakdown = dict(breakdown)
+        breakdown["_meta"] = {"anchor": self.anchor, "probes": self.functions,  # type: ignore[dict-item]
+                              "tracepoints": self.tracepoints, "clock": self.clock}
+        if self.tracepoints:
+            counts: Dict[str, float] = defaultdict(float)
+            for line in raw.splitlines():
+                m = _LINE_RE.match(line)
+                if m and m.group("event").startswith("kvm_migstall_"):
+                    counts[m.group("event")] += 1
+            breakdown["_tracepoints"] = dict(counts)  # type: ignore[assignment]
+        return KvmTiming(enable, disable, breakdown, params, raw)

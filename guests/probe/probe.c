@@ -1,0 +1,802 @@
+/*
+ * migstall guest probe.
+ *
+ * Runs inside the measured guest (started by /init).  It
+ *   1. calibrates the TSC against CLOCK_MONOTONIC,
+ *   2. opens the probe channel (virtio-serial port "migstall.0", else ttyS1),
+ *   3. prefaults guest RAM with one pinned thread per vCPU and reports READY,
+ *   4. runs one measure loop per vCPU (pio, write or cpu), recording every gap
+ *      between consecutive iterations that is >= the threshold,
+ *   5. answers "mark" and "dump" commands from the harness.
+ *
+ * The protocol is described in docs/probe-protocol.md.  Configuration comes
+ * from the kernel command line (migstall.*).  Built static by the harness:
+ *   gcc -static -O2 -pthread -o probe probe.c
+ *
+ * The measure loops make no system call and touch no device except the pio
+ * loop's outb: under TCG an MMIO read (e.g. an hpet clocksource read) takes
+ * QEMU's BQL, so the cpu loop timestamps with rdtsc only.  The control thread
+ * blocks in read() on the channel and so does not perturb the loops.
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/io.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROTO 1
+#define PAGE 4096UL
+#define MIB (1024UL * 1024UL)
+#define MAX_CPUS 256
+#define MAX_LOOPS 64
+#define HIST_BUCKETS 32         /* bucket k: gaps in [2^k, 2^(k+1)) us; bucket 0 also holds < 1 us */
+#define PROGRESS_STEP (64 * MIB)
+#define VIRTIO_PORT_NAME "migstall.0"
+#define SERIAL_DEV "/dev/ttyS1"
+#define CHANNEL_WAIT_S 20
+
+enum cls { CLS_PIO, CLS_WRITE, CLS_CPU };
+static const char *const cls_names[] = { "pio", "write", "cpu" };
+
+struct stall { uint64_t t, d; };        /* start and length of a gap, in clock ticks */
+
+struct worker {
+	int cpu;
+	int cls;
+	char *region;                   /* this worker's touched memory */
+	size_t bytes;
+	struct stall *stalls;           /* preallocated and pre-touched */
+	size_t nstalls;
+	uint64_t dropped;
+	uint64_t iters;
+	uint64_t hist[HIST_BUCKETS];
+	uint64_t sink;
+	pthread_t th;
+} __attribute__((aligned(64)));
+
+static struct {
+	/* configuration */
+	long touch_mib;                 /* 0 = as much as can be spared */
+	int loops[MAX_LOOPS];
+	int nloops;
+	long threshold_us;
+	long max_stalls;                /* per vCPU */
+	char channel[16];               /* "virtio" | "serial" | "" (auto) */
+	char clock_req[8];              /* "tsc" | "mono" | "" (auto) */
+
+	/* clock */
+	int use_tsc;
+	uint64_t tsc_hz;
+	uint64_t tsc0, mono0;           /* calibration origin */
+	uint64_t thr_ticks;
+	uint64_t us_mult;               /* ticks * us_mult >> 32 = microseconds */
+
+	/* state */
+	int fd;                         /* channel */
+	pthread_mutex_t out_lock;
+	int ncpus;
+	struct worker *workers;
+	pthread_barrier_t touched;
+	atomic_int stop;
+	atomic_int running;             /* workers inside their measure loop */
+	atomic_ulong done_bytes;
+	uint64_t total_bytes;
+	int loops_stopped;
+} g = {
+	.threshold_us = 50,
+	.max_stalls = 131072,
+	.fd = -1,
+	.out_lock = PTHREAD_MUTEX_INITIALIZER,
+};
+
+/* ---------------------------------------------------------------- clocks */
+
+static inline uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+	__asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((uint64_t)hi << 32) | lo;
+}
+
+static inline uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* The measure clock: raw TSC ticks, or CLOCK_MONOTONIC ns. */
+static inline uint64_t now(void)
+{
+	return g.use_tsc ? rdtsc() : mono_ns();
+}
+
+static uint64_t ticks_to_ns(uint64_t ticks)
+{
+	if (!g.use_tsc)
+		return ticks;
+	return (uint64_t)((unsigned __int128)ticks * 1000000000ULL / g.tsc_hz);
+}
+
+/* A point on the measure clock as guest ns (CLOCK_MONOTONIC timeline). */
+static uint64_t clock_to_ns(uint64_t t)
+{
+	if (!g.use_tsc)
+		return t;
+	if (t >= g.tsc0)
+		return g.mono0 + ticks_to_ns(t - g.tsc0);
+	return g.mono0 - ticks_to_ns(g.tsc0 - t);
+}
+
+/* One (tsc, mono) pair, bracketed as tightly as possible. */
+static void clock_pair(uint64_t *tsc, uint64_t *ns)
+{
+	uint64_t best = UINT64_MAX;
+	for (int i = 0; i < 9; i++) {
+		uint64_t a = mono_ns(), t = rdtsc(), b = mono_ns();
+		if (b - a < best) {
+			best = b - a;
+			*tsc = t;
+			*ns = a + (b - a) / 2;
+		}
+	}
+}
+
+static void calibrate(void)
+{
+	uint64_t t0, n0, t1, n1;
+	struct timespec d = { 0, 250 * 1000 * 1000 };
+
+	g.use_tsc = 0;
+	if (strcmp(g.clock_req, "mono") != 0) {
+		clock_pair(&t0, &n0);
+		nanosleep(&d, NULL);
+		clock_pair(&t1, &n1);
+		if (t1 > t0 && n1 > n0) {
+			uint64_t hz = (uint64_t)((unsigned __int128)(t1 - t0) * 1000000000ULL / (n1 - n0));
+			if (hz >= 100000000ULL && hz <= 20000000000ULL) {
+				g.use_tsc = 1;
+				g.tsc_hz = hz;
+				g.tsc0 = t0;
+				g.mono0 = n0;
+			}
+		}
+		if (!g.use_tsc)
+			fprintf(stderr, "probe: TSC calibration failed, using CLOCK_MONOTONIC\n");
+	}
+	uint64_t hz = g.use_tsc ? g.tsc_hz : 1000000000ULL;
+	g.thr_ticks = (uint64_t)g.threshold_us * hz / 1000000ULL;
+	g.us_mult = (uint64_t)(((unsigned __int128)1000000ULL << 32) / hz);
+}
+
+/* ------------------------------------------------------------- output */
+
+struct sb { char *p; size_t n, cap; };
+
+static void sb_printf(struct sb *b, const char *fmt, ...)
+{
+	for (;;) {
+		va_list ap;
+		size_t room = b->cap - b->n;
+		va_start(ap, fmt);
+		int k = vsnprintf(b->p ? b->p + b->n : NULL, room, fmt, ap);
+		va_end(ap);
+		if (k < 0)
+			return;
+		if ((size_t)k < room) {
+			b->n += (size_t)k;
+			return;
+		}
+		size_t cap = b->cap ? b->cap * 2 : 4096;
+		while (cap - b->n <= (size_t)k)
+			cap *= 2;
+		char *p = realloc(b->p, cap);
+		if (!p)
+			abort();
+		b->p = p;
+		b->cap = cap;
+	}
+}
+
+static void sb_json_str(struct sb *b, const char *s)
+{
+	sb_printf(b, "\"");
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (c == '"' || c == '\\')
+			sb_printf(b, "\\%c", c);
+		else if (c < 0x20)
+			sb_printf(b, "\\u%04x", c);
+		else
+			sb_printf(b, "%c", c);
+	}
+	sb_printf(b, "\"");
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t k = write(fd, p, n);
+		if (k < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return -1;
+		}
+		p += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+/* Send one JSON line (the buffer without its newline); frees the buffer. */
+static void send_line(struct sb *b)
+{
+	sb_printf(b, "\n");
+	pthread_mutex_lock(&g.out_lock);
+	if (g.fd >= 0 && write_all(g.fd, b->p, b->n) < 0)
+		fprintf(stderr, "probe: channel write failed: %s\n", strerror(errno));
+	pthread_mutex_unlock(&g.out_lock);
+	free(b->p);
+	b->p = NULL;
+	b->n = b->cap = 0;
+}
+
+static void __attribute__((noreturn, format(printf, 1, 2))) fatal(const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "probe: error: %s\n", msg);
+	if (g.fd >= 0) {
+		struct sb b = { 0 };
+		sb_printf(&b, "{\"ev\":\"error\",\"msg\":");
+		sb_json_str(&b, msg);
+		sb_printf(&b, "}");
+		send_line(&b);
+	}
+	exit(1);
+}
+
+/* ----------------------------------------------------------- config */
+
+/* A configuration error, reported once the channel is open. */
+static char cfg_err[256];
+
+static void __attribute__((format(printf, 1, 2))) config_error(const char *fmt, ...)
+{
+	va_list ap;
+	if (cfg_err[0])
+		return;
+	va_start(ap, fmt);
+	vsnprintf(cfg_err, sizeof cfg_err, fmt, ap);
+	va_end(ap);
+}
+
+static void parse_loops(const char *v)
+{
+	char buf[512];
+	snprintf(buf, sizeof buf, "%s", v);
+	g.nloops = 0;
+	for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		int c = -1;
+		for (int i = 0; i < 3; i++)
+			if (strcmp(tok, cls_names[i]) == 0)
+				c = i;
+		if (c < 0) {
+			config_error("migstall.loops: unknown loop '%s' (use pio, write or cpu)", tok);
+			continue;
+		}
+		if (g.nloops < MAX_LOOPS)
+			g.loops[g.nloops++] = c;
+	}
+}
+
+static long parse_num(const char *key, const char *v, long min)
+{
+	char *end;
+	errno = 0;
+	long n = strtol(v, &end, 10);
+	if (errno || *v == '\0' || *end != '\0' || n < min) {
+		config_error("%s=%s: expected an integer >= %ld", key, v, min);
+		return min;
+	}
+	return n;
+}
+
+static void read_cmdline(void)
+{
+	char buf[4096];
+	int fd = open("/proc/cmdline", O_RDONLY);
+	ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+	if (fd >= 0)
+		close(fd);
+	g.loops[0] = CLS_PIO;
+	g.loops[1] = CLS_WRITE;
+	g.nloops = 2;
+	if (n <= 0)
+		return;
+	buf[n] = '\0';
+	for (char *save = NULL, *tok = strtok_r(buf, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
+		if (strncmp(tok, "migstall.", 9) != 0)
+			continue;
+		char *eq = strchr(tok, '=');
+		if (!eq)
+			continue;
+		*eq = '\0';
+		const char *k = tok, *v = eq + 1;
+		if (!strcmp(k, "migstall.touch_mib"))
+			g.touch_mib = parse_num(k, v, 0);
+		else if (!strcmp(k, "migstall.loops"))
+			parse_loops(v);
+		else if (!strcmp(k, "migstall.threshold_us"))
+			g.threshold_us = parse_num(k, v, 1);
+		else if (!strcmp(k, "migstall.max_stalls"))
+			g.max_stalls = parse_num(k, v, 1);
+		else if (!strcmp(k, "migstall.channel"))
+			snprintf(g.channel, sizeof g.channel, "%s", v);
+		else if (!strcmp(k, "migstall.clock"))
+			snprintf(g.clock_req, sizeof g.clock_req, "%s", v);
+		else
+			fprintf(stderr, "probe: ignoring unknown parameter %s\n", k);
+	}
+}
+
+static long meminfo_kib(const char *field)
+{
+	char line[256];
+	long val = -1;
+	size_t fl = strlen(field);
+	FILE *f = fopen("/proc/meminfo", "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f))
+		if (!strncmp(line, field, fl) && line[fl] == ':') {
+			val = strtol(line + fl + 1, NULL, 10);
+			break;
+		}
+	fclose(f);
+	return val;
+}
+
+/* ----------------------------------------------------------- channel */
+
+/* /dev/vportNpM of the virtio-serial port named migstall.0, or "" */
+static int find_virtio_port(char *dev, size_t len)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	struct dirent *e;
+	int found = 0;
+	if (!d)
+		return 0;
+	while (!found && (e = readdir(d))) {
+		char path[512], name[64] = "";
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+		int fd = open(path, O_RDONLY);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, name, sizeof name - 1);
+		close(fd);
+		if (n <= 0)
+			continue;
+		name[n] = '\0';
+		name[strcspn(name, "\n")] = '\0';
+		if (!strcmp(name, VIRTIO_PORT_NAME)) {
+			snprintf(dev, len, "/dev/%s", e->d_name);
+			found = 1;
+		}
+	}
+	closedir(d);
+	return found;
+}
+
+static void open_channel(void)
+{
+	char dev[300];
+	int want_virtio = strcmp(g.channel, "serial") != 0;
+	int need_virtio = !strcmp(g.channel, "virtio");
+
+	if (want_virtio) {
+		/* the port appears asynchronously after virtio_console probes */
+		struct timespec d = { 0, 20 * 1000 * 1000 };
+		int waits = need_virtio ? CHANNEL_WAIT_S * 50 : 25;
+		for (int i = 0; i < waits; i++) {
+			if (find_virtio_port(dev, sizeof dev)) {
+				for (int j = 0; j < 250; j++) {  /* devtmpfs node */
+					g.fd = open(dev, O_RDWR | O_CLOEXEC);
+					if (g.fd >= 0 || errno != ENOENT)
+						break;
+					nanosleep(&d, NULL);
+				}
+				if (g.fd < 0)
+					fatal("cannot open %s: %s", dev, strerror(errno));
+				snprintf(g.channel, sizeof g.channel, "virtio");
+				fprintf(stderr, "probe: channel %s (%s)\n", dev, VIRTIO_PORT_NAME);
+				return;
+			}
+			nanosleep(&d, NULL);
+		}
+		if (need_virtio)
+			fatal("no virtio-serial port named %s after %d s", VIRTIO_PORT_NAME, CHANNEL_WAIT_S);
+	}
+	g.fd = open(SERIAL_DEV, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (g.fd < 0)
+		fatal("cannot open %s: %s", SERIAL_DEV, strerror(errno));
+	struct termios t;
+	if (tcgetattr(g.fd, &t) == 0) {
+		cfmakeraw(&t);
+		cfsetispeed(&t, B115200);
+		cfsetospeed(&t, B115200);
+		t.c_cflag |= CLOCAL | CREAD;
+		t.c_cc[VMIN] = 1;
+		t.c_cc[VTIME] = 0;
+		tcsetattr(g.fd, TCSANOW, &t);
+	}
+	snprintf(g.channel, sizeof g.channel, "serial");
+	fprintf(stderr, "probe: channel %s\n", SERIAL_DEV);
+}
+
+/* ------------------------------------------------------- measure loops */
+
+static inline void account(struct worker *w, uint64_t prev, uint64_t t)
+{
+	uint64_t gap = t - prev;
+	if ((int64_t)gap < 0)
+		gap = 0;
+	w->iters++;
+	uint64_t us = (uint64_t)(((unsigned __int128)gap * g.us_mult) >> 32);
+	int b = us ? 63 - __builtin_clzll(us) : 0;
+	w->hist[b < HIST_BUCKETS ? b : HIST_BUCKETS - 1]++;
+	if (__builtin_expect(gap >= g.thr_ticks, 0)) {
+		if (w->nstalls < (size_t)g.max_stalls) {
+			w->stalls[w->nstalls].t = prev;
+			w->stalls[w->nstalls].d = gap;
+			w->nstalls++;
+		} else {
+			w->dropped++;
+		}
+	}
+}
+
+/* Called by each loop once its first timestamp is taken. */
+static void started(void)
+{
+	atomic_fetch_add(&g.running, 1);
+}
+
+static inline int stopped(void)
+{
+	return atomic_load_explicit(&g.stop, memory_order_relaxed);
+}
+
+static void loop_pio(struct worker *w)
+{
+	uint64_t prev = now();
+	started();
+	while (!stopped()) {
+		outb(0, 0x80);
+		uint64_t t = now();
+		account(w, prev, t);
+		prev = t;
+	}
+}
+
+static void loop_write(struct worker *w)
+{
+	volatile char *r = w->region;
+	size_t pages = w->bytes / PAGE, p = 0;
+	uint64_t prev = now();
+	started();
+	while (!stopped()) {
+		r[p * PAGE + (w->iters & 63) * 8] = (char)w->iters;
+		if (++p == pages)
+			p = 0;
+		uint64_t t = now();
+		account(w, prev, t);
+		prev = t;
+	}
+}
+
+static void loop_cpu(struct worker *w)
+{
+	uint64_t x = 0x9e3779b97f4a7c15ULL ^ (uint64_t)w->cpu;
+	uint64_t prev = now();
+	started();
+	while (!stopped()) {
+		for (int i = 0; i < 16; i++) {
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+		}
+		__asm__ __volatile__("" : "+r"(x));
+		uint64_t t = now();
+		account(w, prev, t);
+		prev = t;
+	}
+	w->sink = x;
+}
+
+static void report_progress(uint64_t before, uint64_t after)
+{
+	if (before / PROGRESS_STEP == after / PROGRESS_STEP || after >= g.total_bytes)
+		return;
+	struct sb b = { 0 };
+	sb_printf(&b, "{\"ev\":\"prefault\",\"done_mib\":%lu,\"total_mib\":%lu}",
+		  (unsigned long)(after / MIB), (unsigned long)(g.total_bytes / MIB));
+	send_line(&b);
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	cpu_set_t set;
+	CPU_ZERO(&set);
+	CPU_SET(w->cpu, &set);
+	if (sched_setaffinity(0, sizeof set, &set) != 0)
+		fatal("cannot pin a thread to CPU %d: %s", w->cpu, strerror(errno));
+	if (w->cls == CLS_PIO && ioperm(0x80, 1, 1) != 0)
+		fatal("ioperm(0x80) failed: %s", strerror(errno));
+
+	/* prefault */
+	const size_t chunk = 4 * MIB;
+	for (size_t off = 0; off < w->bytes; off += chunk) {
+		size_t end = off + chunk < w->bytes ? off + chunk : w->bytes;
+		for (size_t o = off; o < end; o += PAGE)
+			((volatile char *)w->region)[o] = 1;
+		uint64_t n = end - off;
+		uint64_t before = atomic_fetch_add(&g.done_bytes, n);
+		report_progress(before, before + n);
+	}
+	pthread_barrier_wait(&g.touched);
+
+	/* measure, from now until "dump" */
+	switch (w->cls) {
+	case CLS_PIO:
+		loop_pio(w);
+		break;
+	case CLS_WRITE:
+		loop_write(w);
+		break;
+	default:
+		loop_cpu(w);
+		break;
+	}
+	return NULL;
+}
+
+/* ---------------------------------------------------------- commands */
+
+static void read_small(const char *path, char *buf, size_t len)
+{
+	int fd = open(path, O_RDONLY);
+	ssize_t n = fd >= 0 ? read(fd, buf, len - 1) : -1;
+	if (fd >= 0)
+		close(fd);
+	buf[n > 0 ? n : 0] = '\0';
+	buf[strcspn(buf, "\n")] = '\0';
+}
+
+static void send_hello(void)
+{
+	struct utsname u;
+	struct sb b = { 0 };
+	char cs[64];
+	uname(&u);
+	read_small("/sys/devices/system/clocksource/clocksource0/current_clocksource", cs, sizeof cs);
+	sb_printf(&b, "{\"ev\":\"hello\",\"proto\":%d,\"vcpus\":%d,\"clock\":\"%s\",\"tsc_hz\":%lu,"
+		  "\"kernel\":", PROTO, g.ncpus, g.use_tsc ? "tsc" : "mono", (unsigned long)g.tsc_hz);
+	sb_json_str(&b, u.release);
+	sb_printf(&b, ",\"clocksource\":");
+	sb_json_str(&b, cs);
+	sb_printf(&b, ",\"mem_total_mib\":%ld,\"channel\":\"%s\",\"threshold_us\":%ld,\"max_stalls\":%ld}",
+		  meminfo_kib("MemTotal") / 1024, g.channel, g.threshold_us, g.max_stalls);
+	send_line(&b);
+}
+
+static void stop_loops(void)
+{
+	if (g.loops_stopped)
+		return;
+	atomic_store(&g.stop, 1);
+	for (int i = 0; i < g.ncpus; i++)
+		pthread_join(g.workers[i].th, NULL);
+	g.loops_stopped = 1;
+}
+
+static void send_dump(void)
+{
+	stop_loops();
+	for (int i = 0; i < g.ncpus; i++) {
+		struct worker *w = &g.workers[i];
+		struct sb b = { 0 };
+		sb_printf(&b, "{\"ev\":\"stalls\",\"cpu\":%d,\"cls\":\"%s\",\"threshold_us\":%ld,\"iters\":%lu,"
+			  "\"stalls\":[", w->cpu, cls_names[w->cls], g.threshold_us, (unsigned long)w->iters);
+		for (size_t k = 0; k < w->nstalls; k++)
+			sb_printf(&b, "%s[%lu,%lu]", k ? "," : "",
+				  (unsigned long)clock_to_ns(w->stalls[k].t),
+				  (unsigned long)ticks_to_ns(w->stalls[k].d));
+		sb_printf(&b, "],\"hist_log2us\":[");
+		int last = HIST_BUCKETS - 1;
+		while (last > 0 && !w->hist[last])
+			last--;
+		for (int k = 0; k <= last; k++)
+			sb_printf(&b, "%s%lu", k ? "," : "", (unsigned long)w->hist[k]);
+		sb_printf(&b, "],\"dropped\":%lu}", (unsigned long)w->dropped);
+		send_line(&b);
+	}
+	struct sb b = { 0 };
+	sb_printf(&b, "{\"ev\":\"end\"}");
+	send_line(&b);
+}
+
+/* Returns 0 to keep going, 1 to quit. */
+static int handle(char *line, uint64_t t_recv)
+{
+	unsigned long long id, host_ns;
+	if (sscanf(line, "mark %llu %llu", &id, &host_ns) == 2) {
+		struct sb b = { 0 };
+		sb_printf(&b, "{\"ev\":\"mark\",\"id\":%llu,\"host_ns\":%llu,\"guest_ns\":%lu}",
+			  id, host_ns, (unsigned long)clock_to_ns(t_recv));
+		send_line(&b);
+	} else if (!strcmp(line, "dump")) {
+		send_dump();
+	} else if (!strcmp(line, "quit")) {
+		return 1;
+	} else if (line[0]) {
+		fprintf(stderr, "probe: ignoring unknown command '%.64s'\n", line);
+	}
+	return 0;
+}
+
+static void command_loop(void)
+{
+	char buf[4096];
+	size_t n = 0;
+	struct timespec d = { 0, 100 * 1000 * 1000 };
+	for (;;) {
+		ssize_t k = read(g.fd, buf + n, sizeof buf - 1 - n);
+		uint64_t t = now();
+		if (k < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			fatal("channel read failed: %s", strerror(errno));
+		}
+		if (k == 0) {
+			/* virtio-serial: the host side is not connected; wait for it */
+			nanosleep(&d, NULL);
+			continue;
+		}
+		n += (size_t)k;
+		char *start = buf, *nl;
+		while ((nl = memchr(start, '\n', n - (size_t)(start - buf)))) {
+			*nl = '\0';
+			char *line = start;
+			size_t len = strlen(line);
+			while (len && (line[len - 1] == '\r' || isspace((unsigned char)line[len - 1])))
+				line[--len] = '\0';
+			if (handle(line, t))
+				return;
+			start = nl + 1;
+		}
+		n -= (size_t)(start - buf);
+		memmove(buf, start, n);
+		if (n == sizeof buf - 1)
+			n = 0;  /* an overlong line: drop it */
+	}
+}
+
+/* -------------------------------------------------------------- main */
+
+int main(void)
+{
+	setvbuf(stderr, NULL, _IOLBF, 0);
+	read_cmdline();
+	g.ncpus = (int)sysconf(_SC_NPROCESSORS_ONLN);
+	if (g.ncpus < 1)
+		g.ncpus = 1;
+	if (g.ncpus > MAX_CPUS)
+		g.ncpus = MAX_CPUS;
+	calibrate();
+	open_channel();
+	if (cfg_err[0])
+		fatal("%s", cfg_err);
+	if (g.nloops < 1)
+		fatal("migstall.loops: no loop given (use pio, write or cpu)");
+	send_hello();
+
+	/* stall buffers first, touched, so the loops never fault on them */
+	g.workers = aligned_alloc(64, sizeof(struct worker) * (size_t)g.ncpus);
+	if (!g.workers)
+		fatal("out of memory");
+	memset(g.workers, 0, sizeof(struct worker) * (size_t)g.ncpus);
+	for (int i = 0; i < g.ncpus; i++) {
+		struct worker *w = &g.workers[i];
+		w->cpu = i;
+		w->cls = g.loops[i < g.nloops ? i : g.nloops - 1];
+		size_t sz = sizeof(struct stall) * (size_t)g.max_stalls;
+		w->stalls = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+		if (w->stalls == MAP_FAILED)
+			fatal("cannot allocate %zu bytes for stall records", sz);
+		memset(w->stalls, 0, sz);
+	}
+
+	/* how much to touch */
+	long avail_mib = meminfo_kib("MemAvailable") / 1024;
+	long total_mib = meminfo_kib("MemTotal") / 1024;
+	long reserve = total_mib / 8 > 64 ? total_mib / 8 : 64;
+	long spare = avail_mib - reserve;
+	long per = 0;
+	if (spare < g.ncpus)
+		fatal("the guest has no memory to spare (MemAvailable %ld MiB, reserve %ld MiB)", avail_mib, reserve);
+	long want = g.touch_mib ? g.touch_mib : spare;
+	if (want > spare) {
+		fprintf(stderr, "probe: touch_mib=%ld exceeds the %ld MiB the guest can spare; touching %ld\n",
+			want, spare, spare);
+		want = spare;
+	}
+	per = want / g.ncpus;
+	if (per < 1)
+		per = 1;
+	g.total_bytes = (uint64_t)per * (uint64_t)g.ncpus * MIB;
+	for (int i = 0; i < g.ncpus; i++) {
+		struct worker *w = &g.workers[i];
+		w->bytes = (size_t)per * MIB;
+		w->region = mmap(NULL, w->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (w->region == MAP_FAILED)
+			fatal("cannot map %ld MiB", per);
+	}
+
+	/* prefault, then the loops start */
+	if (pthread_barrier_init(&g.touched, NULL, (unsigned)g.ncpus + 1) != 0)
+		fatal("pthread_barrier_init failed");
+	uint64_t t0 = mono_ns();
+	for (int i = 0; i < g.ncpus; i++)
+		if (pthread_create(&g.workers[i].th, NULL, worker_main, &g.workers[i]) != 0)
+			fatal("pthread_create failed");
+	/* the control thread lives on vCPU0 with the housekeeping (the kernel
+	 * command line makes the other vCPUs tickless: nohz_full) */
+	cpu_set_t set0;
+	CPU_ZERO(&set0);
+	CPU_SET(0, &set0);
+	if (sched_setaffinity(0, sizeof set0, &set0) != 0)
+		fprintf(stderr, "probe: cannot pin the control thread to CPU 0: %s\n", strerror(errno));
+	pthread_barrier_wait(&g.touched);
+	double ms = (double)(mono_ns() - t0) / 1e6;
+	/* READY means the loops run: wait until every worker is in its loop */
+	struct timespec tick = { 0, 1000 * 1000 };
+	while (atomic_load(&g.running) < g.ncpus)
+		nanosleep(&tick, NULL);
+
+	struct sb b = { 0 };
+	sb_printf(&b, "{\"ev\":\"ready\",\"touched_mib\":%lu,\"prefault_ms\":%.1f,\"requested_mib\":%ld,"
+		  "\"available_mib\":%ld,\"loops\":[", (unsigned long)(g.total_bytes / MIB), ms, g.touch_mib,
+		  avail_mib);
+	for (int i = 0; i < g.ncpus; i++)
+		sb_printf(&b, "%s\"%s\"", i ? "," : "", cls_names[g.workers[i].cls]);
+	sb_printf(&b, "]}");
+	send_line(&b);
+	fprintf(stderr, "probe: ready: %lu MiB touched in %.1f ms\n", (unsigned long)(g.total_bytes / MIB), ms);
+
+	command_loop();
+	stop_loops();
+	fprintf(stderr, "probe: quit\n");
+	return 0;
+}

@@ -1,0 +1,69 @@
+"""``migstall kernel build|list``: stock and patched kernels from a series manifest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from harness import progress as progress_mod
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    parser = sub.add_parser("kernel", help="build stock and patched kernels from a series manifest",
+                            description="Build stock and patched kernels from a series manifest "
+                                        "(patches/<name>/series.toml); builds are cached by content.")
+    ksub = parser.add_subparsers(dest="kernel_command", metavar="ACTION")
+
+    b = ksub.add_parser("build", help="build (or fetch from the cache) stock/patched kernels")
+    b.add_argument("--manifest", required=True, help="patches/<name>/series.toml")
+    b.add_argument("--variant", choices=("stock", "patched", "both"), default="both")
+    b.add_argument("--config", default=None,
+                   help="tiny | defconfig | distro | PATH (default: the manifest's, else tiny)")
+    b.add_argument("--source", default=None,
+                   help="override the manifest's base: DIR[#REF], debian:PKG or URL#REF")
+    b.add_argument("--builder", choices=("auto", "tuxmake", "make"), default="auto",
+                   help="tuxmake (default when installed) or plain make")
+    b.add_argument("-j", "--jobs", type=int, default=None, help="parallel jobs (default: nproc)")
+    b.add_argument("--json", action="store_true", help="print the builds as a JSON list")
+    b.set_defaults(func=_build)
+
+    ls = ksub.add_parser("list", help="list cached kernel builds")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+    parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
+
+
+def _build(args: argparse.Namespace) -> int:
+    from harness.kernel.build import build_kernels
+    from harness.kernel.manifest import load_manifest
+    from harness.kernel.source import parse_source_option
+
+    manifest = load_manifest(args.manifest)
+    source = parse_source_option(args.source) if args.source else None
+    variants = ("stock", "patched") if args.variant == "both" else (args.variant,)
+    builds = build_kernels(manifest, variants, args.config, progress_mod.for_terminal(), source=source,
+                           builder=args.builder, jobs=args.jobs)
+    if args.json:
+        print(json.dumps([b.as_json() for b in builds], indent=1))
+    else:
+        for b in builds:
+            how = "cached" if b.cached else f"built in {b.duration_s:.0f}s"
+            print(f"{b.variant:8} {b.release:40} {how:16} {b.bzimage}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from harness.kernel.build import list_builds
+
+    builds = list_builds()
+    if args.json:
+        print(json.dumps(builds, indent=1))
+        return 0
+    if not builds:
+        print("no cached kernel builds (migstall kernel build --manifest ...)")
+        return 0
+    for b in builds:
+        print(f"{b['variant'] or '?':8} {b['release'] or '?':40} {b['manifest'] or '?':32} "
+              f"{b['duration_s']!s:>8}s {b['bzimage']}")
+    return 0

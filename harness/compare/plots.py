@@ -1,0 +1,313 @@
+"""Figures for the report (matplotlib, Agg backend, PNG bytes; nothing shown).
+
+* :func:`metrics_figure`  per scenario: BASE vs NEW per metric, every value
+  plus the median with its bootstrap 95% CI;
+* :func:`timeline_figure` guest stalls around migration start, from the
+  sidecars, on the migration's timeline (t = 0 at ``migrate``);
+* :func:`fit_figure`      dirty-log start time vs guest memory, a linear fit
+  in ms/GiB per side and its extrapolation to 2 TiB with a 95% CI, next to
+  the original report's figures (about 9 s stock, 0.5 s patched at 2 TiB).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from harness.compare.load import Run  # noqa: E402
+from harness.compare.stats import Comparison, ScenarioComparison, bootstrap_median_ci  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+BASE_COLOR, NEW_COLOR = "#4c72b0", "#dd8452"
+CLASS_COLOR = {"pio": "#c44e52", "write": "#4c72b0", "cpu": "#55a868"}
+#: the original report (Message-ID 1547733331-16140-1-...): 2 TiB guest
+REFERENCE_GIB = 2048.0
+REFERENCE_MS = {"stock": 9000.0, "patched": 500.0}
+#: preferred metric order in the per-scenario figure
+PLOT_METRICS = ("dirty_log_start_ms", "kvm_enable_ms", "setup_time_ms", "first_pass_ms",
+                "stall_pio_max_us", "stall_write_max_us", "stall_cpu_max_us", "baseline_stall_max_us",
+                "dirty_log_stop_ms", "kvm_disable_ms", "downtime_ms", "total_time_ms")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --- per scenario: BASE vs NEW -------------------------------------------------------------
+
+def metrics_figure(sc: ScenarioComparison, max_metrics: int = 8) -> Optional[bytes]:
+    mets = {m.metric: m for m in sc.metrics if m.base.n or m.new.n}
+    order = [m for m in PLOT_METRICS if m in mets] + [m for m in mets if m not in PLOT_METRICS]
+    order = order[:max_metrics]
+    if not order:
+        return None
+    cols = min(4, len(order))
+    rows = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(order):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, order):
+        m = mets[name]
+        for x, sample, color in ((0, m.base, BASE_COLOR), (1, m.new, NEW_COLOR)):
+            if not sample.n:
+                continue
+            jitter = np.linspace(-0.12, 0.12, sample.n) if sample.n > 1 else np.zeros(1)
+            ax.scatter(x + jitter, sample.values, s=14, color=color, alpha=0.6, zorder=2)
+            lo, hi = bootstrap_median_ci(sample.values)
+            med = sample.median
+            ax.errorbar([x + 0.3], [med], yerr=[[med - lo], [hi - med]], fmt="D", color="black",
+                        capsize=4, markersize=5, zorder=3)
+        ax.set_xticks([0, 1], ["base", "new"])
+        ax.set_xlim(-0.5, 1.6)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{name}\n{m.verdict}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"{sc.label}: median and bootstrap 95% CI (diamond), all runs (dots)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --- guest-stall timeline --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timeline:
+    """Stalls and events of one run, in ms relative to ``migrate`` being sent."""
+
+    stalls: Tuple[Tuple[float, float, str, int], ...]   # (t_ms, dur_ms, cls, vcpu)
+    events: Tuple[Tuple[float, str], ...] = ()            # (t_ms, name)
+
+
+def _num(d: Dict[str, Any], *names: str) -> Optional[float]:
+    for n in names:
+        v = d.get(n)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+_RUNNER_EVENTS = (("pass1", "MIGRATION_PASS 1"), ("window_end", "stall window end"),
+                  ("cancel_sent", "migrate_cancel"), ("cancelled", "cancelled"), ("completed", "completed"))
+
+
+def timeline_from_sidecar(data: Dict[str, Any]) -> Optional[Timeline]:
+    """Normalise a sidecar into a :class:`Timeline` (t = 0: ``migrate`` sent).
+
+    Layouts understood:
+
+    1. the runner's (:mod:`harness.runner`): ``timeline_ns`` (host wall-clock ns of
+       ``migrate_sent``, ``pass1``, ...), ``stalls`` = per vCPU ``{"cpu", "cls",
+       "stalls": [{"host_ns", "guest_ns", "dur_us"}]}`` (guest times already placed
+       on the host clock through the marks), ``dirty_log_start`` = ``{"start_ns",
+       "end_ns", ...}``;
+    2. a normalised ``timeline``: ``{"stalls": [{"t_ms", "dur_ms"|"dur_us", "cls",
+       "vcpu"}], "events": [{"t_ms", "name"}]}``.
+    """
+    tns = data.get("timeline_ns")
+    if isinstance(tns, dict) and _num(tns, "migrate_sent") is not None and isinstance(data.get("stalls"), list):
+        t0 = _num(tns, "migrate_sent")
+        stalls = []
+        for vc in data["stalls"]:
+            if not isinstance(vc, dict) or not isinstance(vc.get("stalls"), list):
+                continue
+            for st in vc["stalls"]:
+                h, dur = (_num(st, "host_ns"), _num(st, "dur_us")) if isinstance(st, dict) else (None, None)
+                if h is not None and dur is not None:
+                    stalls.append(((h - t0) / 1e6, dur / 1000.0, str(vc.get("cls", "?")), int(vc.get("cpu") or 0)))
+        events = [(0.0, "migrate")]
+        for key, name in _RUNNER_EVENTS:
+            t = _num(tns, key)
+            if t is not None:
+                events.append(((t - t0) / 1e6, name))
+        dls = data.get("dirty_log_start")
+        if isinstance(dls, dict) and _num(dls, "end_ns") is not None:
+            events.append(((_num(dls, "end_ns") - t0) / 1e6, "dirty-log started"))
+        return Timeline(tuple(stalls), tuple(events))
+    tl = data.get("timeline")
+    if isinstance(tl, dict) and isinstance(tl.get("stalls"), list):
+        stalls = []
+        for s in tl["stalls"]:
+            if not isinstance(s, dict):
+                continue
+            t = _num(s, "t_ms")
+            dur = _num(s, "dur_ms")
+            if dur is None and _num(s, "dur_us") is not None:
+                dur = _num(s, "dur_us") / 1000.0
+            if t is None or dur is None:
+                continue
+            stalls.append((t, dur, str(s.get("cls", "?")), int(s.get("vcpu", s.get("cpu", 0)) or 0)))
+        events = tuple((float(e["t_ms"]), str(e.get("name", "?"))) for e in tl.get("events", [])
+                       if isinstance(e, dict) and _num(e, "t_ms") is not None)
+        return Timeline(tuple(stalls), events)
+    return None
+
+
+def load_timeline(run: Run) -> Optional[Timeline]:
+    path = run.sidecar_file()
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("sidecar %s unreadable: %s", path, exc)
+        return None
+    return timeline_from_sidecar(data) if isinstance(data, dict) else None
+
+
+def timeline_figure(sc: ScenarioComparison, max_span_ms: float = 20000.0) -> Optional[bytes]:
+    """Two panels (BASE, NEW): one line per run and vCPU, every stall a bar at its start on
+    the migration's timeline, events as dotted lines.  The window is 0 .. the latest stall
+    end or event after ``migrate`` (capped at ``max_span_ms``), with a quarter before 0."""
+    sides = []
+    for label, runs in (("base", sc.base_runs), ("new", sc.new_runs)):
+        tls = [(r, load_timeline(r)) for r in runs if r.ok]
+        sides.append((label, [(r, t) for r, t in tls if t is not None]))
+    if not any(tls for _, tls in sides):
+        return None
+    ends = [s[0] + s[1] for _, tls in sides for _, t in tls for s in t.stalls if 0 <= s[0] <= max_span_ms]
+    ends += [e[0] for _, tls in sides for _, t in tls for e in t.events if 0 <= e[0] <= max_span_ms]
+    span = max(ends + [10.0]) * 1.15
+    lo, hi = -0.25 * span, span
+    fig, axes = plt.subplots(2, 1, figsize=(10, 5.2), sharex=True, squeeze=False)
+    for ax, (label, tls) in zip(axes[:, 0], sides):
+        yticks, ylabels = [], []
+        y = 0
+        seen_events = {}
+        for run, tl in tls:
+            vcpus = sorted({s[3] for s in tl.stalls}) or [0]
+            for v in vcpus:
+                bars = [(s[0], max(s[1], (hi - lo) / 2000)) for s in tl.stalls if s[3] == v]
+                colors = [CLASS_COLOR.get(s[2], "#8172b2") for s in tl.stalls if s[3] == v]
+                if bars:
+                    ax.broken_barh(bars, (y - 0.35, 0.7), facecolors=colors)
+                yticks.append(y)
+                ylabels.append(f"r{run.get('repeat') or '?'} vcpu{v}")
+                y += 1
+            for t, name in tl.events:
+                if lo <= t <= hi:
+                    seen_events.setdefault(name, []).append(t)
+        for i, (name, ts) in enumerate(sorted(seen_events.items(), key=lambda kv: np.median(kv[1]))):
+            t = float(np.median(ts))
+            ax.axvline(t, color="grey", linestyle=":", linewidth=1)
+            ax.text(t, y - 0.4 + 0.0, f" {name}", rotation=90, fontsize=7, va="top", color="grey")
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_yticks(yticks, ylabels, fontsize=7)
+        ax.set_ylim(-1, max(y, 1))
+        ax.set_ylabel(f"{label}\n({len(tls)} runs)", fontsize=8)
+        if not tls:
+            ax.text(0.5, 0.5, "no sidecar with stalls", transform=ax.transAxes, ha="center")
+    axes[-1, 0].set_xlim(lo, hi)
+    axes[-1, 0].set_xlabel("ms since 'migrate' was sent (host clock)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CLASS_COLOR.values()]
+    axes[0, 0].legend(handles, list(CLASS_COLOR), fontsize=7, loc="upper right", title="stall class",
+                      title_fontsize=7)
+    fig.suptitle(f"{sc.label}: guest stalls around migration start", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --- dirty-log start vs guest memory ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fit:
+    side: str
+    n: int
+    slope_ms_per_gib: float
+    slope_ci: Tuple[float, float]
+    intercept_ms: float
+    at_2tib_ms: float
+    at_2tib_ci: Tuple[float, float]
+    gib_range: Tuple[float, float]
+    points: Tuple[Tuple[float, float], ...] = field(default=(), repr=False)
+
+
+def linear_fit(points: Sequence[Tuple[float, float]], side: str, x0: float = REFERENCE_GIB) -> Optional[Fit]:
+    """OLS y = a + b x; 95% CIs from Student's t (slope, and the mean prediction at x0)."""
+    if len(points) < 3 or len({p[0] for p in points}) < 2:
+        return None
+    from scipy.stats import t as student_t
+
+    x = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points])
+    n = x.size
+    xbar = x.mean()
+    sxx = float(((x - xbar) ** 2).sum())
+    b = float(((x - xbar) * (y - y.mean())).sum() / sxx)
+    a = float(y.mean() - b * xbar)
+    resid = y - (a + b * x)
+    s = math.sqrt(float((resid ** 2).sum()) / (n - 2)) if n > 2 else 0.0
+    tq = float(student_t.ppf(0.975, n - 2))
+    se_b = s / math.sqrt(sxx)
+    pred = a + b * x0
+    se_pred = s * math.sqrt(1.0 / n + (x0 - xbar) ** 2 / sxx)
+    return Fit(side, n, b, (b - tq * se_b, b + tq * se_b), a, pred,
+               (pred - tq * se_pred, pred + tq * se_pred), (float(x.min()), float(x.max())),
+               tuple(points))
+
+
+def fit_points(runs: Sequence[Run]) -> List[Tuple[float, float]]:
+    pts = []
+    for r in runs:
+        y = r.metric("dirty_log_start_ms")
+        try:
+            mib = float(r.get("guest_mem_mib"))
+        except ValueError:
+            continue
+        if y is not None and mib > 0:
+            pts.append((mib / 1024.0, y))
+    return sorted(pts)
+
+
+def fit_figure(cmp: Comparison) -> Tuple[Optional[bytes], List[Fit]]:
+    """Log-log plot: measured points, the fits, their 2 TiB extrapolation with CI, and the
+    original report's reference figures.  Uses the runs of the compared scenarios."""
+    base_runs = [r for sc in cmp.scenarios for r in sc.base_runs]
+    new_runs = [r for sc in cmp.scenarios for r in sc.new_runs]
+    sides = (("base", base_runs, BASE_COLOR), ("new", new_runs, NEW_COLOR))
+    data = [(name, fit_points(runs), color) for name, runs, color in sides]
+    if not any(pts for _, pts, _ in data):
+        return None, []
+    fits: List[Fit] = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, pts, color in data:
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], s=16, color=color, alpha=0.7,
+                   label=f"{name}: measured ({len(pts)} runs)", zorder=3)
+        fit = linear_fit(pts, name)
+        if fit is None:
+            continue
+        fits.append(fit)
+        xs = np.geomspace(min(fit.gib_range[0], 0.25), REFERENCE_GIB, 200)
+        ax.plot(xs, np.clip(fit.intercept_ms + fit.slope_ms_per_gib * xs, 1e-3, None), color=color,
+                label=f"{name}: fit {fit.slope_ms_per_gib:.2f} ms/GiB -> {fit.at_2tib_ms / 1000:.2f} s at 2 TiB")
+        lo, hi = fit.at_2tib_ci
+        ax.errorbar([REFERENCE_GIB], [max(fit.at_2tib_ms, 1e-3)],
+                    yerr=[[max(fit.at_2tib_ms, 1e-3) - max(lo, 1e-3)], [max(hi, 1e-3) - max(fit.at_2tib_ms, 1e-3)]],
+                    fmt="o", color=color, markerfacecolor="white", capsize=5, zorder=4)
+    for label, ms, marker in (("stock", REFERENCE_MS["stock"], "*"), ("patched", REFERENCE_MS["patched"], "P")):
+        ax.scatter([REFERENCE_GIB * 1.08], [ms], marker=marker, s=140, color="black", zorder=5,
+                   label=f"original report, {label}: ~{ms / 1000:g} s at 2 TiB")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("guest memory (GiB)")
+    ax.set_ylabel("dirty-log start (ms)")
+    ax.set_title("dirty_log_start_ms vs guest memory; linear fit, extrapolated to 2 TiB (95% CI)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _png(fig), fits

@@ -1,0 +1,446 @@
+"""A host reached over SSH (paramiko).
+
+Security and robustness rules:
+
+* Host keys are checked against a known_hosts file with ``RejectPolicy``: an
+  unknown host or a changed key is refused (:class:`HostKeyMismatch`, exit 2,
+  naming the file and the fix).  There is no AutoAddPolicy anywhere.
+* Public-key authentication only (a key file, or the agent when none is given).
+* Remote commands are argument lists joined with :func:`shlex.join`.
+* Timeouts (seconds; all overridable per instance):
+  connect (TCP + SSH banner) :data:`DEFAULT_SSH_CONNECT_TIMEOUT`,
+  authentication :data:`DEFAULT_SSH_AUTH_TIMEOUT`, every command
+  :data:`~harness.hosts.base.DEFAULT_COMMAND_TIMEOUT` unless the caller passes one,
+  channel open :data:`DEFAULT_CHANNEL_TIMEOUT`.
+* Files move over SFTP; :meth:`SSHHost.stage` caches by content hash in
+  ``~/.cache/migstall/stage`` on the remote host.
+* :meth:`SSHHost.connect_unix` opens a ``direct-streamlocal@openssh.com`` channel
+  to a unix socket on the remote host (OpenSSH's ``ssh -L local:/remote.sock``)
+  and bridges it to one end of a local :func:`socket.socketpair`, so asyncio
+  (qemu.qmp) gets a real socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import select
+import shlex
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, List, Mapping, Optional, Sequence
+
+import paramiko
+from paramiko.common import cMSG_CHANNEL_OPEN
+from paramiko.message import Message
+
+from harness.errors import CommandTimeout, HostError, HostKeyMismatch, SSHError, UserError
+from harness.hosts.base import DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, CommandResult, Host
+
+log = logging.getLogger(__name__)
+
+#: TCP connect + SSH banner, seconds
+DEFAULT_SSH_CONNECT_TIMEOUT = 20.0
+#: authentication, seconds
+DEFAULT_SSH_AUTH_TIMEOUT = 20.0
+#: opening a channel (session, SFTP, unix socket forward), seconds
+DEFAULT_CHANNEL_TIMEOUT = 20.0
+#: keepalive interval, seconds
+KEEPALIVE_S = 15
+#: how long :meth:`SSHHost.reconnect` keeps trying by default, seconds
+DEFAULT_RECONNECT_TIMEOUT = 300.0
+
+_CHUNK = 65536
+
+
+def _streamlocal_channel(transport: paramiko.Transport, path: str, timeout: float) -> paramiko.Channel:
+    """Open a ``direct-streamlocal@openssh.com`` channel (OpenSSH PROTOCOL 2.4).
+
+    paramiko's ``open_channel`` only knows the tcpip/x11 payloads, so this
+    mirrors it with the streamlocal payload: socket path, reserved string,
+    reserved uint32.
+    """
+    if not transport.is_active():
+        raise SSHError("SSH session not active")
+    kind = "direct-streamlocal@openssh.com"
+    with transport.lock:
+        window_size = transport._sanitize_window_size(None)
+        max_packet_size = transport._sanitize_packet_size(None)
+        chanid = transport._next_channel()
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_OPEN)
+        m.add_string(kind)
+        m.add_int(chanid)
+        m.add_int(window_size)
+        m.add_int(max_packet_size)
+        m.add_string(path)
+        m.add_string("")
+        m.add_int(0)
+        chan = paramiko.Channel(chanid)
+        transport._channels.put(chanid, chan)
+        transport.channel_events[chanid] = event = threading.Event()
+        transport.channels_seen[chanid] = True
+        chan._set_transport(transport)
+        chan._set_window(window_size, max_packet_size)
+    transport._send_user_message(m)
+    if not event.wait(timeout):
+        raise SSHError(f"timed out after {timeout:g}s opening a forward to {path}")
+    opened = transport._channels.get(chanid)
+    if opened is None:
+        exc = transport.get_exception()
+        raise SSHError(f"the server refused a forward to {path}: {exc or 'channel open failed'}")
+    return opened
+
+
+class _Pump:
+    """Copies bytes both ways between a paramiko channel and a local socket."""
+
+    def __init__(self, chan: paramiko.Channel, sock: socket.socket, label: str) -> None:
+        self.chan, self.sock = chan, sock
+        self.thread = threading.Thread(target=self._run, name=f"ssh-pump {label}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        chan, sock = self.chan, self.sock
+        try:
+            while True:
+                readable, _, _ = select.select([chan, sock], [], [], 1.0)
+                if chan in readable:
+                    data = chan.recv(_CHUNK)
+                    if not data:
+                        break
+                    sock.sendall(data)
+                if sock in readable:
+                    data = sock.recv(_CHUNK)
+                    if not data:
+                        break
+                    chan.sendall(data)
+                if chan.closed:
+                    break
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("pump %s ended: %s", self.thread.name, exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.chan.close()
+        with contextlib.suppress(Exception):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self.sock.close()
+
+
+class SSHHost(Host):
+    """A remote Linux host over SSH.  Use as a context manager."""
+
+    def __init__(self, hostname: str, *, user: str = "root", port: int = 22,
+                 key_file: Optional[str] = None, known_hosts: Optional[str] = None,
+                 name: Optional[str] = None,
+                 connect_timeout: float = DEFAULT_SSH_CONNECT_TIMEOUT,
+                 auth_timeout: float = DEFAULT_SSH_AUTH_TIMEOUT,
+                 connect: bool = True) -> None:
+        self.hostname, self.user, self.port = hostname, user, int(port)
+        self.key_file = key_file
+        self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        self.name = name or (f"ssh://{user}@{hostname}" + (f":{port}" if int(port) != 22 else ""))
+        self.connect_timeout, self.auth_timeout = connect_timeout, auth_timeout
+        self._client: Optional[paramiko.SSHClient] = None
+        self._sftp: Optional[paramiko.SFTPClient] = None
+        self._pumps: List[_Pump] = []
+        self._lock = threading.Lock()
+        self._remote_home: Optional[str] = None
+        self._date = "date"
+        if connect:
+            self.connect()
+
+    # -- connection -----------------------------------------------------------------
+    @property
+    def _known_hosts_key(self) -> str:
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+    def connect(self) -> None:
+        """Connect and authenticate.  HostKeyMismatch for unknown/changed keys."""
+        if not os.path.exists(self.known_hosts):
+            raise UserError(f"known_hosts file {self.known_hosts} does not exist; create it with "
+                            f"'ssh-keyscan -p {self.port} {self.hostname} >> {self.known_hosts}' after "
+                            f"checking the key, or pass --known-hosts / MIGSTALL_SSH_KNOWN_HOSTS")
+        if self.key_file and not os.path.exists(self.key_file):
+            raise UserError(f"SSH key file {self.key_file} does not exist; pass an existing private key "
+                            f"with --ssh-key or MIGSTALL_SSH_KEY")
+        client = paramiko.SSHClient()
+        client.load_host_keys(self.known_hosts)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        fix_hint = f"ssh-keygen -R '{self._known_hosts_key}' -f {self.known_hosts}"
+        try:
+            client.connect(self.hostname, port=self.port, username=self.user,
+                           key_filename=self.key_file, look_for_keys=False,
+                           allow_agent=self.key_file is None,
+                           timeout=self.connect_timeout, banner_timeout=self.connect_timeout,
+                           auth_timeout=self.auth_timeout, channel_timeout=DEFAULT_CHANNEL_TIMEOUT)
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyMismatch(
+                f"host key of {self._known_hosts_key} does not match the one pinned in {self.known_hosts}; "
+                f"if the host was legitimately re-keyed, remove the old entry ({fix_hint}) and add the "
+                f"verified new key") from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise SSHError(f"SSH authentication as {self.user}@{self.hostname}:{self.port} failed "
+                           f"(key {self.key_file or 'from agent'}): {exc}") from exc
+        except paramiko.SSHException as exc:
+            client.close()
+            if "not found in known_hosts" in str(exc):
+                raise HostKeyMismatch(
+                    f"host {self._known_hosts_key} has no key in {self.known_hosts}; verify its key and add "
+                    f"it (ssh-keyscan -p {self.port} {self.hostname} >> {self.known_hosts})") from exc
+            raise SSHError(f"SSH connection to {self.hostname}:{self.port} failed: {exc}") from exc
+        except (OSError, EOFError) as exc:
+            client.close()
+            raise SSHError(f"cannot connect to {self.hostname}:{self.port}: {exc}") from exc
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE_S)
+        self._client = client
+        log.info("connected to %s", self.name)
+
+    def reconnect(self, timeout: float = DEFAULT_RECONNECT_TIMEOUT) -> None:
+        """Drop the connection and connect again, retrying until ``timeout``
+        (e.g. while the host reboots).  A host-key mismatch is not retried."""
+        self._disconnect()
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                self.connect()
+                return
+            except HostKeyMismatch:
+                raise
+            except SSHError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise SSHError(f"{self.name} did not come back within {timeout:g}s: {exc}") from exc
+                log.debug("reconnect to %s: %s; retrying", self.name, exc)
+                # no event tells us sshd is back on a remote machine: back off and retry
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _transport(self) -> paramiko.Transport:
+        if self._client is None:
+            raise SSHError(f"not connected to {self.name}")
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SSHError(f"the SSH connection to {self.name} is closed")
+        return transport
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        with self._lock:
+            if self._sftp is None:
+                try:
+                    self._sftp = paramiko.SFTPClient.from_transport(self._transport(),
+                                                                    window_size=None, max_packet_size=None)
+                except paramiko.SSHException as exc:
+                    raise SSHError(f"cannot open SFTP on {self.name}: {exc}") from exc
+                assert self._sftp is not None
+                self._sftp.get_channel().settimeout(DEFAULT_COMMAND_TIMEOUT)
+            return self._sftp
+
+    # -- commands ------------------------------------------------------------------------
+    def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_COMMAND_TIMEOUT,
+            input: Optional[bytes] = None, check: bool = True,
+            env: Optional[Mapping[str, str]] = None) -> CommandResult:
+        argv = tuple(str(a) for a in argv)
+        full = argv if not env else ("env", *(f"{k}={v}" for k, v in env.items()), *argv)
+        command = shlex.join(full)
+        log.debug("%s$ %s", self.name, command)
+        try:
+            chan = self._transport().open_session(timeout=DEFAULT_CHANNEL_TIMEOUT)
+        except paramiko.SSHException as exc:
+            raise SSHError(f"cannot open an SSH session on {self.name}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        out, err = bytearray(), bytearray()
+        try:
+            chan.exec_command(command)
+            if input:
+                chan.sendall(input)
+            chan.shutdown_write()
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommandTimeout(f"{argv[0]} on {self.name} did not finish within {timeout:g}s")
+                select.select([chan], [], [], min(remaining, 1.0))
+                while chan.recv_ready():
+                    out += chan.recv(_CHUNK)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(_CHUNK)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    if chan.eof_received or chan.closed:
+                        break
+                    # exit status can precede the last data/EOF; wait for them a little
+                    select.select([chan], [], [], min(max(deadline - time.monotonic(), 0), 0.05))
+                    if not chan.recv_ready() and not chan.recv_stderr_ready():
+                        break
+            code = chan.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise SSHError(f"{argv[0]} on {self.name}: SSH channel failed: {exc}") from exc
+        finally:
+            chan.close()
+        result = CommandResult(argv, code, bytes(out), bytes(err))
+        if check and code != 0:
+            tail = bytes(err).decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise HostError(f"{' '.join(argv[:3])} on {self.name} exited {code}: {tail[0]}")
+        return result
+
+    # -- files --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def runtime_dir(self, prefix: str = "migstall-") -> Iterator[str]:
+        path = self.run(["mktemp", "-d", f"/tmp/{prefix}XXXXXXXX"]).text.strip()
+        try:
+            self.run(["chmod", "700", path])
+            yield path
+        finally:
+            with contextlib.suppress(Exception):
+                self.run(["rm", "-rf", "--", path], timeout=DEFAULT_COMMAND_TIMEOUT)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            with self._sftp_client().open(path, "rb") as fh:
+                fh.prefetch()
+                return fh.read()
+        except OSError as exc:
+            raise HostError(f"cannot read {path} on {self.name}: {exc}") from exc
+
+    def write_bytes(self, path: str, data: bytes, mode: int = 0o600) -> None:
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(path, "wb") as fh:
+                fh.set_pipelined(True)
+                fh.chmod(mode)
+                fh.write(data)
+        except OSError as exc:
+            raise HostError(f"cannot write {path} on {self.name}: {exc}") from exc
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._sftp_client().stat(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise HostError(f"cannot stat {path} on {self.name}: {exc}") from exc
+
+    def _stage_dir(self) -> str:
+        if self._remote_home is None:
+            self._remote_home = self._sftp_client().normalize(".")
+        path = posixpath.join(self._remote_home, ".cache", "migstall", "stage")
+        self.run(["mkdir", "-p", path])
+        return path
+
+    def stage(self, local_path: Path) -> str:
+        local_path = Path(local_path)
+        digest = hashlib.sha256()
+        with open(local_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        remote = posixpath.join(self._stage_dir(), f"{digest.hexdigest()[:20]}-{local_path.name}")
+        sftp = self._sftp_client()
+        size = local_path.stat().st_size
+        with contextlib.suppress(FileNotFoundError):
+            if sftp.stat(remote).st_size == size:
+                log.debug("stage %s: cached at %s", local_path, remote)
+                return remote
+        tmp = f"{remote}.part{os.getpid()}"
+        try:
+            sftp.put(str(local_path), tmp, confirm=True)
+            sftp.chmod(tmp, 0o755 if os.access(local_path, os.X_OK) else 0o644)
+            sftp.posix_rename(tmp, remote)
+        except OSError as exc:
+            with contextlib.suppress(Exception):
+                sftp.remove(tmp)
+            raise HostError(f"cannot stage {local_path} to {self.name}:{remote}: {exc}") from exc
+        log.debug("staged %s -> %s", local_path, remote)
+        return remote
+
+    def fetch(self, host_path: str, local_path: Path) -> None:
+        try:
+            self._sftp_client().get(host_path, str(local_path))
+        except OSError as exc:
+            raise HostError(f"cannot fetch {host_path} from {self.name}: {exc}") from exc
+
+    # -- processes and sockets -------------------------------------------------------------
+    def connect_unix(self, path: str, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> socket.socket:
+        try:
+            chan = _streamlocal_channel(self._transport(), path, timeout)
+        except SSHError as exc:
+            raise HostError(f"cannot connect to {path} on {self.name}: {exc}") from exc
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._pumps = [p for p in self._pumps if p.thread.is_alive()]
+        self._pumps.append(_Pump(chan, theirs, path))
+        return ours
+
+    def pid_alive(self, pid: int) -> bool:
+        res = self.run(["cat", f"/proc/{int(pid)}/stat"], check=False)
+        if res.returncode != 0:
+            return False
+        return res.text.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+    def signal(self, pid: int, sig: int) -> None:
+        self.run(["kill", f"-{int(sig)}", str(int(pid))], check=False)
+
+    def wait_pid_exit(self, pid: int, timeout: float) -> bool:
+        """Waits on the remote side.  A remote non-child process offers no event a
+        POSIX shell can wait on, so the remote loop checks /proc every 50 ms."""
+        script = ('i=0; while [ -e "/proc/$1" ] && ! grep -q "^[0-9]* (.*) Z" "/proc/$1/stat" 2>/dev/null; do '
+                  'i=$((i+1)); [ "$i" -gt "$2" ] && exit 1; sleep 0.05; done; exit 0')
+        ticks = max(1, int(timeout / 0.05))
+        try:
+            res = self.run(["sh", "-c", script, "sh", str(int(pid)), str(ticks)],
+                           timeout=timeout + DEFAULT_COMMAND_TIMEOUT, check=False)
+        except CommandTimeout:
+            return False
+        return res.returncode == 0
+
+    # -- clock --------------------------------------------------------------------------
+    def clock_offset_s(self, samples: int = 5) -> float:
+        """Remote wall clock minus ours, from the sample with the smallest round trip
+        (its midpoint is the best estimate of when the remote clock was read)."""
+        best: Optional[tuple] = None
+        for _ in range(samples):
+            t0 = time.time()
+            text = self.run([self._date, "+%s.%N"], timeout=10).text.strip()
+            t1 = time.time()
+            if "N" in text and self._date == "date":
+                # busybox date has no %N (and busybox sh prefers its applets): use GNU date
+                self._date = "/usr/bin/date"
+                continue
+            try:
+                remote = float(text)
+            except ValueError as exc:
+                raise HostError(f"cannot read the clock of {self.name}: date printed {text!r}") from exc
+            rtt = t1 - t0
+            if best is None or rtt < best[0]:
+                best = (rtt, remote - (t0 + t1) / 2)
+        assert best is not None
+        log.debug("clock offset of %s: %.6f s (rtt %.1f ms)", self.name, best[1], best[0] * 1e3)
+        return best[1]
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _disconnect(self) -> None:
+        for pump in self._pumps:
+            pump.close()
+        self._pumps = []
+        if self._sftp is not None:
+            with contextlib.suppress(Exception):
+                self._sftp.close()
+            self._sftp = None
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        self._disconnect()

@@ -1,0 +1,246 @@
+"""The virtual host: an L1 VM under TCG with nested KVM, driven as an SSHHost.
+
+L1 runs under QEMU TCG with ``-cpu max`` (SVM with nested paging), the kernel of
+the user's choice (Debian's, with the KVM modules inserted, or a migstall-built
+bzImage with ``CONFIG_KVM=y``), and the initramfs of :mod:`harness.hosts.l1image`
+(QEMU, busybox, OpenSSH).  A fresh sshd host key and client key are generated for
+each VM and pinned in a per-VM known_hosts file; sshd is reached through QEMU
+user networking (``hostfwd`` on ``127.0.0.1:<free port>``).  From then on
+everything is plain :class:`~harness.hosts.ssh.SSHHost`.
+
+Boot completion is an event: L1's init writes ``MIGSTALL-L1-READY`` on its second
+serial port, a unix socket this process reads (with a timeout,
+:data:`DEFAULT_L1_BOOT_TIMEOUT`), while also watching the QEMU process's pidfd.
+
+Limits: nested KVM under TCG is slow (roughly 10x bare metal per GiB for the
+dirty-log walks); L1 memory is ``l2 + QEMU + initramfs`` (:data:`DEFAULT_L1_MEM_MIB`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from harness.errors import HostError, QEMUError, UserError
+from harness.hosts.l1image import FAILED_LINE, READY_LINE, L1Image, build_l1_image, keys_archive, resolve_kernel
+from harness.hosts.local import LocalHost
+from harness.hosts.ssh import SSHHost
+from harness.paths import new_runtime_dir
+from harness.progress import Progress
+
+log = logging.getLogger(__name__)
+
+#: L1 RAM: a 1 GiB L2 plus QEMU, the ~150 MiB initramfs and page tables
+DEFAULT_L1_MEM_MIB = 3072
+DEFAULT_L1_SMP = 2
+#: L1 boot (kernel + initramfs unpack + modules + sshd) under TCG on a busy 2-core machine
+DEFAULT_L1_BOOT_TIMEOUT = 240.0
+#: QEMU -daemonize returns once initialised
+QEMU_START_TIMEOUT = 60.0
+BASE_CMDLINE = "console=ttyS0 panic=-1 loglevel=4"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path, comment: str) -> None:
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                       check=True, capture_output=True, timeout=30)
+    except FileNotFoundError as exc:
+        raise UserError("ssh-keygen not found; install openssh-client (make setup)") from exc
+
+
+class VirtualHost(SSHHost):
+    """An L1 VM under TCG with nested KVM.  ``start()`` boots it; ``close()`` stops it."""
+
+    def __init__(self, kernel: str = "debian", *, mem_mib: int = DEFAULT_L1_MEM_MIB, smp: int = DEFAULT_L1_SMP,
+                 cmdline_extra: str = "", qemu: str = "qemu-system-x86_64", progress: Optional[Progress] = None,
+                 boot_timeout: float = DEFAULT_L1_BOOT_TIMEOUT, workdir: Optional[Path] = None) -> None:
+        self.kernel_choice = kernel or "debian"
+        self.mem_mib, self.smp = int(mem_mib), int(smp)
+        self.cmdline_extra = cmdline_extra.strip()
+        self.qemu = qemu
+        self.progress = progress or Progress()
+        self.boot_timeout = boot_timeout
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else new_runtime_dir("migstall-l1-")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        self.pid: Optional[int] = None
+        self.image: Optional[L1Image] = None
+        self.boot_s: Optional[float] = None
+        self._local = LocalHost()
+        super().__init__("127.0.0.1", user="root", port=0, key_file=str(self.workdir / "id_ed25519"),
+                         known_hosts=str(self.workdir / "known_hosts"), name="virtual", connect=False)
+
+    # -- paths ----------------------------------------------------------------------
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    @property
+    def cmdline(self) -> str:
+        return " ".join(x for x in (BASE_CMDLINE, self.cmdline_extra) if x)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> "VirtualHost":
+        try:
+            self._boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ensure_keys(self) -> None:
+        if not (self.workdir / "id_ed25519").exists():
+            _keygen(self.workdir / "id_ed25519", "migstall-l1-client")
+        if not (self.workdir / "ssh_host_ed25519_key").exists():
+            _keygen(self.workdir / "ssh_host_ed25519_key", "migstall-l1-host")
+
+    def _boot(self) -> None:
+        t0 = time.monotonic()
+        with self.progress.task("virtual host: preparing L1 image") as task:
+            kernel = resolve_kernel(self.kernel_choice)
+            self.image = build_l1_image(kernel, self.qemu)
+            self._ensure_keys()
+            task.update(description="virtual host: L1 image ready")
+        self.name = f"virtual:{kernel.label}"
+        initrd = self.workdir / "l1-initrd.cpio"
+        shutil.copyfile(self.image.initrd, initrd)
+        with open(initrd, "ab") as fh:
+            fh.write(keys_archive(self.workdir / "ssh_host_ed25519_key", self.workdir / "id_ed25519.pub"))
+        self.port = _free_port()
+        hostpub = (self.workdir / "ssh_host_ed25519_key.pub").read_text().split()
+        Path(self.known_hosts).write_text(f"[127.0.0.1]:{self.port} {hostpub[0]} {hostpub[1]}\n")
+        ready_sock = self.workdir / "ready.sock"
+        pidfile = self.workdir / "l1.pid"
+        for p in (ready_sock, pidfile, self.console_log):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        argv = [
+            self.qemu, "-name", "migstall-l1,debug-threads=on",
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+            "-smp", str(self.smp), "-m", f"{self.mem_mib}M",
+            "-kernel", str(kernel.image), "-initrd", str(initrd), "-append", self.cmdline,
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", f"file:{self.console_log}",
+            "-chardev", f"socket,id=ready,path={ready_sock},server=on,wait=off",
+            "-serial", "chardev:ready",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-device", "virtio-net-pci,netdev=n0,romfile=",
+            "-daemonize", "-pidfile", str(pidfile),
+            "-D", str(self.qemu_log), "-msg", "timestamp=on",
+        ]
+        (self.workdir / "l1.cmdline").write_text(shlex.join(argv) + "\n")
+        log.info("starting L1: %s", shlex.join(argv))
+        with self.progress.task(f"virtual host: booting L1 ({kernel.label}, TCG)") as task:
+            try:
+                res = self._local.run(argv, timeout=QEMU_START_TIMEOUT, check=False)
+            except HostError as exc:
+                raise QEMUError(f"cannot start L1 QEMU: {exc}", log_path=self.qemu_log) from exc
+            if res.returncode != 0:
+                tail = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                raise QEMUError(f"L1 QEMU failed to start: {tail[0]}", log_path=self.qemu_log)
+            self.pid = int(pidfile.read_text().strip())
+            release = self._wait_ready(ready_sock)
+            task.update(description=f"virtual host: L1 {release} up; connecting")
+            self.connect()
+        self.boot_s = time.monotonic() - t0
+        log.info("L1 (%s, %s) ready in %.1f s, ssh on 127.0.0.1:%d", kernel.label, release, self.boot_s, self.port)
+
+    def _wait_ready(self, ready_sock: Path) -> str:
+        assert self.pid is not None
+        sock = self._local.connect_unix(str(ready_sock))
+        pidfd = os.pidfd_open(self.pid)
+        deadline = time.monotonic() + self.boot_timeout
+        buf = b""
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HostError(f"L1 did not boot within {self.boot_timeout:g}s", log_path=self.console_log)
+                readable, _, _ = select.select([sock, pidfd], [], [], remaining)
+                if sock in readable:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise HostError("L1 QEMU closed its ready channel", log_path=self.console_log)
+                    buf += chunk
+                    for line in buf.decode(errors="replace").splitlines():
+                        if line.startswith(READY_LINE):
+                            return line[len(READY_LINE):].strip()
+                        if line.startswith(FAILED_LINE):
+                            raise HostError(f"L1 boot failed: {line[len(FAILED_LINE):].strip()}",
+                                            log_path=self.console_log)
+                elif pidfd in readable:
+                    raise QEMUError("L1 QEMU exited during boot", log_path=self.console_log)
+        finally:
+            sock.close()
+            os.close(pidfd)
+
+    def stop(self) -> None:
+        """Close SSH, then SIGTERM (QEMU exits cleanly), then SIGKILL."""
+        self._disconnect()
+        if self.pid is not None:
+            self._local.stop_pid(self.pid)
+            self.pid = None
+
+    def reboot(self, kernel: Optional[str] = None, cmdline_extra: Optional[str] = None,
+               timeout: Optional[float] = None) -> None:
+        """Restart L1, optionally with another kernel and/or extra command line."""
+        self.stop()
+        if kernel is not None:
+            self.kernel_choice = kernel
+        if cmdline_extra is not None:
+            self.cmdline_extra = cmdline_extra.strip()
+        if timeout is not None:
+            self.boot_timeout = timeout
+        self.start()
+
+    def configure(self, l1_cmdline: str = "") -> bool:
+        """Make L1 run with ``l1_cmdline`` (a scenario's setting); reboots only when
+        it differs.  Returns True if L1 was rebooted."""
+        if l1_cmdline.strip() == self.cmdline_extra and self.pid is not None:
+            return False
+        self.reboot(cmdline_extra=l1_cmdline)
+        return True
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- state for `migstall vhost` ------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        return {"pid": self.pid, "port": self.port, "key_file": self.key_file, "known_hosts": self.known_hosts,
+                "workdir": str(self.workdir), "kernel": self.kernel_choice, "cmdline": self.cmdline,
+                "console_log": str(self.console_log), "name": self.name}
+
+    def detach(self) -> Dict[str, Any]:
+        """Leave L1 running (for ``migstall vhost up``); returns its state."""
+        st = self.state()
+        self._disconnect()
+        self.pid = None
+        self._own_workdir = False
+        (self.workdir / "state.json").write_text(json.dumps(st, indent=2) + "\n")
+        return st

@@ -1,0 +1,421 @@
+"""Build stock and patched kernels from one manifest; cache by content.
+
+Public API (used by the CLI, the virtual host and the nightly run)::
+
+    build_kernel(manifest, variant, config=None, progress=None, *, source=None,
+                 builder="auto", jobs=None) -> KernelBuild
+    build_kernels(manifest, variants=("stock", "patched"), ...) -> list[KernelBuild]
+    list_builds() -> list[dict]            # metadata of every cached build
+
+A build is identified by a sha256 over its inputs (base tree id, series tree
+id, config digest, toolchain, LOCALVERSION, recipe version): the same inputs
+give the cached artifacts back (``cached=True``) without running anything.
+
+Layout in ``cache_dir("kernel-builds", KEY16)``:
+
+* ``tree/``      sources hard-linked from the base repo (patched files are new
+                 inodes), objects in ``tree/.b`` (``O=.b``: kbuild then uses
+                 the relative srctree ``..``, so the object tree can be copied);
+* ``out/``       bzImage, config, System.map, modules.tar.xz (if modules),
+                 build.log, metadata.json; created as ``.out-*`` and renamed,
+                 so ``out/`` is complete or absent.
+
+The patched variant copies the stock build's ``.b`` (same base, config and
+toolchain), writes the files the series changes, and rebuilds: only what the
+series touches is recompiled, then vmlinux is relinked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from harness import paths
+from harness.errors import CommandTimeout, KernelBuildInfraError, UserError
+from harness.kernel.apply import apply_series
+from harness.kernel.config import ConfigPlan, missing_options, resolve_config
+from harness.kernel.manifest import BaseSpec, Manifest, load_manifest
+from harness.kernel.run import git, run
+from harness.kernel.series import Series, load_series
+from harness.kernel.source import SourceTree, prepare_source
+from harness.kernel.toolchain import Toolchain, resolve_toolchain, tuxmake_path
+from harness.progress import Progress
+from harness.results import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("stock", "patched")
+#: bump when the build recipe changes in a way that changes artifacts
+RECIPE = 2
+#: timeout of one kernel build (cold, defconfig, slow shared machine), seconds
+BUILD_TIMEOUT = 4 * 3600.0
+OBJDIR = ".b"
+ARCH = "x86_64"
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    variant: str                 # stock | patched
+    release: str                 # `uname -r` of the built kernel
+    bzimage: Path
+    metadata: Path               # metadata.json next to the artifacts
+    duration_s: float            # wall time of the build that produced the artifacts
+    cached: bool                 # True: nothing was built by this call
+    config: Path                 # the final .config
+    system_map: Path
+    modules: Optional[Path]      # modules.tar.xz, if the config has modules
+    build_log: Path
+    series_hash: str             # sha256 of the series mbox
+    key: str                     # cache key
+
+    def as_json(self) -> dict:
+        return {"variant": self.variant, "release": self.release, "bzimage": str(self.bzimage),
+                "metadata": str(self.metadata), "duration_s": round(self.duration_s, 1),
+                "cached": self.cached}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    manifest: Manifest
+    config: ConfigPlan
+    toolchain: Toolchain
+    jobs: int
+
+
+def localversion(variant: str, series: Series) -> str:
+    return f"-migstall-{variant}-{series.hash8}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tree_id(source: SourceTree, commit: str) -> str:
+    return git(["rev-parse", f"{commit}^{{tree}}"], repo=source.repo).stdout.strip()
+
+
+def _key(plan: _Plan, tree_id: str, lv: str) -> str:
+    inputs = {"recipe": RECIPE, "arch": ARCH, "tree": tree_id, "config": plan.config.digest,
+              "toolchain": plan.toolchain.as_dict(), "localversion": lv}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _stock_objects_key(plan: _Plan, base_tree: str) -> str:
+    """Where a patched build looks for the stock objects: same base, config, toolchain."""
+    inputs = {"recipe": RECIPE, "arch": ARCH, "tree": base_tree, "config": plan.config.digest,
+              "toolchain": plan.toolchain.as_dict()}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- trees ------------------------------------------------------------------------
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link the work tree of ``src`` (without .git) into ``dst``."""
+    dst.mkdir(parents=True)
+    entries = [src / e for e in sorted(os.listdir(src)) if e not in (".git", OBJDIR)]
+    if entries:
+        run(["cp", "-al", *entries, dst], timeout=600)
+
+
+def _write_changes(source: SourceTree, base: str, patched: str, tree: Path) -> List[str]:
+    """Make ``tree`` (a hard-linked base) the patched tree: changed files become
+    new inodes (the base is never written), deleted files are removed."""
+    out = git(["diff", "--name-status", "-z", "--no-renames", base, patched], repo=source.repo).stdout
+    fields = out.split("\0")
+    changed = []
+    for status, rel in zip(fields[0::2], fields[1::2]):
+        if not rel:
+            continue
+        target = tree / rel
+        if status.startswith("D"):
+            target.unlink(missing_ok=True)
+        else:
+            mode = git(["ls-tree", patched, "--", rel], repo=source.repo).stdout.split()[0]
+            blob = subprocess.run(["git", "-C", str(source.repo), "cat-file", "blob", f"{patched}:{rel}"],
+                                  capture_output=True, check=True, timeout=60).stdout
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.migstall-tmp")
+            tmp.write_bytes(blob)
+            os.chmod(tmp, 0o755 if mode == "100755" else 0o644)
+            os.replace(tmp, target)
+        changed.append(f"{status} {rel}")
+    return changed
+
+
+# -- builders ---------------------------------------------------------------------
+
+def _tuxmake_argv(plan: _Plan, tree: Path, outdir: Path, lv: str) -> List[str]:
+    tc = plan.toolchain
+    argv = [tuxmake_path() or "tuxmake", "--runtime", tc.runtime, "--target-arch", ARCH,
+            "--directory", str(tree), "--build-dir", str(tree / OBJDIR), "--output-dir", str(outdir),
+            "--jobs", str(plan.jobs), "--kconfig", plan.config.base]
+    if tc.runtime != "null" or tc.compiler != "gcc":
+        argv += ["--toolchain", tc.compiler]
+    for frag in plan.config.fragments:
+        argv += ["--kconfig-add", str(frag)]
+    # tuxmake's default KCFLAGS (-ffile-prefix-map=<abs build dir>/=) would put
+    # the build dir's absolute path into every command line, so a copied object
+    # tree would rebuild everything; kbuild's paths are relative here (O=.b).
+    argv += ["--environment", "KCFLAGS=", f"LOCALVERSION={lv}", "config", "kernel", "modules"]
+    return argv
+
+
+def _make_cmds(plan: _Plan, tree: Path, lv: str) -> List[List[str]]:
+    make = ["make", "-C", str(tree), f"O={OBJDIR}", f"ARCH={ARCH}", f"-j{plan.jobs}", f"LOCALVERSION={lv}"]
+    if plan.toolchain.compiler != "gcc":
+        make.append(f"CC={plan.toolchain.compiler}")
+    cmds: List[List[str]] = []
+    if Path(plan.config.base).is_file():
+        cmds.append(["cp", plan.config.base, str(tree / OBJDIR / ".config")])
+    else:
+        cmds.append(make + [plan.config.base])
+    if plan.config.fragments:
+        cmds.append(["env", f"ARCH={ARCH}", str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O",
+                     str(tree / OBJDIR), str(tree / OBJDIR / ".config"), *map(str, plan.config.fragments)])
+    cmds.append(make + ["olddefconfig"])
+    cmds.append(make + ["bzImage", "modules"])
+    return cmds
+
+
+def _run_logged(argv: Sequence[str], logfh, cwd: Path, deadline: float) -> int:
+    logfh.write(f"$ {shlex.join(argv)}\n")
+    logfh.flush()
+    proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=logfh,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired as exc:
+        raise CommandTimeout(f"kernel build did not finish within {BUILD_TIMEOUT:g}s") from exc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def _collect(plan: _Plan, tree: Path, outdir: Path) -> Dict[str, Path]:
+    obj = tree / OBJDIR
+    arts: Dict[str, Path] = {}
+    bz = obj / "arch/x86/boot/bzImage"
+    if not bz.is_file():
+        raise KernelBuildInfraError("the build finished but produced no bzImage")
+    for name, src in (("bzImage", bz), ("config", obj / ".config"), ("System.map", obj / "System.map")):
+        dst = outdir / name
+        if not dst.exists():
+            shutil.copy2(src, dst)
+        arts[name] = dst
+    tux_meta = outdir / "metadata.json"
+    if tux_meta.exists():
+        tux_meta.rename(outdir / "tuxmake-metadata.json")
+    mods = sorted(outdir.glob("modules.tar*"))
+    if mods:
+        arts["modules"] = mods[0]
+    elif plan.toolchain.builder == "make" and "CONFIG_MODULES=y" in (obj / ".config").read_text():
+        inst = obj / "modinstall"
+        shutil.rmtree(inst, ignore_errors=True)
+        run(["make", "-C", tree, f"O={OBJDIR}", f"ARCH={ARCH}", "INSTALL_MOD_STRIP=1",
+             f"INSTALL_MOD_PATH={inst}", "modules_install"], timeout=1800)
+        if (inst / "lib").is_dir():
+            run(["tar", "-cJf", outdir / "modules.tar.xz", "-C", inst, "lib"], timeout=1800)
+            arts["modules"] = outdir / "modules.tar.xz"
+    return arts
+
+
+# -- the pipeline -----------------------------------------------------------------
+
+def _plan(manifest: Manifest, config: Optional[str], builder: str, jobs: Optional[int]) -> _Plan:
+    cfg = resolve_config(config or manifest.config, manifest.fragments, manifest.directory)
+    tc = resolve_toolchain(manifest.compiler, builder)
+    return _Plan(manifest, cfg, tc, jobs or os.cpu_count() or 2)
+
+
+def _from_out(out: Path, cached: bool) -> KernelBuild:
+    meta = json.loads((out / "metadata.json").read_text())
+    mods = out / meta["artifacts"]["modules"]["file"] if "modules" in meta["artifacts"] else None
+    return KernelBuild(variant=meta["variant"], release=meta["release"], bzimage=out / "bzImage",
+                       metadata=out / "metadata.json", duration_s=float(meta["duration_s"]), cached=cached,
+                       config=out / "config", system_map=out / "System.map", modules=mods,
+                       build_log=out / "build.log", series_hash=meta["series"]["sha256"], key=meta["cache_key"])
+
+
+def _reproducer(manifest: Manifest, variant: str, config_label: str, source: Optional[BaseSpec]) -> str:
+    argv = ["migstall", "kernel", "build", "--manifest", str(manifest.path), "--variant", variant,
+            "--config", config_label]
+    if source is not None:
+        argv += ["--source", source.describe().replace(" ", "#") if source.kind == "git"
+                 else (f"debian:{source.debian_source}" if source.kind == "debian" else str(source.path))]
+    return shlex.join(argv)
+
+
+def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commit: str,
+               progress: Progress, source_override: Optional[BaseSpec]) -> KernelBuild:
+    lv = localversion(variant, series)
+    tree_id = _tree_id(src, commit)
+    base_tree = _tree_id(src, src.commit)
+    key = _key(plan, tree_id, lv)
+    root = paths.cache_dir("kernel-builds")
+    bdir = root / key[:16]
+    out = bdir / "out"
+    with _locked(root / f"{key[:16]}.lock"):
+        if (out / "metadata.json").is_file():
+            return _from_out(out, cached=True)
+        stock_dir = root / "stock-objects" / _stock_objects_key(plan, base_tree)
+        stock_tree = None
+        if variant == "patched" and stock_dir.is_symlink() and (stock_dir / OBJDIR / ".config").is_file():
+            stock_tree = stock_dir.resolve()
+        tree = bdir / "tree"
+        shutil.rmtree(tree, ignore_errors=True)
+        started = time.time()
+        t0 = time.monotonic()
+        with progress.task(f"{variant}: preparing the tree"):
+            _link_tree(src.repo, tree)
+            changed = _write_changes(src, src.commit, commit, tree) if commit != src.commit else []
+            if stock_tree is not None:
+                run(["cp", "-a", stock_tree / OBJDIR, tree / OBJDIR], timeout=1800)
+            else:
+                (tree / OBJDIR).mkdir()
+        tmp_out = bdir / f".out-{uuid.uuid4().hex[:8]}"
+        tmp_out.mkdir()
+        logs = paths.cache_dir("kernel-builds", "logs")
+        # tuxmake writes its own build.log into the output dir; its console goes next to it
+        build_log = tmp_out / ("tuxmake-console.log" if plan.toolchain.builder == "tuxmake" else "build.log")
+        deadline = time.monotonic() + BUILD_TIMEOUT
+        try:
+            if plan.toolchain.builder == "tuxmake":
+                cmds = [_tuxmake_argv(plan, tree, tmp_out, lv)]
+            else:
+                cmds = _make_cmds(plan, tree, lv)
+            with open(build_log, "w") as logfh, progress.task(
+                    f"{variant}: building {src.version}{lv} ({plan.toolchain.builder}, -j{plan.jobs})"):
+                for argv in cmds:
+                    rc = _run_logged(argv, logfh, tree, deadline)
+                    if rc != 0:
+                        kept = logs / f"{key[:16]}-{variant}-{int(started)}.log"
+                        logfh.flush()
+                        with open(kept, "wb") as fh:
+                            for part in dict.fromkeys((build_log, tmp_out / "build.log")):
+                                if part.is_file():
+                                    fh.write(part.read_bytes())
+                        raise UserError(f"{variant} kernel build failed ({argv[0]} exited {rc}); "
+                                        f"see the log {kept}")
+            arts = _collect(plan, tree, tmp_out)
+            duration = time.monotonic() - t0
+            release = (tree / OBJDIR / "include/config/kernel.release").read_text().strip()
+            final_config = arts["config"].read_text()
+            meta = {
+                "schema": 1, "variant": variant, "release": release, "localversion": lv,
+                "cache_key": key, "duration_s": round(duration, 2),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                "incremental_from": str(stock_tree) if stock_tree else None,
+                "manifest": {"path": str(plan.manifest.path), "name": plan.manifest.name,
+                             "sha256": _sha256(plan.manifest.path)},
+                "base": {"kind": src.kind, "description": src.description, "ref": src.ref,
+                         "commit": src.commit, "tree": base_tree, "version": src.version},
+                "series": {"kind": series.kind, "origin": series.origin, "sha256": series.sha256,
+                           "count": series.count, "subjects": list(series.subjects),
+                           "applied": variant == "patched"},
+                "source": {"commit": commit, "tree": tree_id, "changed_files": changed},
+                "config": {"label": plan.config.label, "base": plan.config.base,
+                           "fragments": [{"path": str(f), "sha256": _sha256(f)} for f in plan.config.fragments],
+                           "digest": plan.config.digest,
+                           "dropped_options": missing_options(plan.config, final_config)},
+                "toolchain": plan.toolchain.as_dict(), "jobs": plan.jobs,
+                "host": {"machine": platform.machine(), "node": platform.node(), "kernel": platform.release()},
+                "commands": [shlex.join(c) for c in cmds],
+                "reproducer": _reproducer(plan.manifest, variant, plan.config.label, source_override),
+                "artifacts": {name: {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
+                              for name, p in arts.items()},
+            }
+            atomic_write_json(tmp_out / "metadata.json", meta)
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp_out, out)
+        except BaseException:
+            shutil.rmtree(tmp_out, ignore_errors=True)
+            shutil.rmtree(tree, ignore_errors=True)
+            raise
+        if variant == "stock":
+            stock_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp_link = stock_dir.with_name(f".{stock_dir.name}-{uuid.uuid4().hex[:6]}")
+            os.symlink(tree, tmp_link)
+            os.replace(tmp_link, stock_dir)
+        else:
+            # the patched tree is not reused; keep the cache small
+            shutil.rmtree(tree, ignore_errors=True)
+        log.info("%s build %s done in %.1fs", variant, release, duration)
+        return _from_out(out, cached=False)
+
+
+def build_kernels(manifest: Union[Manifest, str, Path], variants: Sequence[str] = VARIANTS,
+                  config: Optional[str] = None, progress: Optional[Progress] = None, *,
+                  source: Optional[BaseSpec] = None, builder: str = "auto",
+                  jobs: Optional[int] = None) -> List[KernelBuild]:
+    """Build (or fetch from the cache) the given variants, stock first."""
+    progress = progress or Progress()
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    for v in variants:
+        if v not in VARIANTS:
+            raise UserError(f"variant {v} is not one of stock, patched, both")
+    plan = _plan(manifest, config, builder, jobs)          # bad input is rejected here, before any work
+    src = prepare_source(source or manifest.base, progress)
+    series = load_series(manifest.series, progress)
+    patched = apply_series(src, series, progress) if "patched" in variants else None
+    builds = []
+    for v in sorted(set(variants), key=VARIANTS.index):
+        commit = src.commit if v == "stock" else patched
+        assert commit is not None
+        builds.append(_build_one(plan, v, src, series, commit, progress, source))
+    return builds
+
+
+def build_kernel(manifest: Union[Manifest, str, Path], variant: str, config: Optional[str] = None,
+                 progress: Optional[Progress] = None, *, source: Optional[BaseSpec] = None,
+                 builder: str = "auto", jobs: Optional[int] = None) -> KernelBuild:
+    """One variant.  The patched variant reuses stock objects when a stock build
+    with the same base, config and toolchain is cached."""
+    return build_kernels(manifest, (variant,), config, progress, source=source, builder=builder, jobs=jobs)[0]
+
+
+def list_builds() -> List[dict]:
+    """Metadata of every complete cached build, newest first."""
+    root = paths.cache_dir("kernel-builds")
+    found = []
+    for meta in root.glob("*/out/metadata.json"):
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append({"variant": data.get("variant"), "release": data.get("release"),
+                      "manifest": data.get("manifest", {}).get("name"),
+                      "config": data.get("config", {}).get("label"),
+                      "bzimage": str(meta.parent / "bzImage"), "metadata": str(meta),
+                      "duration_s": data.get("duration_s"), "started": data.get("started")})
+    found.sort(key=lambda d: d.get("started") or "", reverse=True)
+    return found

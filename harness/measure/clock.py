@@ -1,0 +1,69 @@
+"""Guest clock -> host wall clock, from ``mark`` samples.
+
+Each sample is (host_send_ns, host_recv_ns, guest_ns): the host wrote
+``mark`` at ``host_send_ns``, the probe read it at guest time ``guest_ns`` and
+the echo arrived at ``host_recv_ns``.  The guest's reading happened somewhere in
+[send, recv], so the best point estimate is the midpoint with an error of at
+most half the round trip.
+
+:func:`fit` returns ``host = mid_ref + slope * (guest - guest_ref) + offset``:
+the slope comes from a least-squares fit of the midpoints when the samples span
+at least :data:`MIN_SPAN_NS` of guest time (and stays within
+:data:`MAX_SKEW` of 1, else 1 is used), the offset from the samples with the
+smallest round trips.  ``uncertainty_ns`` = smallest half round trip + the
+largest residual of any sample: every mapped time is within that of the truth
+(plus drift outside the sampled interval).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import median
+from typing import Any, Dict, Sequence
+
+MIN_SPAN_NS = 500_000_000
+MAX_SKEW = 0.01
+
+
+@dataclass(frozen=True)
+class ClockMap:
+    slope: float
+    guest_ref_ns: int
+    host_ref_ns: int
+    uncertainty_ns: int
+    samples: int
+
+    def to_host(self, guest_ns: int) -> int:
+        return int(self.host_ref_ns + self.slope * (guest_ns - self.guest_ref_ns))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"slope": self.slope, "guest_ref_ns": self.guest_ref_ns, "host_ref_ns": self.host_ref_ns,
+                "uncertainty_us": self.uncertainty_ns / 1000, "samples": self.samples}
+
+
+def _get(s: Any, name: str) -> int:
+    return int(s[name] if isinstance(s, dict) else getattr(s, name))
+
+
+def fit(samples: Sequence[Any]) -> ClockMap:
+    """``samples``: objects or dicts with host_send_ns, host_recv_ns, guest_ns."""
+    if not samples:
+        raise ValueError("no mark samples: cannot place guest times on the host timeline")
+    pts = [(_get(s, "guest_ns"), (_get(s, "host_send_ns") + _get(s, "host_recv_ns")) / 2,
+            (_get(s, "host_recv_ns") - _get(s, "host_send_ns")) / 2) for s in samples]
+    g_ref = pts[0][0]
+    slope = 1.0
+    span = max(p[0] for p in pts) - min(p[0] for p in pts)
+    if len(pts) >= 2 and span >= MIN_SPAN_NS:
+        gm = sum(p[0] - g_ref for p in pts) / len(pts)
+        hm = sum(p[1] for p in pts) / len(pts)
+        var = sum((p[0] - g_ref - gm) ** 2 for p in pts)
+        cov = sum((p[0] - g_ref - gm) * (p[1] - hm) for p in pts)
+        if var > 0 and abs(cov / var - 1.0) <= MAX_SKEW:
+            slope = cov / var
+    best_half_rtt = min(p[2] for p in pts)
+    # offsets from the tightest samples (within 2x the best round trip)
+    tight = [p for p in pts if p[2] <= 2 * best_half_rtt + 1000]
+    h_ref = median(p[1] - slope * (p[0] - g_ref) for p in tight)
+    resid = max(abs(p[1] - (h_ref + slope * (p[0] - g_ref))) for p in pts)
+    return ClockMap(slope, g_ref, int(h_ref), int(best_half_rtt + resid), len(pts))

@@ -1,0 +1,290 @@
+"""``nightly.toml``: the schema (as data) and its up-front validation.
+
+Everything is checked before any host is contacted or kernel built: unknown
+keys (with a "did you mean"), types, the boot method against the host kind,
+the scenario file (loaded and statically checked), the manifest or prebuilt
+kernels, gate specs, paths.  Relative paths are relative to the config file.
+
+Example::
+
+    scenarios = "../scenarios/nightly.toml"     # the scenario matrix (required)
+    out = "../results/nightly"                   # <out>/<host>/<variant>.csv + sidecars
+    manifest = "../patches/x/series.toml"        # kernels built by `migstall kernel`
+    variants = ["stock", "patched"]              # first = BASE of the report
+    baseline = "../results/baseline"             # optional: gate tonight against it
+    fail_on = ["dirty_log_start_ms:+10"]
+    threshold = 10
+    interleave = true                            # A B A B (one reboot per variant switch)
+    boot_timeout_s = 600
+    restore_default = true
+
+    [kernels.patched]                            # optional: prebuilt instead of the manifest
+    bzimage = "/srv/kernels/bzImage-patched"
+    modules = "/srv/kernels/modules.tar.xz"      # tarball of lib/modules/<release>/ or that dir
+    release = "6.1.0-migstall-patched-1a2b3c4d"  # expected `uname -r`
+
+    [[host]]
+    name = "vmx1"
+    ssh = "ssh://root@vmx1.example.org"
+    key = "~/.ssh/id_ed25519"
+    known_hosts = "~/.ssh/known_hosts"
+    boot = "kexec"                               # kexec | grub-reboot
+
+    [[host]]
+    name = "ci-virtual"
+    virtual = "debian"                           # the virtual host and its default kernel
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from harness.compare.gate import GateSpec, parse_spec
+from harness.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BOOT_METHODS = ("kexec", "grub-reboot", "virtual")
+DEFAULT_BOOT_TIMEOUT_S = 600.0
+DEFAULT_VARIANTS = ("stock", "patched")
+
+#: key -> (types, required, help)
+TOP_KEYS: Dict[str, Tuple[tuple, bool, str]] = {
+    "scenarios": ((str,), True, "scenario TOML file"),
+    "out": ((str,), False, "results directory (default results/nightly next to the config)"),
+    "manifest": ((str,), False, "series manifest; kernels are built with migstall kernel"),
+    "variants": ((list,), False, "kernel variants, first is BASE (default stock, patched)"),
+    "kernels": ((dict,), False, "prebuilt kernels per variant"),
+    "baseline": ((str,), False, "stored baseline results (CSV or dir)"),
+    "report": ((str,), False, "report directory (default <out>/report)"),
+    "fail_on": ((list,), False, "gates METRIC:+PCT"),
+    "threshold": ((int, float), False, "verdict threshold, percent"),
+    "interleave": ((bool,), False, "alternate variants A B A B (default true)"),
+    "boot_timeout_s": ((int, float), False, "seconds to wait for SSH after a boot"),
+    "restore_default": ((bool,), False, "boot each host back into its default kernel at the end"),
+    "host": ((list,), True, "[[host]] entries"),
+}
+KERNEL_KEYS: Dict[str, Tuple[tuple, bool, str]] = {
+    "bzimage": ((str,), True, "path of the bzImage"),
+    "modules": ((str,), False, "modules tarball (lib/modules/<release>/...) or that directory"),
+    "release": ((str,), False, "expected uname -r"),
+    "series_id": ((str,), False, "series hash written to the series_id column"),
+}
+HOST_KEYS: Dict[str, Tuple[tuple, bool, str]] = {
+    "name": ((str,), True, "short name, used in paths and the host column"),
+    "ssh": ((str,), False, "ssh://[user@]host[:port] of a bare-metal host"),
+    "virtual": ((str,), False, "the virtual host; its default kernel (debian or a bzImage)"),
+    "key": ((str,), False, "SSH private key"),
+    "known_hosts": ((str,), False, "known_hosts file that pins the host key"),
+    "boot": ((str,), False, "kexec (default for ssh) | grub-reboot | virtual"),
+    "cmdline_extra": ((str,), False, "extra kernel command line for the test kernels"),
+    "interleave": ((bool,), False, "overrides the top-level interleave"),
+    "initramfs": ((str,), False, "auto (default: update-initramfs/dracut if present) | none"),
+    "l1_mem_mib": ((int,), False, "virtual host: L1 memory"),
+}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    bzimage: Path
+    modules: Optional[Path] = None
+    release: str = ""
+    series_id: str = ""
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    boot: str
+    ssh: str = ""
+    virtual: str = ""
+    key: Optional[str] = None
+    known_hosts: Optional[str] = None
+    cmdline_extra: str = ""
+    interleave: bool = True
+    initramfs: str = "auto"
+    l1_mem_mib: int = 0
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    path: Path
+    scenarios: Path
+    out: Path
+    report: Path
+    hosts: Tuple[HostConfig, ...]
+    variants: Tuple[str, ...] = DEFAULT_VARIANTS
+    manifest: Optional[Path] = None
+    kernels: Tuple[Tuple[str, KernelSpec], ...] = ()
+    baseline: Optional[Path] = None
+    gates: Tuple[GateSpec, ...] = ()
+    threshold: float = 10.0
+    boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
+    restore_default: bool = True
+    scenario_list: Tuple[Any, ...] = field(default=(), repr=False)
+
+    def kernel(self, variant: str) -> Optional[KernelSpec]:
+        return dict(self.kernels).get(variant)
+
+    def csv_path(self, host: str, variant: str) -> Path:
+        return self.out / host / f"{variant}.csv"
+
+
+def _check(table: Mapping[str, Any], schema: Mapping[str, Tuple[tuple, bool, str]], where: str) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(schema)}"
+            raise UserError(f"{where}unknown key {key!r}; {hint}")
+        types = schema[key][0]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise UserError(f"{where}{key} must be a {names}, not {type(value).__name__} ({value!r})")
+    for key, (_, required, help_) in schema.items():
+        if required and key not in table:
+            raise UserError(f"{where}missing {key!r} ({help_}); add it")
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyConfig:
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise UserError(f"--config {path}: no such file; write a nightly.toml (see README 'Nightly')") from exc
+    except PermissionError as exc:
+        raise UserError(f"--config {path}: permission denied; make it readable") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"--config {path} is a directory; give the nightly.toml file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({' '.join(str(exc).split())}); fix the syntax") from exc
+    where = f"{path}: "
+    _check(doc, TOP_KEYS, where)
+    base = path.resolve().parent
+
+    variants = tuple(doc.get("variants", DEFAULT_VARIANTS))
+    if not variants or not all(isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum() for v in variants):
+        raise UserError(f"{where}variants must be a non-empty list of names (letters, digits, - and _)")
+    if len(set(variants)) != len(variants):
+        raise UserError(f"{where}variants has duplicates; list each once")
+
+    kernels: Dict[str, KernelSpec] = {}
+    for name, table in doc.get("kernels", {}).items():
+        kwhere = f"{where}[kernels.{name}] "
+        if name not in variants:
+            raise UserError(f"{kwhere}is not one of variants {list(variants)}; add it to variants or remove it")
+        if not isinstance(table, dict):
+            raise UserError(f"{kwhere}must be a table with bzimage = ...")
+        _check(table, KERNEL_KEYS, kwhere)
+        bz = _path(base, table["bzimage"])
+        if not bz.is_file():
+            raise UserError(f"{kwhere}bzimage {bz} does not exist; build it (migstall kernel build) or fix the path")
+        mods = _path(base, table["modules"]) if table.get("modules") else None
+        if mods is not None and not mods.exists():
+            raise UserError(f"{kwhere}modules {mods} does not exist; fix the path or remove the key")
+        kernels[name] = KernelSpec(bz, mods, table.get("release", ""), table.get("series_id", ""))
+
+    manifest = _path(base, doc["manifest"]) if doc.get("manifest") else None
+    if manifest is not None:
+        from harness.kernel.manifest import load_manifest
+
+        load_manifest(manifest)      # validates (UserError on problems)
+    missing = [v for v in variants if v not in kernels]
+    if missing and manifest is None:
+        raise UserError(f"{where}no kernel for variant(s) {', '.join(missing)}; set manifest = ... "
+                        f"or add [kernels.{missing[0]}] bzimage = ...")
+
+    gates = []
+    for spec in doc.get("fail_on", []):
+        if not isinstance(spec, str):
+            raise UserError(f"{where}fail_on entries must be strings like 'dirty_log_start_ms:+10'")
+        try:
+            gates.append(parse_spec(spec))
+        except ValueError as exc:
+            raise UserError(f"{where}{exc}") from exc
+    threshold = float(doc.get("threshold", 10.0))
+    if not 0 < threshold < 1000:
+        raise UserError(f"{where}threshold {threshold:g} is out of range; give a percentage such as 10")
+    boot_timeout = float(doc.get("boot_timeout_s", DEFAULT_BOOT_TIMEOUT_S))
+    if not 10 <= boot_timeout <= 7200:
+        raise UserError(f"{where}boot_timeout_s {boot_timeout:g} is out of range 10..7200")
+    baseline = _path(base, doc["baseline"]) if doc.get("baseline") else None
+    if baseline is not None and not baseline.exists():
+        raise UserError(f"{where}baseline {baseline} does not exist; remove the key or point it at stored results")
+
+    hosts = _hosts(doc["host"], where, bool(doc.get("interleave", True)))
+    scen_path = _path(base, doc["scenarios"])
+    if not scen_path.is_file():
+        raise UserError(f"{where}scenarios {scen_path} does not exist; point it at a scenario TOML file")
+    scenario_list: Tuple[Any, ...] = ()
+    if load_scenarios:
+        from harness import scenario as scen
+
+        scenario_list = tuple(scen.load_scenarios(scen_path))
+        for s in scenario_list:
+            scen.check_static(s)
+    out = _path(base, doc.get("out", "results/nightly"))
+    report = _path(base, doc["report"]) if doc.get("report") else out / "report"
+    return NightlyConfig(
+        path=path, scenarios=scen_path, out=out, report=report, hosts=hosts, variants=variants,
+        manifest=manifest, kernels=tuple(sorted(kernels.items())), baseline=baseline, gates=tuple(gates),
+        threshold=threshold, boot_timeout_s=boot_timeout, restore_default=bool(doc.get("restore_default", True)),
+        scenario_list=scenario_list,
+    )
+
+
+def _hosts(entries: Any, where: str, interleave: bool) -> Tuple[HostConfig, ...]:
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise UserError(f"{where}host must be one or more [[host]] tables")
+    hosts: List[HostConfig] = []
+    for i, h in enumerate(entries):
+        hwhere = f"{where}[[host]] #{i + 1} "
+        _check(h, HOST_KEYS, hwhere)
+        name = h["name"]
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+            raise UserError(f"{hwhere}name {name!r} must be letters, digits, '-', '_' or '.'")
+        if ("ssh" in h) == ("virtual" in h):
+            raise UserError(f"{hwhere}({name}) needs exactly one of ssh = 'ssh://...' or virtual = 'debian'")
+        kind = "ssh" if "ssh" in h else "virtual"
+        boot = h.get("boot", "kexec" if kind == "ssh" else "virtual")
+        if boot not in BOOT_METHODS:
+            raise UserError(f"{hwhere}({name}) boot {boot!r} is unknown; use one of {', '.join(BOOT_METHODS)}")
+        if (kind == "virtual") != (boot == "virtual"):
+            raise UserError(f"{hwhere}({name}) boot {boot!r} does not fit a {kind} host; "
+                            f"use {'virtual' if kind == 'virtual' else 'kexec or grub-reboot'}")
+        from harness.hosts.factory import parse_host_spec
+
+        if kind == "ssh":
+            parse_host_spec(h["ssh"])
+        else:
+            parse_host_spec("virtual" + (f":{h['virtual']}" if h["virtual"] else ""))
+        initramfs = h.get("initramfs", "auto")
+        if initramfs not in ("auto", "none"):
+            raise UserError(f"{hwhere}({name}) initramfs must be 'auto' or 'none'")
+        hosts.append(HostConfig(
+            name=name, boot=boot, ssh=h.get("ssh", ""), virtual=h.get("virtual", ""),
+            key=str(Path(h["key"]).expanduser()) if h.get("key") else None,
+            known_hosts=str(Path(h["known_hosts"]).expanduser()) if h.get("known_hosts") else None,
+            cmdline_extra=h.get("cmdline_extra", ""), interleave=bool(h.get("interleave", interleave)),
+            initramfs=initramfs, l1_mem_mib=int(h.get("l1_mem_mib", 0)),
+        ))
+    names = [h.name for h in hosts]
+    if len(set(names)) != len(names):
+        raise UserError(f"{where}host names must be unique; {names}")
+    return tuple(hosts)

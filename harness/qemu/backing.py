@@ -1,0 +1,181 @@
+"""Guest RAM backing: QEMU memory-backend arguments, and the page size obtained.
+
+| backing     | QEMU object                                              | pages                 |
+|-------------|----------------------------------------------------------|-----------------------|
+| `anon`      | `memory-backend-ram` (private anonymous), THP disabled   | 4 KiB                 |
+| `thp`       | `memory-backend-ram`; QEMU madvises MADV_HUGEPAGE        | 2 MiB where THP can   |
+| `hugetlb2m` | `memory-backend-memfd,hugetlb=on,hugetlbsize=2M`         | 2 MiB (hugetlb pool)  |
+| `hugetlb1g` | `memory-backend-memfd,hugetlb=on,hugetlbsize=1G`         | 1 GiB (hugetlb pool)  |
+| `memfd`     | `memory-backend-memfd,share=on` (shmem)                  | 4 KiB unless shmem THP|
+
+`prealloc` adds `prealloc=on` (QEMU touches every page before the guest starts).
+
+Why a wrapper for `anon`: QEMU (7.2 and others) calls ``madvise(MADV_HUGEPAGE)`` on
+every RAM block it allocates (``ram_block_add``), and memory-backend-ram has no
+property to stop that, so on a host whose THP mode is ``madvise`` or ``always``
+"plain" anonymous guest RAM gets 2 MiB pages.  ``prctl(PR_SET_THP_DISABLE)``
+overrides MADV_HUGEPAGE and survives ``execve``, so for `anon` QEMU is started
+through a tiny static exec wrapper (compiled here from :data:`NOTHP_C` into the
+cache and staged on the host) that sets it and execs QEMU.
+
+The page size actually obtained is read after prefault from
+``/proc/<qemu pid>/smaps`` on the host (:func:`page_size_obtained`): the guest
+RAM mapping is the largest one at least ``mem_mib`` long; its
+``KernelPageSize`` (hugetlb) or its ``AnonHugePages``/``ShmemPmdMapped`` share
+(THP) decide ``page_size_kib``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from harness.errors import HostError, UserError
+from harness.hosts.base import Host
+from harness.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+MEM_ID = "migstall-ram"
+
+NOTHP_C = r"""
+/* migstall-nothp: exec argv[1..] with transparent huge pages disabled. */
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+#ifndef PR_SET_THP_DISABLE
+#define PR_SET_THP_DISABLE 41
+#endif
+int main(int argc, char **argv)
+{
+    if (argc < 2) { fprintf(stderr, "usage: migstall-nothp PROG [ARGS...]\n"); return 2; }
+    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) { perror("prctl(PR_SET_THP_DISABLE)"); return 1; }
+    execvp(argv[1], argv + 1);
+    perror(argv[1]);
+    return 127;
+}
+"""
+
+
+def memory_args(backing: str, mem_mib: int, prealloc: bool) -> List[str]:
+    """QEMU arguments for guest RAM (``-m`` plus the backend object).
+
+    The backend is attached with ``-machine memory-backend=``; the caller's
+    ``-machine`` option must not set another one."""
+    opts = [f"id={MEM_ID}", f"size={mem_mib}M"]
+    if backing in ("anon", "thp"):
+        obj = "memory-backend-ram"
+    elif backing == "memfd":
+        obj = "memory-backend-memfd"
+        opts.append("share=on")
+    elif backing in ("hugetlb2m", "hugetlb1g"):
+        obj = "memory-backend-memfd"
+        opts += ["hugetlb=on", "hugetlbsize=" + ("2M" if backing == "hugetlb2m" else "1G")]
+    else:
+        raise UserError(f"unknown backing {backing!r}; use anon, thp, hugetlb2m, hugetlb1g or memfd")
+    if prealloc:
+        opts.append("prealloc=on")
+    return ["-m", f"{mem_mib}M", "-object", ",".join([obj] + opts)]
+
+
+#: first QEMU with ``-machine memory-backend=`` (older ones attach it as a NUMA node)
+MACHINE_MEMORY_BACKEND_SINCE = (5, 0)
+
+
+def attach_args(qemu_version: Tuple[int, ...], machine: str = "q35") -> List[str]:
+    """``-machine`` (and for QEMU < 5.0 ``-numa``) arguments attaching the backend.
+    ``qemu_version`` = () when unknown (assume a current QEMU)."""
+    if qemu_version and tuple(qemu_version[:2]) < MACHINE_MEMORY_BACKEND_SINCE:
+        return ["-machine", machine, "-numa", f"node,memdev={MEM_ID}"]
+    return ["-machine", f"{machine},memory-backend={MEM_ID}"]
+
+
+def parse_version(text: str) -> Tuple[int, ...]:
+    """``QEMU emulator version 7.2.22 (Debian ...)`` -> (7, 2, 22); () if none."""
+    m = re.search(r"version\s+(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
+
+
+def _nothp_binary() -> Path:
+    from harness.hosts.local import LocalHost
+
+    digest = hashlib.sha256(NOTHP_C.encode()).hexdigest()[:16]
+    out = cache_dir("tools") / f"migstall-nothp-{digest}"
+    if out.exists():
+        return out
+    src = out.with_suffix(".c")
+    src.write_text(NOTHP_C)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        LocalHost().run(["gcc", "-static", "-Os", "-o", str(tmp), str(src)], timeout=120)
+    except HostError as exc:
+        raise HostError(f"cannot build the THP-disabling wrapper for --backing anon: {exc.one_line()}") from exc
+    tmp.replace(out)
+    return out
+
+
+def exec_prefix(backing: str, host: Host) -> Tuple[str, ...]:
+    """Argv prefix for QEMU with this backing on ``host`` (``anon``: the wrapper)."""
+    if backing != "anon":
+        return ()
+    return (host.stage(_nothp_binary()),)
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    page_size_kib: Optional[int]        # the page size most of guest RAM is mapped with
+    mapping: Dict[str, str] = field(default_factory=dict)   # the smaps entry, for the sidecar
+
+
+_HDR = re.compile(r"^([0-9a-f]+)-([0-9a-f]+)\s+(\S+)\s+\S+\s+\S+\s+\S+\s*(.*)$")
+
+
+def parse_smaps(text: str) -> List[Dict[str, str]]:
+    maps: List[Dict[str, str]] = []
+    cur: Optional[Dict[str, str]] = None
+    for line in text.splitlines():
+        m = _HDR.match(line)
+        if m:
+            cur = {"range": f"{m.group(1)}-{m.group(2)}", "perms": m.group(3), "path": m.group(4).strip(),
+                   "bytes": str(int(m.group(2), 16) - int(m.group(1), 16))}
+            maps.append(cur)
+        elif cur is not None and ":" in line:
+            k, v = line.split(":", 1)
+            cur[k.strip()] = v.strip()
+    return maps
+
+
+def _kb(entry: Dict[str, str], key: str) -> int:
+    v = entry.get(key, "0").split()
+    return int(v[0]) if v and v[0].isdigit() else 0
+
+
+def page_size_obtained(smaps_text: str, mem_mib: int) -> PageInfo:
+    """Pick the guest RAM mapping from smaps text and say which page size backs it."""
+    want = mem_mib * 1024 * 1024
+    # guest RAM is read-write and not executable (TCG's code buffer is rwx)
+    cands = [m for m in parse_smaps(smaps_text)
+             if int(m["bytes"]) >= want and m["perms"].startswith("rw") and "x" not in m["perms"]]
+    if not cands:
+        return PageInfo(None)
+    ram = min(cands, key=lambda m: int(m["bytes"]))
+    kps = _kb(ram, "KernelPageSize")
+    if kps > 4:
+        return PageInfo(kps, ram)
+    rss = _kb(ram, "Rss")
+    huge = _kb(ram, "AnonHugePages") + _kb(ram, "ShmemPmdMapped") + _kb(ram, "FilePmdMapped")
+    size = 2048 if rss and huge * 2 >= rss else kps or 4
+    return PageInfo(size, ram)
+
+
+def read_page_size(host: Host, pid: int, mem_mib: int) -> PageInfo:
+    try:
+        text = host.read_bytes(f"/proc/{pid}/smaps").decode(errors="replace")
+    except Exception as exc:  # gone, or not permitted
+        log.warning("cannot read /proc/%d/smaps: %s", pid, exc)
+        return PageInfo(None)
+    return page_size_obtained(text, mem_mib)

@@ -1,0 +1,139 @@
+"""Live migration over QMP between two :class:`~harness.qemu.machine.VM` s.
+
+* The destination is started with ``-incoming defer`` (:data:`INCOMING_ARGS`);
+  :func:`prepare_destination` turns the ``events`` capability on and issues
+  ``migrate-incoming`` on a unix socket in the destination's runtime dir.
+* :func:`start` turns ``events`` on at the source, lifts the default 32 MiB/s
+  bandwidth cap, and sends ``migrate``; it returns the host time just before
+  the command was written.
+* ``MIGRATION {status}`` and ``MIGRATION_PASS {pass}`` events are collected by
+  the VM itself with their QMP timestamps (QEMU host wall clock).
+* :func:`wait_end` waits for ``completed``/``failed``/``cancelled``;
+  :func:`cancel` sends ``migrate_cancel``; :func:`query` returns
+  ``query-migrate`` (``setup-time``, ``total-time``, ``downtime`` in ms).
+
+Default timeouts are documented per function; failures raise MigrationError.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from harness.errors import MigrationError, QEMUError
+from harness.qemu.machine import VM, event_time_ns
+
+log = logging.getLogger(__name__)
+
+INCOMING_ARGS = ("-incoming", "defer")
+#: bytes/s; QEMU's default (32 MiB/s) would make every run bandwidth-bound
+MAX_BANDWIDTH = 8 << 30
+#: seconds to wait for MIGRATION_PASS 1 after ``migrate``
+DEFAULT_FIRST_PASS_TIMEOUT = 120.0
+END_STATES = ("completed", "failed", "cancelled")
+
+
+def uri_for(dst: VM) -> str:
+    return f"unix:{dst.path('migrate.sock')}"
+
+
+async def set_events(vm: VM) -> None:
+    await vm.cmd("migrate-set-capabilities",
+                 {"capabilities": [{"capability": "events", "state": True}]})
+
+
+async def prepare_destination(dst: VM) -> str:
+    """Enable events and listen; return the URI the source must use."""
+    await set_events(dst)
+    uri = uri_for(dst)
+    await dst.cmd("migrate-incoming", {"uri": uri})
+    return uri
+
+
+async def start(src: VM, uri: str) -> int:
+    """Send ``migrate``; return the local wall time (ns) just before sending it."""
+    await set_events(src)
+    await src.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    sent = time.time_ns()
+    try:
+        await src.cmd("migrate", {"uri": uri})
+    except QEMUError as exc:
+        raise MigrationError(f"migrate was refused: {exc.one_line()}", src.log_path) from exc
+    return sent
+
+
+def _status_is(*states: str):
+    return lambda ev: ev.get("data", {}).get("status") in states
+
+
+async def wait_pass(src: VM, n: int = 1, timeout: float = DEFAULT_FIRST_PASS_TIMEOUT) -> Dict[str, Any]:
+    """The MIGRATION_PASS event with ``pass == n``; MigrationError if the
+    migration ends first or nothing arrives within ``timeout``."""
+    import asyncio
+
+    want = asyncio.ensure_future(src.wait_event("MIGRATION_PASS", timeout,
+                                                match=lambda e: e.get("data", {}).get("pass") == n))
+    end = asyncio.ensure_future(src.wait_event("MIGRATION", timeout, match=_status_is("failed", "cancelled")))
+    try:
+        done, _ = await asyncio.wait({want, end}, return_when=asyncio.FIRST_COMPLETED)
+        if want in done and not want.exception():
+            return want.result()
+        if end in done and not end.exception():
+            raise MigrationError(f"migration {end.result()['data']['status']} before pass {n}", src.log_path)
+        exc = (want if want in done else end).exception()
+        raise MigrationError(f"no MIGRATION_PASS {n}: {exc}", src.log_path) from exc
+    finally:
+        for f in (want, end):
+            f.cancel()
+        for f in (want, end):
+            try:
+                await f
+            except BaseException:
+                pass
+
+
+async def wait_end(src: VM, timeout: float) -> Dict[str, Any]:
+    """The MIGRATION event with a final status (completed/failed/cancelled)."""
+    try:
+        return await src.wait_event("MIGRATION", timeout, match=_status_is(*END_STATES))
+    except QEMUError as exc:
+        raise MigrationError(f"migration did not end: {exc.one_line()}", src.log_path) from exc
+
+
+async def cancel(src: VM) -> int:
+    """Send ``migrate_cancel``; return the local wall time (ns) before sending."""
+    sent = time.time_ns()
+    await src.cmd("migrate_cancel")
+    return sent
+
+
+async def query(vm: VM) -> Dict[str, Any]:
+    return await vm.cmd("query-migrate")
+
+
+def statuses(vm: VM) -> List[Dict[str, Any]]:
+    """(status, QMP timestamp ns) of every MIGRATION event so far."""
+    return [{"status": e["data"]["status"], "t_ns": event_time_ns(e)}
+            for e in vm.events if e.get("event") == "MIGRATION"]
+
+
+def passes(vm: VM) -> List[Dict[str, Any]]:
+    return [{"pass": e["data"]["pass"], "t_ns": event_time_ns(e)}
+            for e in vm.events if e.get("event") == "MIGRATION_PASS"]
+
+
+@dataclass(frozen=True)
+class MigrationTimes:
+    setup_time_ms: Optional[float]
+    total_time_ms: Optional[float]
+    downtime_ms: Optional[float]
+    status: str
+
+
+def times(q: Dict[str, Any]) -> MigrationTimes:
+    def g(k: str) -> Optional[float]:
+        v = q.get(k)
+        return float(v) if v is not None else None
+    return MigrationTimes(g("setup-time"), g("total-time"), g("downtime"), str(q.get("status", "")))

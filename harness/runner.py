@@ -1,0 +1,423 @@
+"""One measured run, and a matrix of them.  Always a CSV row.
+
+Flow of one run (:func:`run_one`), every wait bounded:
+
+1. boot the source QEMU (guest kernel + initramfs with the probe) and ask it
+   what it offers (:mod:`harness.qemu.schema`); enable the trace events;
+2. wait for the probe's READY (``scenario.ready_timeout_s``), read the page
+   size actually obtained from ``/proc/<pid>/smaps``; start the destination
+   QEMU (``-incoming defer`` + ``migrate-incoming``);
+3. clock marks, then the baseline window (``scenario.baseline_s``);
+4. ``KvmTracer.phase("enable")`` and QMP ``migrate``;
+5. ``MIGRATION_PASS`` 1 (the stall window ends ``margin_ms`` after it), marks;
+6. ``end_action = complete``: collect the probe's data (``dump`` also stops the
+   loops, so the remaining migration converges), wait for ``completed``.
+   ``end_action = cancel``: ``cancel_after_s`` after pass 1,
+   ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
+   ``cancelled``, then collect the probe's data;
+7. shut both QEMUs down; parse the source's trace lines into
+   ``dirty_log_start_ms``/``dirty_log_stop_ms``; ``dirtylog.verify``.
+
+Whatever happens (QEMU dies, no READY, migration fails, Ctrl-C), the row is
+written (``status=failed`` + ``error``) with its sidecar, and no process is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as _dt
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+
+from harness import results
+from harness.errors import GuestError, InfraError, MigrationError, MigstallError, QEMUError
+from harness.hosts.base import Host
+from harness.measure import clock as clockmod
+from harness.measure import qemu_trace, stalls
+from harness.measure.kvm_trace import KvmTiming, KvmTracer
+from harness.progress import Progress
+from harness.qemu import backing, dirtylog, migration, schema
+from harness.qemu.machine import VM, event_time_ns
+from harness.scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+#: seconds for a ``mark`` round trip
+MARK_TIMEOUT = 10.0
+#: seconds for the probe's ``dump`` reply
+DUMP_TIMEOUT = 60.0
+#: seconds for the probe's ``hello`` after the VM started
+HELLO_TIMEOUT = 120.0
+#: marks taken before the baseline and after the stall window
+MARKS_PER_BATCH = 3
+
+#: test seam: ``await hook(point, vms)`` at named points ("migrating", ...)
+Hook = Callable[[str, Dict[str, VM]], Awaitable[None]]
+
+
+@dataclass
+class RunContext:
+    host: Host
+    out: Path
+    host_label: str = "local"
+    kernel_variant: str = ""
+    series_id: str = ""
+    progress: Progress = field(default_factory=Progress)
+    doctor: Optional[Dict[str, Any]] = None
+    hook: Optional[Hook] = None
+    guest_kernel: Optional[str] = None    # overrides the scenario's (CLI --guest-kernel)
+
+
+
+
+def new_run_id(scenario: Scenario) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{scenario.name}-r{scenario.repeat}-{uuid.uuid4().hex[:6]}"
+
+
+def base_row(ctx: RunContext, scenario: Scenario, run_id: str, accel: str = "") -> Dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": ctx.host_label, "kernel_variant": ctx.kernel_variant or "stock",
+        "series_id": ctx.series_id, "scenario": scenario.name,
+        "accel": accel or scenario.accel, "cpu_model": scenario.cpu_model,
+        "guest_mem_mib": scenario.mem_mib, "vcpus": scenario.vcpus, "backing": scenario.backing,
+        "dirty_log_mode": scenario.dirty_log_mode, "dirty_ring": scenario.dirty_ring or None,
+        "loops": list(scenario.loop_list), "end_action": scenario.end_action,
+        "repeat": scenario.repeat,
+    }
+
+
+def _accel_args(accel: str, scenario: Scenario, mode: dirtylog.ModeSetup) -> List[str]:
+    if accel == "kvm":
+        return ["-accel", ",".join(["kvm", *mode.accel_opts]), "-cpu", scenario.cpu_model or "host"]
+    return ["-accel", "tcg,thread=multi", "-cpu", scenario.cpu_model or "max"]
+
+
+class _Run:
+    """State of one run; ``row`` and ``side`` fill up as it goes."""
+
+    def __init__(self, ctx: RunContext, scenario: Scenario, image: Any, run_id: str) -> None:
+        self.ctx, self.sc, self.image, self.run_id = ctx, scenario, image, run_id
+        self.host = ctx.host
+        self.sidecar = results.sidecar_path(ctx.out, run_id)
+        self.log_dir = self.sidecar.with_suffix(".logs")
+        self.row: Dict[str, Any] = base_row(ctx, scenario, run_id)
+        self.side: Dict[str, Any] = {"run_id": run_id, "scenario": dataclasses.asdict(scenario),
+                                     "doctor": ctx.doctor, "commands": {}, "events": {}, "logs": {},
+                                     "marks": [], "timeline_ns": {}}
+        self.vms: Dict[str, VM] = {}
+        self.records: List[Any] = []
+        self.marks: List[Any] = []
+        self.t: Dict[str, Optional[int]] = {}
+        #: QEMU host wall clock minus ours (ns); measured at the start and again before the baseline
+        self.off_ns = 0
+
+    def now_ns(self) -> int:
+        """Wall time on the QEMU host's clock."""
+        return time.time_ns() + self.off_ns
+
+    async def _measure_offset(self) -> None:
+        self.off_ns = int(await asyncio.to_thread(self.host.clock_offset_s) * 1e9)
+        self.side.setdefault("clock_offset_ns", []).append(self.off_ns)
+
+    async def _sleep_until(self, t_ns: int) -> None:
+        left = (t_ns - self.now_ns()) / 1e9
+        if left > 0:
+            await asyncio.sleep(left)
+
+    # -- helpers ------------------------------------------------------------------------
+    async def _hook(self, point: str) -> None:
+        self.t[point] = self.now_ns()
+        if self.ctx.hook is not None:
+            await self.ctx.hook(point, self.vms)
+
+    async def _marks(self, chan: Any, n: int, label: str) -> None:
+        off = self.off_ns
+        for _ in range(n):
+            s = await chan.mark(MARK_TIMEOUT)
+            sample = {"id": s.id, "host_send_ns": s.host_send_ns + off,
+                      "host_recv_ns": s.host_recv_ns + off, "guest_ns": s.guest_ns, "label": label}
+            self.marks.append(sample)
+
+    def _guest_args(self, rundir: str, tag: str, kernel: str, initrd: str) -> List[str]:
+        from harness.guest.image import guest_qemu_args
+
+        return list(guest_qemu_args(self.image, kernel=kernel, initrd=initrd,
+                                    channel_socket=f"{rundir}/probe.sock",
+                                    console_log=f"{rundir}/{tag}-console.log", scenario=self.sc))
+
+    # -- the run ---------------------------------------------------------------------------
+    async def execute(self) -> None:
+        from harness.doctor import resolve_accel
+        from harness.guest.channel import ProbeChannel
+
+        sc, host = self.sc, self.host
+        await self._measure_offset()
+        accel = await asyncio.to_thread(resolve_accel, host, sc.accel)
+        self.row["accel"] = accel
+        self.row["cpu_model"] = sc.cpu_model or ("host" if accel == "kvm" else "max")
+        with contextlib.suppress(Exception):
+            self.row["host_kernel"] = host.run(["uname", "-r"], timeout=20).text.strip()
+        kernel = await asyncio.to_thread(host.stage, Path(self.image.kernel))
+        initrd = await asyncio.to_thread(host.stage, Path(self.image.initrd))
+        qemu = sc.qemu or "qemu-system-x86_64"
+        from harness.doctor import qemu_version
+        qver = backing.parse_version(await asyncio.to_thread(qemu_version, host, qemu))
+        prefix = await asyncio.to_thread(backing.exec_prefix, sc.backing, host)
+
+        with contextlib.ExitStack() as dirs:
+            src_rd = dirs.enter_context(host.runtime_dir("migstall-src-"))
+            dst_rd = dirs.enter_context(host.runtime_dir("migstall-dst-"))
+            mode = dirtylog.setup(sc.dirty_log_mode, sc.dirty_ring, accel, host, src_rd)
+            self.side["mode"] = {"accel_opts": list(mode.accel_opts), "env": dict(mode.env),
+                                 "trace_events": list(mode.trace_events)}
+
+            def common(rundir: str, tag: str) -> List[str]:
+                return [*_accel_args(accel, sc, mode),
+                        *backing.attach_args(qver),
+                        "-smp", str(sc.vcpus),
+                        *backing.memory_args(sc.backing, sc.mem_mib, sc.prealloc),
+                        "-nodefaults", "-no-user-config",
+                        *self._guest_args(rundir, tag, kernel, initrd)]
+
+            src = VM(host, f"{self.run_id}-src", common(src_rd, "src"), qemu=qemu, prefix=prefix,
+                     runtime_dir=src_rd, env=mode.env, log_dir=self.log_dir)
+            dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS),
+                     qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir)
+            self.vms = {"src": src, "dst": dst}
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    await self._measure(stack, src, dst, ProbeChannel, mode)
+            finally:
+                for tag, vm in self.vms.items():
+                    self.side["commands"][tag] = vm.command_line
+                    self.side["events"][tag] = [{k: v for k, v in e.items()} for e in vm.events]
+                    self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
+            self._trace_columns(src, mode, accel, src_rd)
+
+    async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
+                       mode: dirtylog.ModeSetup) -> None:
+        sc, host, prog = self.sc, self.host, self.ctx.progress
+        await stack.enter_async_context(src)
+        await self._hook("launched")
+        info = await schema.probe(src)
+        self.qemu_info = info
+        self.row["qemu_version"] = info.version
+        self.side["qemu"] = info.to_json()
+        self.side["traces_enabled"] = await schema.enable_traces(
+            src, info, list(schema.WANTED_TRACE_EVENTS) + list(mode.trace_events))
+
+        sock = await asyncio.to_thread(host.connect_unix, src.path("probe.sock"))
+        chan = await ProbeChannel.open(sock)
+        stack.push_async_callback(_aclose, chan)
+        hello = await chan.wait_hello(HELLO_TIMEOUT)
+        self.side["hello"] = _jsonable(hello)
+        with prog.task(f"{sc.name} r{sc.repeat}: prefault", total=100) as task:
+            try:
+                ready = await chan.wait_ready(sc.ready_timeout_s, task)
+            except asyncio.TimeoutError as exc:
+                raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s", src.log_path) from exc
+        self.row["touched_mib"] = ready.touched_mib
+        self.row["prefault_ms"] = ready.prefault_ms
+        await self._hook("ready")
+        page = backing.read_page_size(host, src.pid or 0, sc.mem_mib)
+        self.row["page_size_kib"] = page.page_size_kib
+        self.side["ram_mapping"] = page.mapping
+
+        await stack.enter_async_context(dst)
+        uri = await migration.prepare_destination(dst)
+
+        await self._measure_offset()
+        await self._marks(chan, MARKS_PER_BATCH, "before-baseline")
+        self.t["baseline_start"] = self.now_ns()
+        await asyncio.sleep(sc.baseline_s)   # the baseline window is a span of time by definition
+        self.t["baseline_end"] = self.now_ns()
+
+        tracer = stack.enter_context(KvmTracer(host))
+        tracer.phase("enable")
+        off = self.off_ns
+        with prog.task(f"{sc.name} r{sc.repeat}: migration", total=None) as task:
+            self.t["migrate_sent"] = await migration.start(src, uri) + off
+            await self._hook("migrating")
+            pass1 = await migration.wait_pass(src, 1, timeout=min(sc.migration_timeout_s,
+                                                                  migration.DEFAULT_FIRST_PASS_TIMEOUT))
+            self.t["pass1"] = event_time_ns(pass1)
+            task.update(description=f"{sc.name} r{sc.repeat}: migration, pass 1")
+            self.t["window_end"] = self.t["pass1"] + int(sc.margin_ms * 1e6)
+            await self._sleep_until(self.t["window_end"])
+            await self._marks(chan, MARKS_PER_BATCH, "after-window")
+            try:
+                q_active = await migration.query(src)
+            except QEMUError:
+                q_active = {}
+            self.side["query_migrate_active"] = q_active
+            if sc.end_action == "cancel":
+                await self._sleep_until(self.t["pass1"] + int(sc.cancel_after_s * 1e9))
+                tracer.phase("disable")
+                q_active = await migration.query(src)
+                self.side["query_migrate_active"] = q_active
+                if q_active.get("status") not in ("active", "setup", "pre-switchover", "device"):
+                    raise MigrationError(f"migration was {q_active.get('status')!r} at cancel time; "
+                                         f"use a shorter cancel_after_s", src.log_path)
+                self.t["cancel_sent"] = await migration.cancel(src) + off
+                end = await migration.wait_end(src, sc.migration_timeout_s)
+                self.t["cancelled"] = event_time_ns(end)
+                if end["data"]["status"] != "cancelled":
+                    raise MigrationError(f"migration {end['data']['status']} instead of cancelled", src.log_path)
+                q = q_active
+                self.records = list(await chan.dump(DUMP_TIMEOUT))
+            else:
+                self.records = list(await chan.dump(DUMP_TIMEOUT))
+                task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
+                end = await migration.wait_end(src, sc.migration_timeout_s)
+                if end["data"]["status"] != "completed":
+                    raise MigrationError(f"migration {end['data']['status']}", src.log_path)
+                self.t["completed"] = event_time_ns(end)
+                q = await migration.query(src)
+        self.side["query_migrate"] = q
+        mt = migration.times(q)
+        self.row["setup_time_ms"] = mt.setup_time_ms if mt.setup_time_ms is not None else \
+            (q_active.get("setup-time") if q_active else None)
+        self.row["first_pass_ms"] = (self.t["pass1"] - self.t["migrate_sent"]) / 1e6
+        if sc.end_action == "complete":
+            self.row["total_time_ms"] = mt.total_time_ms
+            self.row["downtime_ms"] = mt.downtime_ms
+        timing: KvmTiming = tracer.collect()
+        self.row["kvm_enable_ms"] = timing.enable_ms
+        self.row["kvm_disable_ms"] = timing.disable_ms
+        self.row["kvm_params"] = timing.params or None
+        self.side["kvm"] = {"breakdown": timing.breakdown, "params": timing.params, "raw": timing.raw}
+        self._stall_columns()
+        await self._hook("measured")
+
+    def _stall_columns(self) -> None:
+        cm = clockmod.fit(self.marks)
+        self.side["clock"] = cm.to_json()
+        w = (self.t["migrate_sent"], self.t["window_end"])
+        b = (self.t["baseline_start"], self.t["baseline_end"])
+        self.row.update(stalls.columns(stalls.class_stats(self.records, cm, *w)))
+        self.row["baseline_stall_max_us"] = stalls.max_in(self.records, cm, *b)
+        self.side["stalls"] = stalls.per_vcpu(self.records, cm, {"window": w, "baseline": b})
+        self.side["windows_ns"] = {"stall": list(w), "baseline": list(b)}
+
+    def _trace_columns(self, src: VM, mode: dirtylog.ModeSetup, accel: str, src_rd: str) -> None:
+        text = src.log_text
+        lines = qemu_trace.parse(text)
+        self.side["trace_lines"] = [l.raw for l in lines]
+        start = qemu_trace.dirty_log_start(lines, migrate_sent_ns=self.t["migrate_sent"] or 0,
+                                           pass1_ns=self.t.get("pass1"))
+        if start is not None:
+            self.row["dirty_log_start_ms"] = start.ms
+            self.row["dirty_log_start_source"] = start.source
+            self.side["dirty_log_start"] = dataclasses.asdict(start)
+        if self.t.get("cancel_sent"):
+            stop = qemu_trace.dirty_log_stop(lines, cancel_sent_ns=self.t["cancel_sent"] or 0,
+                                             cancelled_ns=self.t.get("cancelled"))
+            if stop is not None:
+                self.row["dirty_log_stop_ms"] = stop.ms
+                self.row["dirty_log_stop_source"] = stop.source
+                self.side["dirty_log_stop"] = dataclasses.asdict(stop)
+        dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd)
+
+
+async def _aclose(chan: Any) -> None:
+    close = getattr(chan, "close", None)
+    if close is None:
+        return
+    res = close()
+    if asyncio.iscoroutine(res):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(res, 5)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return obj
+    return getattr(obj, "__dict__", str(obj))
+
+
+def _local_log(exc: BaseException, vms: Dict[str, VM]) -> None:
+    """Point an InfraError at the copied VM log (the host one is gone with its runtime dir)."""
+    if not isinstance(exc, InfraError):
+        return
+    for vm in vms.values():
+        if vm.local_log and (not exc.log_path or exc.log_path.endswith(f"/{vm.name}.log")):
+            exc.log_path = str(vm.local_log)
+            return
+
+
+async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, Any]:
+    """Run ``scenario`` once; append its row to ``ctx.out`` and write its sidecar.
+
+    Returns the row.  Never raises for a failed run (the row says
+    ``status=failed``), except ``asyncio.CancelledError`` / KeyboardInterrupt,
+    which are re-raised after the failed row is written."""
+    run_id = new_run_id(scenario)
+    run = _Run(ctx, scenario, image, run_id)
+    t0 = time.monotonic()
+    error: Optional[BaseException] = None
+    try:
+        await run.execute()
+        row = dict(run.row, status=results.STATUS_OK, sidecar=str(run.sidecar))
+    except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
+        error = exc
+        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+            exc_for_row: Any = "interrupted (Ctrl-C); the run was stopped and cleaned up"
+        else:
+            _local_log(exc, run.vms)
+            exc_for_row = exc
+            if not isinstance(exc, MigstallError):
+                log.exception("run %s failed unexpectedly", run_id)
+        row = results.failed_row(run.row, exc_for_row, sidecar=str(run.sidecar))
+    run.side["row"] = row
+    run.side["timeline_ns"] = run.t
+    run.side["marks"] = run.marks
+    run.side["wall_s"] = round(time.monotonic() - t0, 3)
+    if error is not None:
+        run.side["error"] = {"type": type(error).__name__, "message": str(error)}
+    results.atomic_write_json(run.sidecar, run.side)
+    results.append_rows(ctx.out, [row])
+    if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
+        raise error
+    return row
+
+
+def build_image(ctx: RunContext, kernel: Optional[str] = None) -> Any:
+    from harness.guest.image import build_guest_image
+
+    return build_guest_image(kernel=Path(kernel) if kernel else None, progress=ctx.progress)
+
+
+async def run_matrix(ctx: RunContext, scenarios: Sequence[Scenario],
+                     image: Any = None) -> List[Dict[str, Any]]:
+    """Run every scenario in order (each writes its row).  The guest image is
+    built once (per guest kernel) before the first run."""
+    rows = []
+    images: Dict[str, Any] = {}
+    for sc in scenarios:
+        kernel = ctx.guest_kernel or sc.guest_kernel or ""
+        if image is not None:
+            img = image
+        elif kernel not in images:
+            try:
+                images[kernel] = await asyncio.to_thread(build_image, ctx, kernel)
+            except MigstallError as exc:
+                row = results.failed_row(base_row(ctx, sc, new_run_id(sc)), exc)
+                results.append_rows(ctx.out, [row])
+                rows.append(row)
+                continue
+            img = images[kernel]
+        else:
+            img = images[kernel]
+        rows.append(await run_one(ctx, sc, img))
+    return rows

@@ -1,0 +1,91 @@
+"""Faults on a real QEMU: each gives a failed row with an error, and no process
+is left (the autouse fixture in conftest.py checks that after every test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import procs, results, runner
+from harness.hosts.local import LocalHost
+from harness.scenario import Scenario
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(mem_mib=512, vcpus=2, accel="tcg", touch_mib=200, baseline_s=0.5,
+             ready_timeout_s=240.0, migration_timeout_s=120.0)
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    from harness.guest.image import build_guest_image
+
+    return build_guest_image()
+
+
+def _mine(run_id: str):
+    return [p for p, cmd in procs.leftovers() if run_id in cmd]
+
+
+def test_destination_killed_mid_migration(tmp_path, guest_image):
+    out = tmp_path / "f.csv"
+    seen = {}
+
+    async def kill_destination(point, vms):
+        if point == "migrating":
+            dst = vms["dst"]
+            seen["dst_pid"] = dst.pid
+            dst.host.signal(dst.pid, signal.SIGKILL)
+
+    ctx = runner.RunContext(host=LocalHost(), out=out, hook=kill_destination)
+    row = asyncio.run(runner.run_one(ctx, Scenario(name="fault-dst", **SMALL), guest_image))
+    assert seen.get("dst_pid")
+    (got,) = results.read_rows(out)
+    assert got["status"] == "failed"
+    assert "migration" in got["error"].lower(), got["error"]
+    assert got["guest_mem_mib"] == "512" and got["dirty_log_start_ms"] == ""
+    assert Path(got["sidecar"]).is_file()
+    assert not _mine(row["run_id"])
+
+
+def test_guest_never_ready_times_out(tmp_path, guest_image):
+    out = tmp_path / "f.csv"
+    sc = Scenario(name="fault-ready", **{**SMALL, "ready_timeout_s": 1.0})
+    t0 = time.monotonic()
+    row = asyncio.run(runner.run_one(runner.RunContext(host=LocalHost(), out=out), sc, guest_image))
+    assert time.monotonic() - t0 < 60
+    (got,) = results.read_rows(out)
+    assert got["status"] == "failed"
+    assert "READY" in got["error"] or "hello" in got["error"], got["error"]
+    assert not _mine(row["run_id"])
+
+
+def test_sigint_cleans_up_and_writes_failed_row(tmp_path):
+    out = tmp_path / "int.csv"
+    env = dict(os.environ, CI="true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "-v", "run", "--name", "sigint", "--accel", "tcg", "--mem", "512M",
+         "--touch", "200", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # wait until the source QEMU runs (its pid is logged), then interrupt
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            if "-src: pid" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130
+    (got,) = results.read_rows(out)
+    assert got["status"] == "failed" and "interrupted" in got["error"]
+    assert not [p for p, cmd in procs.leftovers() if "-sigint-" in cmd]

@@ -1,0 +1,134 @@
+"""Real kernel builds: Debian's linux-source-6.1 with the test series.
+
+Cold (a fresh CI machine) this builds the tiny config + harness fragments
+twice: stock in full, patched incrementally from the stock objects.  Builds
+are cached in ``paths.cache_dir("kernel-builds")``, so a re-run only boots.
+Each kernel is booted under TCG and asked for ``uname -r``, its tracepoints
+and its marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import paths
+from harness.kernel.bootcheck import boot_check
+from harness.kernel.build import build_kernel
+from harness.kernel.manifest import load_manifest
+
+REPO = paths.REPO_ROOT
+TEST_SERIES = REPO / "patches/migstall-dirtylog-tracepoints/series.toml"
+CONFLICT = REPO / "patches/migstall-conflict-test/series.toml"
+#: a cold stock build took ~3.5 min on this 2-core machine when idle; shared, it is slower
+BUILD_TIMEOUT = 45 * 60
+
+pytestmark = pytest.mark.skipif(not Path("/usr/src/linux-source-6.1.tar.xz").is_file(),
+                                reason="linux-source-6.1 is not installed (scripts/setup-host installs it)")
+
+
+def migstall(*args: str, timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "CI": "true"})
+
+
+@pytest.fixture(scope="module")
+def builds():
+    proc = migstall("kernel", "build", "--manifest", str(TEST_SERIES), "--variant", "both",
+                    "--config", "tiny", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [b["variant"] for b in out] == ["stock", "patched"]
+    return {b["variant"]: b for b in out}
+
+
+def test_conflicting_series_exits_2_naming_the_patch():
+    proc = migstall("kernel", "build", "--manifest", str(CONFLICT), "--variant", "patched")
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "patch 2/2" in line and "rename the slot flags helper again" in line
+    assert "arch/x86/kvm/x86.c" in line
+    assert "linux-source-6.1" in line and "6.1." in line
+    # nothing half-applied is left: no worktree, no applied ref
+    for repo in Path(paths.cache_dir("kernel-src")).glob("deb-*/repo"):
+        assert not list(repo.parent.glob("am-*"))
+        refs = subprocess.run(["git", "-C", str(repo), "for-each-ref", "refs/migstall/applied"],
+                              capture_output=True, text=True, check=True).stdout
+        manifest = load_manifest(CONFLICT)
+        import hashlib
+        digest = hashlib.sha256(manifest.series.mbox.read_bytes()).hexdigest()
+        assert digest[:16] not in refs
+        wts = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()
+        assert len(wts) == 1, wts
+
+
+def test_two_kernels_with_distinct_releases(builds):
+    stock, patched = builds["stock"], builds["patched"]
+    s8 = json.loads(Path(stock["metadata"]).read_text())["series"]["sha256"][:8]
+    assert stock["release"].endswith(f"-migstall-stock-{s8}")
+    assert patched["release"].endswith(f"-migstall-patched-{s8}")
+    assert stock["release"] != patched["release"]
+    for b in (stock, patched):
+        assert Path(b["bzimage"]).stat().st_size > 500_000
+        meta = json.loads(Path(b["metadata"]).read_text())
+        for key in ("base", "series", "config", "toolchain", "reproducer", "artifacts", "duration_s"):
+            assert key in meta
+        assert meta["artifacts"]["bzImage"]["sha256"]
+        assert meta["reproducer"].startswith("migstall kernel build --manifest ")
+        out = Path(b["bzimage"]).parent
+        for name in ("config", "System.map", "build.log", "metadata.json"):
+            assert (out / name).is_file(), name
+        config = (out / "config").read_text()
+        for opt in ("KVM", "KVM_AMD", "KVM_INTEL", "FUNCTION_GRAPH_TRACER", "KPROBE_EVENTS", "VIRTIO_NET",
+                    "SERIAL_8250_CONSOLE", "DEVTMPFS", "INET", "UNIX", "EVENTFD", "FUTEX"):
+            assert f"CONFIG_{opt}=y\n" in config, opt
+    # the series' effect is in the patched build only
+    pmeta = json.loads(Path(patched["metadata"]).read_text())
+    assert "A arch/x86/kvm/migstall_trace.h" in pmeta["source"]["changed_files"]
+    pmap = (Path(patched["bzimage"]).parent / "System.map").read_text()
+    smap = (Path(stock["bzimage"]).parent / "System.map").read_text()
+    assert "__tracepoint_kvm_migstall_dirty_log_enable" in pmap
+    assert "__tracepoint_kvm_migstall_dirty_log_enable" not in smap
+
+
+def test_same_inputs_are_not_rebuilt(builds):
+    proc = migstall("kernel", "build", "--manifest", str(TEST_SERIES), "--variant", "both", "--json",
+                    timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    again = {b["variant"]: b for b in json.loads(proc.stdout)}
+    for v in ("stock", "patched"):
+        assert again[v]["cached"] is True
+        assert again[v]["bzimage"] == builds[v]["bzimage"]
+    kb = build_kernel(load_manifest(TEST_SERIES), "patched")
+    assert kb.cached and kb.release == builds["patched"]["release"]
+    listed = migstall("kernel", "list", "--json", timeout=60)
+    assert builds["patched"]["bzimage"] in listed.stdout
+
+
+def test_boot_each_kernel_and_read_release_and_tracepoints(builds):
+    manifest = load_manifest(TEST_SERIES)
+    markers = [p for p, _ in manifest.markers]
+    for variant in ("stock", "patched"):
+        b = builds[variant]
+        # kvm/kvm_exit is in both kernels: it proves tracefs was mounted and read
+        res = boot_check(Path(b["bzimage"]), ("kvm/kvm_exit",) + manifest.events, markers,
+                         name=f"bootcheck-{variant}")
+        assert res.release == b["release"], res.console
+        assert res.kvm, f"/dev/kvm missing in the {variant} kernel ({res.console})"
+        assert res.has_event("kvm/kvm_exit"), res.console
+        events = [(e, present) for e, present in res.events if e != "kvm/kvm_exit"]
+        if variant == "patched":
+            assert all(present for _, present in events), (res.events, res.console)
+            assert set(res.migstall_events) == set(manifest.events)
+            assert dict(res.markers) == dict(manifest.markers)
+        else:
+            assert not any(present for _, present in events), res.events
+            assert res.migstall_events == ()
+            assert all(v == "MISSING" for _, v in res.markers)

@@ -1,0 +1,79 @@
+"""End to end on a real QEMU under TCG: boot, prefault, migrate to a real
+destination QEMU, and check the CSV row and its sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import results, runner
+from harness.hosts.local import LocalHost
+from harness.scenario import Scenario
+
+REPO = Path(__file__).resolve().parent.parent
+#: small and quick: 512 MiB guest, a few hundred MiB touched, short baseline
+SMALL = dict(mem_mib=512, vcpus=2, accel="tcg", touch_mib=200, baseline_s=0.5,
+             ready_timeout_s=240.0, migration_timeout_s=180.0)
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    from harness.guest.image import build_guest_image
+
+    return build_guest_image()
+
+
+def _num(row, key):
+    return float(row[key])
+
+
+def test_run_complete_writes_ok_row(tmp_path):
+    out = tmp_path / "e2e.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "--name", "e2e", "--accel", "tcg", "--mem", "512M",
+         "--touch", "200", "--baseline-s", "0.5", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert str(out) in proc.stdout
+    (row,) = results.read_rows(out)
+    assert row["status"] == "ok", row["error"]
+    assert row["accel"] == "tcg" and row["qemu_version"]
+    assert _num(row, "setup_time_ms") > 0
+    assert 0 <= _num(row, "dirty_log_start_ms") <= _num(row, "setup_time_ms")
+    assert row["dirty_log_start_source"].startswith("trace:")
+    assert _num(row, "touched_mib") > 0
+    assert _num(row, "first_pass_ms") >= 0
+    assert _num(row, "total_time_ms") > 0 and row["downtime_ms"] != ""
+    assert row["page_size_kib"] == "4"           # anon = 4 KiB pages, THP off
+    assert row["stall_pio_max_us"] != "" and row["stall_write_max_us"] != ""
+    assert row["stall_cpu_max_us"] == ""         # no vCPU ran the cpu loop
+    assert row["baseline_stall_max_us"] != ""
+    side = json.loads(Path(row["sidecar"]).read_text())
+    assert set(side["commands"]) == {"src", "dst"} and "-incoming defer" in side["commands"]["dst"]
+    assert any(e["event"] == "MIGRATION_PASS" for e in side["events"]["src"])
+    assert any("global_dirty_changed" in line for line in side["trace_lines"])
+    assert {s["cls"] for s in side["stalls"]} == {"pio", "write"}
+    assert side["doctor"] is not None
+    for tag in ("src", "dst"):
+        assert Path(side["logs"][tag]).read_text().startswith("# migstall VM")
+
+
+def test_cancel_records_dirty_log_stop(tmp_path, guest_image):
+    out = tmp_path / "cancel.csv"
+    sc = Scenario(name="e2e-cancel", end_action="cancel", cancel_after_s=0.3, **SMALL)
+    ctx = runner.RunContext(host=LocalHost(), out=out)
+    row = asyncio.run(runner.run_one(ctx, sc, guest_image))
+    assert row["status"] == "ok", row["error"]
+    (got,) = results.read_rows(out)
+    assert got["end_action"] == "cancel"
+    assert float(got["dirty_log_stop_ms"]) >= 0
+    assert float(got["setup_time_ms"]) > 0
+    assert got["total_time_ms"] == "" and got["downtime_ms"] == ""
+    side = json.loads(Path(got["sidecar"]).read_text())
+    assert side["dirty_log_stop"]["source"].startswith("trace:global_dirty_changed")
+    assert [e["data"]["status"] for e in side["events"]["src"] if e["event"] == "MIGRATION"][-1] == "cancelled"

@@ -1,0 +1,223 @@
+"""SSHHost against a real OpenSSH sshd on 127.0.0.1 (started and stopped here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import CommandTimeout, HostError, HostKeyMismatch
+from harness.hosts.factory import open_host, parse_host_spec
+from harness.hosts.ssh import SSHHost
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SSHD),
+                                reason="needs root and openssh-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True, timeout=30)
+
+
+class Sshd:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = _free_port()
+        self.host_key = tmp / "ssh_host_ed25519_key"
+        self.client_key = tmp / "id_ed25519"
+        _keygen(self.host_key, "migstall-test-host")
+        _keygen(self.client_key, "migstall-test-client")
+        (tmp / "authorized_keys").write_text((tmp / "id_ed25519.pub").read_text())
+        self.known_hosts = tmp / "known_hosts"
+        pub = (tmp / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+        self.config = tmp / "sshd_config"
+        self.config.write_text("\n".join([
+            f"ListenAddress 127.0.0.1:{self.port}",
+            f"HostKey {self.host_key}",
+            f"AuthorizedKeysFile {tmp}/authorized_keys",
+            f"PidFile {tmp}/sshd.pid",
+            "PermitRootLogin prohibit-password",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "UseDNS no",
+            "AllowStreamLocalForwarding yes",
+            f"Subsystem sftp {SFTP_SERVER}",
+            "",
+        ]))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)   # privilege separation dir
+        self.log = tmp / "sshd.log"
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        # readiness event: sshd writes its PidFile once the listening socket is bound
+        deadline = time.monotonic() + 20
+        while not (tmp / "sshd.pid").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sshd did not start: {self.log.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def host(self, **kw) -> SSHHost:
+        return SSHHost("127.0.0.1", port=self.port, key_file=str(self.client_key),
+                       known_hosts=str(self.known_hosts), **kw)
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    tmp = Path(tempfile.mkdtemp(prefix="migstall-sshd-"))
+    server = None
+    try:
+        server = Sshd(tmp)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_run_argv_quoting_env_and_status(sshd):
+    with sshd.host() as host:
+        res = host.run(["printf", "%s|", "a b", "$HOME", "'q'", ";rm -rf /"])
+        assert res.text == "a b|$HOME|'q'|;rm -rf /|"
+        assert host.run(["sh", "-c", 'echo "$X"'], env={"X": "y z"}).text == "y z\n"
+        assert host.run(["cat"], input=b"\x00\x01data").stdout == b"\x00\x01data"
+        res = host.run(["sh", "-c", "echo oops >&2; exit 3"], check=False)
+        assert res.returncode == 3 and res.stderr == b"oops\n"
+        with pytest.raises(HostError, match="exited 3"):
+            host.run(["sh", "-c", "exit 3"])
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout):
+            host.run(["sleep", "30"], timeout=1)
+        assert time.monotonic() - t0 < 10
+
+
+def test_files_stage_fetch_runtime_dir(sshd, tmp_path):
+    with sshd.host() as host:
+        with host.runtime_dir() as rdir:
+            assert oct(os.stat(rdir).st_mode & 0o777) == "0o700"
+            assert "migstall-" in rdir
+            host.write_bytes(f"{rdir}/f", b"hello", mode=0o600)
+            assert host.read_bytes(f"{rdir}/f") == b"hello"
+            assert host.exists(f"{rdir}/f") and not host.exists(f"{rdir}/nope")
+            host.fetch(f"{rdir}/f", tmp_path / "back")
+            assert (tmp_path / "back").read_bytes() == b"hello"
+        assert not os.path.exists(rdir)
+        src = tmp_path / "blob.bin"
+        src.write_bytes(os.urandom(300_000))
+        staged = host.stage(src)
+        assert Path(staged).read_bytes() == src.read_bytes()
+        mtime = os.stat(staged).st_mtime_ns
+        assert host.stage(src) == staged            # cached by content: not copied again
+        assert os.stat(staged).st_mtime_ns == mtime
+        src.write_bytes(b"changed")
+        assert host.stage(src) != staged
+
+
+def test_connect_unix_forwarding(sshd, tmp_path):
+    path = str(tmp_path / "echo.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data.upper())
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        with sshd.host() as host:
+            sock = host.connect_unix(path)
+            assert isinstance(sock, socket.socket)
+            sock.settimeout(10)
+            payload = b"qmp-" * 50_000
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += sock.recv(65536)
+            assert got == payload.upper()
+            sock.close()
+            with pytest.raises(HostError):
+                host.connect_unix(str(tmp_path / "missing.sock"))
+    finally:
+        server.close()
+        th.join(5)
+
+
+def test_processes_and_clock(sshd):
+    with sshd.host() as host:
+        proc = subprocess.Popen(["sleep", "60"])
+        try:
+            assert host.pid_alive(proc.pid)
+            assert not host.wait_pid_exit(proc.pid, 0.3)
+            host.signal(proc.pid, signal.SIGTERM)
+            proc.wait(10)     # reap it, as its parent
+            assert host.wait_pid_exit(proc.pid, 10)
+            assert not host.pid_alive(proc.pid)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert abs(host.clock_offset_s()) < 0.5   # same machine
+
+
+def test_reconnect(sshd):
+    with sshd.host() as host:
+        host.reconnect(timeout=30)
+        assert host.run(["true"]).returncode == 0
+
+
+def test_host_key_mismatch_refused(sshd, tmp_path):
+    other = tmp_path / "other_key"
+    _keygen(other, "impostor")
+    bad = tmp_path / "known_hosts"
+    pub = (tmp_path / "other_key.pub").read_text().split()
+    bad.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
+    with pytest.raises(HostKeyMismatch) as err:
+        SSHHost("127.0.0.1", port=sshd.port, key_file=str(sshd.client_key), known_hosts=str(bad))
+    msg = err.value.one_line()
+    assert str(bad) in msg and "ssh-keygen -R" in msg and err.value.exit_code == 2
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyMismatch, match="no key"):
+        SSHHost("127.0.0.1", port=sshd.port, key_file=str(sshd.client_key), known_hosts=str(empty))
+
+
+def test_factory_ssh_spec(sshd, monkeypatch):
+    monkeypatch.setenv("MIGSTALL_SSH_KEY", str(sshd.client_key))
+    monkeypatch.setenv("MIGSTALL_SSH_KNOWN_HOSTS", str(sshd.known_hosts))
+    parse_host_spec(f"ssh://root@127.0.0.1:{sshd.port}")
+    with open_host(f"ssh://root@127.0.0.1:{sshd.port}") as host:
+        assert host.run(["id", "-u"]).text.strip() == "0"
+        assert host.name == f"ssh://root@127.0.0.1:{sshd.port}"
