@@ -46,11 +46,18 @@ def main() -> int:
         t2 = time.monotonic()
         ratio = patched.duration_s / stock.duration_s if stock.duration_s else float("nan")
         meta = json.loads(patched.metadata.read_text())
+        smeta = json.loads(stock.metadata.read_text())
+        jobs = meta.get("jobs") or os.cpu_count() or 1
         print(f"kernel build (cold, {os.cpu_count()} cpus, {meta['toolchain']['builder']}, "
               f"{meta['config']['label']} + fragments)")
         print(f"  stock    {stock.release:40} build {stock.duration_s:7.1f} s  (wall incl. source/series {t1 - t0:7.1f} s)")
         print(f"  patched  {patched.release:40} build {patched.duration_s:7.1f} s  (wall {t2 - t1:7.1f} s)")
         print(f"  ratio patched/stock = {ratio:.3f}  (target <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'})")
+        if "cpu_s" in smeta and "cpu_s" in meta:
+            cpu_ratio = meta["cpu_s"] / smeta["cpu_s"] if smeta["cpu_s"] else float("nan")
+            print(f"  cpu: stock {smeta['cpu_s']:.0f} s, patched {meta['cpu_s']:.0f} s (ratio {cpu_ratio:.3f}); "
+                  f"on {jobs} idle cores about {smeta['cpu_s'] / jobs:.0f} s and {meta['cpu_s'] / jobs:.0f} s; "
+                  f"load at end {smeta['load_avg_at_end'][0]:.1f} / {meta['load_avg_at_end'][0]:.1f}")
         return 0
     finally:
         if args.keep:

@@ -234,6 +234,41 @@ class _Session:
         return Injection("bql", ms, w0, w1, {"pmemsave_bytes": size, "attempts": attempts, "target_ms": target_ms})
 
 
+def _save_console(host: Host, vm: Any, log_dir: Path) -> None:
+    """Copy the guest console log next to the VM log (the runtime dir goes away)."""
+    with contextlib.suppress(Exception):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "console.log").write_bytes(host.read_bytes(vm.path("console.log")))
+
+
+async def _inject(host: Host, vm: Any, chan: Any, sc: Any, pauses_ms: Sequence[int], bql_ms: float,
+                  ready_timeout: float, progress: Progress) -> Tuple["_Session", List[Any]]:
+    """READY, baseline, the injections, the dump."""
+    await chan.wait_hello(HELLO_TIMEOUT)
+    with progress.task("calibrate: guest prefault", total=100) as task:
+        ready = await chan.wait_ready(ready_timeout, task)
+    if tuple(ready.loops[:2]) != ("pio", "cpu"):
+        raise GuestError(f"probe runs loops {ready.loops}, calibration needs pio,cpu", vm.log_path)
+    s = _Session(host, vm, chan)
+    await s.marks_batch(3)
+    await asyncio.sleep(BASELINE_S)   # a baseline is a span of time by definition
+    with progress.task("calibrate: injecting pauses", total=len(pauses_ms) + (bql_ms > 0)) as task:
+        for p in pauses_ms:
+            await s.marks_batch(2)
+            s.injections.append(await s.sigstop(p))
+            await asyncio.sleep(SETTLE_S)
+            await s.marks_batch(2)
+            task.update(advance=1)
+        if bql_ms > 0:
+            await s.marks_batch(2)
+            s.injections.append(await s.bql_hold(bql_ms, sc.mem_mib))
+            await asyncio.sleep(SETTLE_S)
+            await s.marks_batch(2)
+            task.update(advance=1)
+    records = await chan.dump(DUMP_TIMEOUT)
+    return s, list(records)
+
+
 async def calibrate(host: Host, pauses_ms: Sequence[int] = DEFAULT_PAUSES_MS, *,
                     bql_ms: float = DEFAULT_BQL_MS, accel: str = "auto", qemu: str = "",
                     guest_kernel: Optional[str] = None, log_dir: Optional[Path] = None,
@@ -274,32 +309,14 @@ async def calibrate(host: Host, pauses_ms: Sequence[int] = DEFAULT_PAUSES_MS, *,
 
     vm = VM(host, f"calibrate-{stamp}", args, qemu=qemu or "qemu-system-x86_64", log_dir=log_dir)
     async with vm:
-        version = (await vm.cmd("query-version")).get("qemu", {})
-        sock = await asyncio.to_thread(host.connect_unix, vm.path("probe.sock"))
-        chan = await ProbeChannel.open(sock, log_path=vm.path("console.log"))
-        async with chan:
-            await chan.wait_hello(HELLO_TIMEOUT)
-            with progress.task("calibrate: guest prefault", total=100) as task:
-                ready = await chan.wait_ready(ready_timeout, task)
-            if tuple(ready.loops[:2]) != ("pio", "cpu"):
-                raise GuestError(f"probe runs loops {ready.loops}, calibration needs pio,cpu", vm.log_path)
-            s = _Session(host, vm, chan)
-            await s.marks_batch(3)
-            await asyncio.sleep(BASELINE_S)   # a baseline is a span of time by definition
-            with progress.task("calibrate: injecting pauses", total=len(pauses_ms) + (bql_ms > 0)) as task:
-                for p in pauses_ms:
-                    await s.marks_batch(2)
-                    s.injections.append(await s.sigstop(p))
-                    await asyncio.sleep(SETTLE_S)
-                    await s.marks_batch(2)
-                    task.update(advance=1)
-                if bql_ms > 0:
-                    await s.marks_batch(2)
-                    s.injections.append(await s.bql_hold(bql_ms, sc.mem_mib))
-                    await asyncio.sleep(SETTLE_S)
-                    await s.marks_batch(2)
-                    task.update(advance=1)
-            records = await chan.dump(DUMP_TIMEOUT)
+        try:
+            version = (await vm.cmd("query-version")).get("qemu", {})
+            sock = await asyncio.to_thread(host.connect_unix, vm.path("probe.sock"))
+            chan = await ProbeChannel.open(sock, log_path=str(log_dir / "console.log"))
+            async with chan:
+                s, records = await _inject(host, vm, chan, sc, pauses_ms, bql_ms, ready_timeout, progress)
+        finally:
+            _save_console(host, vm, log_dir)
     cm = clockmod.fit(tight_marks(s.marks))
     points = match(s.injections, records, cm, choice.accel)
     for rec in records:

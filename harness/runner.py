@@ -57,6 +57,18 @@ HELLO_TIMEOUT = 120.0
 #: marks taken before the baseline and after the stall window
 MARKS_PER_BATCH = 3
 
+#: seconds ``qemu -daemonize`` may take to return: generous, because a nested
+#: host under TCG starts QEMU slowly, plus 10 s per GiB with prealloc (QEMU
+#: touches all guest RAM before it returns)
+LAUNCH_TIMEOUT_BASE = 300.0
+LAUNCH_TIMEOUT_PER_PREALLOC_GIB = 10.0
+
+
+def launch_timeout_s(scenario: Scenario) -> float:
+    extra = LAUNCH_TIMEOUT_PER_PREALLOC_GIB * scenario.mem_mib / 1024 if scenario.prealloc else 0.0
+    return LAUNCH_TIMEOUT_BASE + extra
+
+
 #: test seam: ``await hook(point, vms)`` at named points ("migrating", ...)
 Hook = Callable[[str, Dict[str, VM]], Awaitable[None]]
 
@@ -188,10 +200,13 @@ class _Run:
                         "-nodefaults", "-no-user-config",
                         *self._guest_args(rundir, tag, kernel, initrd)]
 
+            launch_timeout = launch_timeout_s(sc)
             src = VM(host, f"{self.run_id}-src", common(src_rd, "src"), qemu=qemu, prefix=prefix,
-                     runtime_dir=src_rd, env=mode.env, log_dir=self.log_dir)
+                     runtime_dir=src_rd, env=mode.env, log_dir=self.log_dir, launch_timeout=launch_timeout,
+                     collect=("src-console.log",))
             dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS),
-                     qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir)
+                     qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir,
+                     launch_timeout=launch_timeout, collect=("dst-console.log",))
             self.vms = {"src": src, "dst": dst}
             try:
                 async with contextlib.AsyncExitStack() as stack:
@@ -201,6 +216,7 @@ class _Run:
                     self.side["commands"][tag] = vm.command_line
                     self.side["events"][tag] = [{k: v for k, v in e.items()} for e in vm.events]
                     self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
+                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path(f"{tag}-console.log"))
             self._trace_columns(src, mode, accel, src_rd)
 
     async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
@@ -216,7 +232,7 @@ class _Run:
             src, info, list(schema.WANTED_TRACE_EVENTS) + list(mode.trace_events))
 
         sock = await asyncio.to_thread(host.connect_unix, src.path("probe.sock"))
-        chan = await ProbeChannel.open(sock)
+        chan = await ProbeChannel.open(sock, log_path=src.path("src-console.log"))
         stack.push_async_callback(_aclose, chan)
         hello = await chan.wait_hello(HELLO_TIMEOUT)
         self.side["hello"] = _jsonable(hello)
@@ -347,9 +363,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _local_log(exc: BaseException, vms: Dict[str, VM]) -> None:
-    """Point an InfraError at the copied VM log (the host one is gone with its runtime dir)."""
+    """Point an InfraError at the local copy of its log (the host's runtime dir is gone)."""
     if not isinstance(exc, InfraError):
         return
+    for vm in vms.values():
+        if exc.log_path and exc.log_path in vm.collected:
+            exc.log_path = vm.collected[exc.log_path]
+            return
     for vm in vms.values():
         if vm.local_log and (not exc.log_path or exc.log_path.endswith(f"/{vm.name}.log")):
             exc.log_path = str(vm.local_log)

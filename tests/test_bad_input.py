@@ -21,14 +21,6 @@ MIGSTALL = REPO / ".venv" / "bin" / "migstall"
 HAS_VIRT = doctor.read_cpu(LocalHost()).has_vmx or doctor.read_cpu(LocalHost()).has_svm
 
 
-def _has_run() -> bool:
-    r = subprocess.run([str(MIGSTALL), "run", "--help"], capture_output=True, timeout=60)
-    return r.returncode == 0
-
-
-pytestmark = pytest.mark.skipif(not _has_run(), reason="`migstall run` is not registered yet")
-
-
 @pytest.fixture
 def sandbox(tmp_path):
     rt = tmp_path / "runtime"

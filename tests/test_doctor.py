@@ -144,3 +144,46 @@ def test_doctor_over_ssh_matches_local(report, tmp_path):
                 "qemu_path", "qemu_version", "host_kernel", "mem_total_mib", "thp_mode", "online_cpus"):
         assert getattr(remote, key) == getattr(report, key), key
     assert [p.page_kib for p in remote.hugepages] == [p.page_kib for p in report.hugepages]
+
+
+class OverlayHost(LocalHost):
+    """This machine, with some files replaced by a fixture tree: to exercise the
+    parsing of an Intel VMX host's /proc and /sys on any machine.  Commands still
+    run for real."""
+
+    name = "overlay"
+
+    def __init__(self, root: Path, hidden=()) -> None:
+        self.root, self.hidden = root, set(hidden)
+
+    def _map(self, path: str) -> str:
+        p = self.root / path.lstrip("/")
+        return str(p) if p.exists() else path
+
+    def read_bytes(self, path: str) -> bytes:
+        if path in self.hidden:
+            raise FileNotFoundError(path)
+        return super().read_bytes(self._map(path))
+
+    def exists(self, path: str) -> bool:
+        return path not in self.hidden and super().exists(self._map(path))
+
+
+def test_vmx_host_without_dev_kvm(tmp_path):
+    cpuinfo = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6248\n"
+               "flags\t\t: fpu vme pse vmx ept vpid ept_ad pdpe1gb constant_tsc\n\nprocessor\t: 1\n")
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "cpuinfo").write_text(cpuinfo)
+    params = tmp_path / "sys" / "module" / "kvm_intel" / "parameters"
+    params.mkdir(parents=True)
+    for name, value in (("ept", "Y"), ("pml", "Y"), ("nested", "N")):
+        (params / name).write_text(value + "\n")
+    host = OverlayHost(tmp_path, hidden={"/dev/kvm"})
+    cpu = doctor.read_cpu(host)
+    assert (cpu.vendor, cpu.has_vmx, cpu.has_svm) == ("GenuineIntel", True, False)
+    assert {"vmx", "ept", "pdpe1gb"} <= set(cpu.flags)
+    got = doctor.kvm_params(host)
+    assert (got["kvm_intel.ept"], got["kvm_intel.pml"], got["kvm_intel.nested"]) == ("Y", "Y", "N")
+    status = doctor.check_kvm(host)
+    assert not status.usable and status.reason == "KVM unusable: /dev/kvm does not exist"
+    assert "modprobe kvm_intel" in status.fix and status.cpu_flag == "ok"

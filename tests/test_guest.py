@@ -159,3 +159,18 @@ def test_probe_errors_and_timeouts(guest_image):
 
     with running_guest(guest_image, scenario, "error") as (host, sock_path, console):
         asyncio.run(go(host.connect_unix(sock_path), console))
+
+
+def test_kernel_cmdline_carries_the_scenario(guest_image):
+    scenario = Scenario(vcpus=4, touch_mib=128, loops=("pio", "cpu"), threshold_us=80)
+    args = guest_qemu_args(guest_image, kernel="/k", initrd="/i", channel_socket="/r/p,s.sock",
+                           console_log="/r/c.log", scenario=scenario, probe_params={"write_mib": 16})
+    append = args[args.index("-append") + 1].split()
+    for item in ("migstall.touch_mib=128", "migstall.loops=pio,cpu,cpu,cpu", "migstall.threshold_us=80",
+                 "migstall.channel=virtio", "migstall.write_mib=16", "nohz_full=1-3", "console=ttyS0,115200"):
+        assert item in append
+    assert "socket,id=migstall-probe,path=/r/p,,s.sock,server=on,wait=off" in args
+    assert any(a.startswith("virtserialport,") and a.endswith("name=migstall.0") for a in args)
+    with pytest.raises(ValueError, match="unknown probe parameters"):
+        guest_qemu_args(guest_image, kernel="/k", initrd="/i", channel_socket="/s", console_log="/c",
+                        scenario=scenario, probe_params={"bogus": 1})

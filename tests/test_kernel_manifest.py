@@ -202,3 +202,36 @@ def test_kernel_list_runs(cache):
     proc = migstall("kernel", "list", "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# -- pure helpers ------------------------------------------------------------------------
+
+def test_apply_failure_names_patch_file_and_base(tmp_path):
+    from harness.kernel.apply import _failure
+    from harness.kernel.series import Series
+    from harness.kernel.source import SourceTree
+
+    src = SourceTree("debian", "debian:linux-source-6.1", tmp_path, "575457182f4e7477", "linux-source-6.1",
+                     "6.1.192", "k")
+    series = Series("mbox", "s.mbox", tmp_path / "s", "0" * 64, 2, ("a", "b"), tmp_path / "s")
+    out = ("Applying: first\nApplying: KVM: x86: second\nUsing index info to reconstruct a base tree...\n"
+           "Falling back to patching base and 3-way merge...\n"
+           "CONFLICT (content): Merge conflict in arch/x86/kvm/x86.c\n"
+           "error: Failed to merge in the changes.\nPatch failed at 0002 KVM: x86: second\n")
+    msg = str(_failure(src, series, out))
+    assert "patch 2/2 'KVM: x86: second'" in msg and "arch/x86/kvm/x86.c" in msg
+    assert "debian:linux-source-6.1" in msg and "6.1.192" in msg
+    out2 = ("error: sha1 information is lacking or useless (virt/kvm/kvm_main.c).\n"
+            "error: could not build fake ancestor\nPatch failed at 0001 x\n")
+    assert "virt/kvm/kvm_main.c" in str(_failure(src, series, out2))
+
+
+def test_bootcheck_console_parsing():
+    from harness.kernel.bootcheck import _init_script, _parse
+
+    script = _init_script(["kvm/kvm_exit"], ["/sys/module/kvm/parameters/x"])
+    assert "mount -t tracefs" in script and "uname -r" in script and "reboot -f" in script
+    parsed = _parse("[ 1.0] noise\nMIGSTALL-UNAME 6.1.192-migstall-stock-12345678\r\nMIGSTALL-KVM yes\n"
+                    "MIGSTALL-EVENT kvm/kvm_exit yes\n[ 1.1] MIGSTALL-MARKER /sys/x Y\nMIGSTALL-DONE\n")
+    assert parsed["release"] == "6.1.192-migstall-stock-12345678" and parsed["kvm"] and parsed["done"]
+    assert parsed["events"] == [("kvm/kvm_exit", True)] and parsed["markers"] == [("/sys/x", "Y")]

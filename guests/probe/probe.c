@@ -76,6 +76,7 @@ static struct {
 	int nloops;
 	long threshold_us;
 	long max_stalls;                /* per vCPU */
+	long write_mib;                 /* write loop cycles over this much of its region; 0 = all */
 	char channel[16];               /* "virtio" | "serial" | "" (auto) */
 	char clock_req[8];              /* "tsc" | "mono" | "" (auto) */
 
@@ -347,6 +348,8 @@ static void read_cmdline(void)
 			parse_loops(v);
 		else if (!strcmp(k, "migstall.threshold_us"))
 			g.threshold_us = parse_num(k, v, 1);
+		else if (!strcmp(k, "migstall.write_mib"))
+			g.write_mib = parse_num(k, v, 0);
 		else if (!strcmp(k, "migstall.max_stalls"))
 			g.max_stalls = parse_num(k, v, 1);
 		else if (!strcmp(k, "migstall.channel"))
@@ -503,6 +506,8 @@ static void loop_write(struct worker *w)
 {
 	volatile char *r = w->region;
 	size_t pages = w->bytes / PAGE, p = 0;
+	if (g.write_mib && (size_t)g.write_mib * MIB / PAGE < pages)
+		pages = (size_t)g.write_mib * MIB / PAGE;
 	uint64_t prev = now();
 	started();
 	while (!stopped()) {
@@ -606,8 +611,9 @@ static void send_hello(void)
 	sb_json_str(&b, u.release);
 	sb_printf(&b, ",\"clocksource\":");
 	sb_json_str(&b, cs);
-	sb_printf(&b, ",\"mem_total_mib\":%ld,\"channel\":\"%s\",\"threshold_us\":%ld,\"max_stalls\":%ld}",
-		  meminfo_kib("MemTotal") / 1024, g.channel, g.threshold_us, g.max_stalls);
+	sb_printf(&b, ",\"mem_total_mib\":%ld,\"channel\":\"%s\",\"threshold_us\":%ld,\"max_stalls\":%ld,"
+		  "\"write_mib\":%ld}", meminfo_kib("MemTotal") / 1024, g.channel, g.threshold_us, g.max_stalls,
+		  g.write_mib);
 	send_line(&b);
 }
 

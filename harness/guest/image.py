@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 from harness import paths
 from harness.errors import HostError, UserError
@@ -169,7 +169,16 @@ def _opt(path: str) -> str:
     return path.replace(",", ",,")
 
 
-def kernel_cmdline(image: GuestImage, scenario: Scenario) -> str:
+#: probe parameters a caller may add (docs/probe-protocol.md)
+EXTRA_PROBE_PARAMS = ("write_mib", "max_stalls", "clock")
+
+
+def kernel_cmdline(image: GuestImage, scenario: Scenario,
+                   probe_params: Optional[Mapping[str, object]] = None) -> str:
+    extra = dict(probe_params or {})
+    unknown = sorted(set(extra) - set(EXTRA_PROBE_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown probe parameters {unknown}; known: {EXTRA_PROBE_PARAMS}")
     quiet = []
     if scenario.vcpus > 1:
         # vCPU0 does the housekeeping (interrupts, RCU callbacks, the probe's
@@ -188,22 +197,27 @@ def kernel_cmdline(image: GuestImage, scenario: Scenario) -> str:
         f"migstall.touch_mib={scenario.touch_mib}",
         f"migstall.loops={','.join(scenario.loop_list)}",
         f"migstall.threshold_us={scenario.threshold_us}",
+        *(f"migstall.{k}={v}" for k, v in sorted(extra.items())),
     ])
 
 
 def guest_qemu_args(image: GuestImage, *, kernel: str, initrd: str, channel_socket: str,
-                    console_log: str, scenario: Scenario) -> List[str]:
+                    console_log: str, scenario: Scenario,
+                    probe_params: Optional[Mapping[str, object]] = None) -> List[str]:
     """QEMU arguments booting ``image``: kernel, initrd and command line; the
     guest console (ttyS0) into ``console_log``; the probe channel as a chardev
     unix socket server (``server=on,wait=off``) at ``channel_socket``.
     ``kernel`` and ``initrd`` are paths on the QEMU host.  ``-no-reboot`` makes
     a guest panic (``panic=-1``) or reboot end QEMU instead of looping.
+    ``probe_params`` adds probe parameters (``write_mib``: the write loop
+    cycles over only that many MiB, so that a migration can converge under
+    TCG; ``max_stalls``; ``clock``).
 
     The same arguments (with the destination's own socket and log) must be
     used on the migration destination so the device models match.
     """
     args = [
-        "-kernel", kernel, "-initrd", initrd, "-append", kernel_cmdline(image, scenario),
+        "-kernel", kernel, "-initrd", initrd, "-append", kernel_cmdline(image, scenario, probe_params),
         "-no-reboot",
         "-chardev", f"file,id={CONSOLE_ID},path={_opt(console_log)}",
         "-serial", f"chardev:{CONSOLE_ID}",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import lzma
@@ -140,6 +141,7 @@ def _run(argv: Sequence[str], timeout: float, cwd: Optional[Path] = None) -> str
     return proc.stdout.decode(errors="replace")
 
 
+@functools.lru_cache(maxsize=None)
 def resolve_package() -> str:
     """The versioned linux-image package the distribution's meta package names."""
     for meta in META_PACKAGES:

@@ -9,6 +9,9 @@
 * ``virtual[:KERNEL]``         an L1 VM under TCG with nested KVM (:class:`VirtualHost`).
   ``KERNEL`` is ``debian`` (default: Debian's kernel with the KVM modules loaded)
   or a path to a bzImage built with ``CONFIG_KVM=y`` and ``CONFIG_KVM_AMD=y``.
+  The L1 VM is booted by ``open_host`` and stopped when the host is closed.
+* ``vhost``                    the virtual host left running by ``migstall vhost up``
+  (an SSHHost with that VM's pinned keys; closing it leaves the VM running).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from harness.progress import Progress
 
 _SSH_RE = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                      r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?/?$")
-_USAGE = "use --host local, ssh://user@host[:port] or virtual[:debian|/path/to/bzImage]"
+_USAGE = "use --host local, ssh://user@host[:port], virtual[:debian|/path/to/bzImage] or vhost"
 
 
 @dataclass(frozen=True)
 class HostSpec:
-    kind: str                       # local | ssh | virtual
+    kind: str                       # local | ssh | virtual | vhost
     user: str = "root"
     hostname: str = ""
     port: int = 22
@@ -51,6 +54,8 @@ def parse_host_spec(spec: str) -> HostSpec:
         if not 0 < port < 65536:
             raise UserError(f"--host {spec!r}: port {port} is out of range 1-65535")
         return HostSpec("ssh", user=m.group("user") or "root", hostname=m.group("host").strip("[]"), port=port)
+    if spec == "vhost":
+        return HostSpec("vhost")
     if spec == "virtual" or spec.startswith("virtual:"):
         kernel = spec.partition(":")[2] or "debian"
         if kernel != "debian":
@@ -78,6 +83,10 @@ def open_host(spec: str, *, ssh_key: Optional[str] = None, known_hosts: Optional
         display = f"ssh://{parsed.user}@{parsed.hostname}" + (f":{parsed.port}" if parsed.port != 22 else "")
         return SSHHost(parsed.hostname, user=parsed.user, port=parsed.port, key_file=key,
                        known_hosts=kh, name=display)
+    if parsed.kind == "vhost":
+        from harness.hosts.virtual import attach_running
+
+        return attach_running()
     from harness.hosts.virtual import VirtualHost
 
     host = VirtualHost(kernel=parsed.kernel, cmdline_extra=l1_cmdline, progress=progress)

@@ -9,8 +9,9 @@ holds everything the runner drives over SSH inside L1:
 * QEMU (``qemu-system-x86_64``) with the shared libraries ``ldd`` resolves and its
   firmware (``/usr/share/seabios``, the x86 ROMs of ``/usr/share/qemu``);
 * for Debian's kernel: the KVM modules (irqbypass, kvm, ccp, kvm-amd) and the
-  virtio-net NIC driver (a migstall-built kernel has them built in), loaded by ``/etc/init.d/rcS`` with the ``MODULE.param=value``
-  arguments of the kernel command line (as modprobe would);
+  virtio-net NIC driver (a migstall-built kernel has them built in), loaded by
+  ``/etc/init.d/rcS`` with the ``MODULE.param=value`` arguments of the kernel
+  command line (as modprobe would);
 * ``/etc/init.d/rcS``: mounts, modules, network (QEMU user net), sshd, then one
   line ``MIGSTALL-L1-READY <release>`` (or ``MIGSTALL-L1-FAILED <why>``) on the
   second serial port, which the host reads as the boot-complete event.
@@ -65,7 +66,7 @@ class L1Kernel:
 
     image: Path                                  # bzImage / vmlinuz
     release: str                                 # uname -r
-    label: str                                   # "debian" or "bzimage:<name>"
+    label: str                                   # "debian", or the bzImage's release
     modules: Tuple[Tuple[str, Path], ...] = ()   # (name, .ko) in load order; () = KVM built in
 
 
@@ -168,7 +169,8 @@ def bzimage_release(path: Path) -> str:
 
 def bzimage_kernel(path: str) -> L1Kernel:
     p = Path(path)
-    return L1Kernel(p, bzimage_release(p), f"bzimage:{p.name}")
+    release = bzimage_release(p)
+    return L1Kernel(p, release, release)
 
 
 def resolve_kernel(kernel: str) -> L1Kernel:

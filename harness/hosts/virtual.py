@@ -123,7 +123,8 @@ class VirtualHost(SSHHost):
             self.image = build_l1_image(kernel, self.qemu)
             self._ensure_keys()
             task.update(description="virtual host: L1 image ready")
-        self.name = f"virtual:{kernel.label}"
+        if self.name == "virtual" or self.name.startswith("virtual:"):   # not a caller-given label
+            self.name = f"virtual:{kernel.label}"
         initrd = self.workdir / "l1-initrd.cpio"
         shutil.copyfile(self.image.initrd, initrd)
         with open(initrd, "ab") as fh:
@@ -244,3 +245,54 @@ class VirtualHost(SSHHost):
         self._own_workdir = False
         (self.workdir / "state.json").write_text(json.dumps(st, indent=2) + "\n")
         return st
+
+
+# -- a virtual host left running by `migstall vhost up` ------------------------------------
+
+def vhost_dir() -> Path:
+    """Where ``migstall vhost up`` keeps the running L1's keys, sockets and state."""
+    from harness.paths import cache_dir
+
+    return cache_dir("vhost") / "current"
+
+
+def _is_our_l1(pid: Optional[int]) -> bool:
+    if not pid or not LocalHost().pid_alive(int(pid)):
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as fh:
+            return b"migstall-l1" in fh.read()
+    except OSError:
+        return False
+
+
+def running_state() -> Optional[Dict[str, Any]]:
+    """The state of the L1 left by ``migstall vhost up``, or None (a dead one's is ignored)."""
+    path = vhost_dir() / "state.json"
+    if not path.exists():
+        return None
+    st = json.loads(path.read_text())
+    return st if _is_our_l1(st.get("pid")) else None
+
+
+def stop_running() -> Optional[int]:
+    """Stop the L1 left by ``migstall vhost up`` (only if it is ours); returns its pid."""
+    path = vhost_dir() / "state.json"
+    pid = None
+    if path.exists():
+        st = json.loads(path.read_text())
+        pid = st.get("pid")
+        if _is_our_l1(pid):
+            LocalHost().stop_pid(int(pid))
+    shutil.rmtree(vhost_dir(), ignore_errors=True)
+    return pid
+
+
+def attach_running() -> SSHHost:
+    """An SSHHost to the L1 of ``migstall vhost up`` (closing it leaves L1 running)."""
+    st = running_state()
+    if st is None:
+        raise UserError("--host vhost needs a running virtual host; start one with 'migstall vhost up' "
+                        "(or use --host virtual to boot one for this run)")
+    return SSHHost("127.0.0.1", user="root", port=int(st["port"]), key_file=st["key_file"],
+                   known_hosts=st["known_hosts"], name=st.get("name") or "virtual")

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -294,6 +295,7 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
         shutil.rmtree(tree, ignore_errors=True)
         started = time.time()
         t0 = time.monotonic()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         with progress.task(f"{variant}: preparing the tree"):
             _link_tree(src.repo, tree)
             changed = _write_changes(src, src.commit, commit, tree) if commit != src.commit else []
@@ -327,11 +329,16 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
                                         f"see the log {kept}")
             arts = _collect(plan, tree, tmp_out)
             duration = time.monotonic() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
             release = (tree / OBJDIR / "include/config/kernel.release").read_text().strip()
             final_config = arts["config"].read_text()
             meta = {
                 "schema": 1, "variant": variant, "release": release, "localversion": lv,
                 "cache_key": key, "duration_s": round(duration, 2),
+                # CPU seconds of the build's processes: on a shared machine, cpu_s / jobs
+                # estimates the wall time the same build takes on idle cores
+                "cpu_s": round(cpu, 1), "load_avg_at_end": list(os.getloadavg()),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "incremental_from": str(stock_tree) if stock_tree else None,
                 "manifest": {"path": str(plan.manifest.path), "name": plan.manifest.name,

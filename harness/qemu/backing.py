@@ -9,6 +9,8 @@
 | `memfd`     | `memory-backend-memfd,share=on` (shmem)                  | 4 KiB unless shmem THP|
 
 `prealloc` adds `prealloc=on` (QEMU touches every page before the guest starts).
+The backend is attached with ``-machine memory-backend=`` (QEMU >= 5.0) or, for
+older QEMUs, as the single NUMA node (``-numa node,memdev=``): :func:`attach_args`.
 
 Why a wrapper for `anon`: QEMU (7.2 and others) calls ``madvise(MADV_HUGEPAGE)`` on
 every RAM block it allocates (``ram_block_add``), and memory-backend-ram has no

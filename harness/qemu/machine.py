@@ -81,13 +81,17 @@ class VM:
                  runtime_dir: Optional[str] = None,
                  env: Optional[Mapping[str, str]] = None,
                  log_dir: Optional[Path] = None,
+                 collect: Sequence[str] = (),
                  qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
                  launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
                  quit_timeout: float = DEFAULT_QUIT_TIMEOUT) -> None:
         """``args`` are the machine-specific QEMU arguments, or a function of
         the runtime dir returning them.  ``prefix`` goes before the QEMU
         binary (e.g. a THP-disabling exec wrapper).  ``env`` is added to the
-        environment of QEMU (e.g. ``LD_PRELOAD``)."""
+        environment of QEMU (e.g. ``LD_PRELOAD``).  ``collect`` names more files
+        in the runtime dir (e.g. the guest console log) copied to ``log_dir``
+        as ``<name>-<file>`` at post-shutdown; :attr:`collected` maps their host
+        paths to the copies."""
         self.host = host
         self.name = name
         self.qemu = qemu
@@ -95,6 +99,8 @@ class VM:
         self._args = args
         self.env: Dict[str, str] = dict(env or {})
         self.log_dir = Path(log_dir) if log_dir else None
+        self.collect = tuple(collect)
+        self.collected: Dict[str, str] = {}
         self.qmp_timeout = qmp_timeout
         self.launch_timeout = launch_timeout
         self.quit_timeout = quit_timeout
@@ -338,3 +344,10 @@ class VM:
                 dest = self.log_dir / f"{self.name}.log"
                 dest.write_text(header + text)
                 self.local_log = dest
+                self.collected[self.log_path] = str(dest)
+            for name in self.collect:
+                with contextlib.suppress(Exception):
+                    data = self.host.read_bytes(self.path(name))
+                    extra = self.log_dir / f"{self.name}-{name}"
+                    extra.write_bytes(data)
+                    self.collected[self.path(name)] = str(extra)

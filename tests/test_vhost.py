@@ -1,0 +1,117 @@
+"""The virtual host: an L1 VM under TCG with nested KVM, driven over SSH.
+
+One L1 boot is shared by the module (``vhost`` fixture).  L1 runs the newest
+cached migstall kernel build (``migstall kernel build``) when one exists, else
+Debian's kernel with the KVM modules; ``MIGSTALL_TEST_L1_KERNEL`` (``debian`` or
+a bzImage path) overrides.  Runtime alone on 2 idle cores: about 5 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import procs
+from harness.hosts.virtual import VirtualHost
+from harness.scenario import Scenario
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
+                                and not os.path.exists("/usr/sbin/sshd"),
+                                reason="needs qemu-system-x86 and openssh-server")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _l1_kernel() -> str:
+    chosen = os.environ.get("MIGSTALL_TEST_L1_KERNEL")
+    if chosen:
+        return chosen
+    try:
+        from harness.kernel.build import list_builds
+
+        for build in list_builds():
+            if build.get("variant") == "stock" and Path(build["bzimage"]).is_file():
+                return build["bzimage"]
+    except Exception:  # no kernel pipeline or cache: Debian's kernel works too
+        pass
+    return "debian"
+
+
+def _l1_processes():
+    return [(pid, cmd) for pid, cmd in procs.leftovers() if "migstall-l1" in cmd]
+
+
+@pytest.fixture(scope="module")
+def vhost():
+    before = {pid for pid, _ in _l1_processes()}
+    vh = VirtualHost(kernel=_l1_kernel())
+    try:
+        vh.start()
+        yield vh
+    finally:
+        pid = vh.pid
+        vh.close()
+        assert pid is None or not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        assert [p for p, _ in _l1_processes() if p not in before] == [], "L1 left running"
+
+
+def _read_rows(path: Path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_l1_has_working_kvm(vhost):
+    assert vhost.boot_s is not None and vhost.boot_s > 0
+    assert vhost.run(["sh", "-c", ": <>/dev/kvm"]).returncode == 0
+    # QEMU in L1 creates a KVM VM (KVM_CREATE_VM + vCPU setup) and quits over QMP
+    qmp = b'{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n{"execute":"quit"}\n'
+    res = vhost.run(["qemu-system-x86_64", "-name", "migstall-kvmcheck", "-accel", "kvm", "-cpu", "host",
+                     "-machine", "q35", "-m", "64", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"],
+                    input=qmp, timeout=120)
+    assert b'"enabled": true, "present": true' in res.stdout, res.stdout
+    assert abs(vhost.clock_offset_s()) < 30
+    # the same SSHHost machinery: files and unix-socket forwarding
+    with vhost.runtime_dir() as rd:
+        vhost.write_bytes(f"{rd}/x", b"l1")
+        assert vhost.read_bytes(f"{rd}/x") == b"l1"
+
+
+def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
+    """legacy 256 MiB, legacy 768 MiB, default 768 MiB through the real runner."""
+    from harness import runner
+
+    out = tmp_path / "sweep.csv"
+    common = dict(mem_mib=1024, vcpus=2, accel="kvm", baseline_s=0.5, ready_timeout_s=600,
+                  migration_timeout_s=600)
+    scenarios = [
+        Scenario(name="legacy-256", dirty_log_mode="legacy", touch_mib=256, **common),
+        Scenario(name="legacy-768", dirty_log_mode="legacy", touch_mib=768, **common),
+        Scenario(name="default-768", dirty_log_mode="default", touch_mib=768, **common),
+    ]
+    ctx = runner.RunContext(host=vhost, out=out, host_label=vhost.name)
+    asyncio.run(runner.run_matrix(ctx, scenarios))
+    rows = {r["scenario"]: r for r in _read_rows(out)}
+    for name, row in rows.items():
+        assert row["status"] == "ok", f"{name}: {row['error']}"
+        assert row["accel"] == "kvm"
+        assert row["dirty_log_mode"] == name.split("-")[0]
+        assert float(row["kvm_enable_ms"]) > 0
+        assert "tdp_mmu" in row["kvm_params"]
+    l256, l768, d768 = (float(rows[n]["kvm_enable_ms"]) for n in ("legacy-256", "legacy-768", "default-768"))
+    assert l768 > l256, (l256, l768)
+    assert d768 < l768 / 3, (d768, l768)
+    # nothing of the runs is left inside L1
+    assert "qemu-system" not in vhost.run(["ps", "-o", "comm"]).text
+
+
+def test_l1_cmdline_reboot(vhost):
+    """A scenario's l1_cmdline (kvm.tdp_mmu=0: the legacy MMU) reboots L1 with it."""
+    assert vhost.configure("kvm.tdp_mmu=0") is True
+    assert vhost.run(["cat", "/sys/module/kvm/parameters/tdp_mmu"]).text.strip() == "N"
+    assert vhost.configure("kvm.tdp_mmu=0") is False          # unchanged: no reboot
