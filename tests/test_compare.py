@@ -47,7 +47,7 @@ def test_comparison_content():
     labels = [s.label for s in cmp.scenarios]
     assert labels == ["sweep mem=512 mode=legacy ring=0", "sweep mem=1024 mode=legacy ring=0",
                       "sweep mem=2048 mode=legacy ring=0"]
-    assert cmp.only_base == ("sweep mem=1024 mode=ring ring=4096",) and cmp.only_new == ()
+    assert cmp.only_base == ("sweep mem=1024 mode=ring ring=4096 (1 runs, 0 failed)",) and cmp.only_new == ()
     by = {(s.label.split()[1], m.metric): (s, m) for s, m in cmp.rows()}
     for mem in ("mem=512", "mem=1024", "mem=2048"):
         s, m = by[(mem, "dirty_log_start_ms")]

@@ -21,19 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _l1_kernel() -> str:
-    """As in test_vhost: $MIGSTALL_TEST_L1_KERNEL, else the newest cached stock build, else debian."""
-    chosen = os.environ.get("MIGSTALL_TEST_L1_KERNEL")
-    if chosen:
-        return chosen
-    try:
-        from harness.kernel.build import list_builds
-
-        for build in list_builds():
-            if build.get("variant") == "stock" and Path(build["bzimage"]).is_file():
-                return build["bzimage"]
-    except Exception:
-        pass
-    return "debian"
+    """$MIGSTALL_TEST_L1_KERNEL (``debian`` or a bzImage with KVM built in), else Debian's kernel."""
+    return os.environ.get("MIGSTALL_TEST_L1_KERNEL") or "debian"
 
 
 def _l1_processes():

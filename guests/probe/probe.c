@@ -24,6 +24,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -58,6 +60,7 @@ struct stall { uint64_t t, d; };        /* start and length of a gap, in clock t
 struct worker {
 	int cpu;
 	int cls;
+	int port_fd;                    /* pio via /dev/port when outb faults; -1 = outb */
 	char *region;                   /* this worker's touched memory */
 	size_t bytes;
 	struct stall *stalls;           /* preallocated and pre-touched */
@@ -93,8 +96,8 @@ static struct {
 	int ncpus;
 	struct worker *workers;
 	pthread_barrier_t touched;
+	pthread_barrier_t measuring;    /* workers and control thread: loops about to start */
 	atomic_int stop;
-	atomic_int running;             /* workers inside their measure loop */
 	atomic_ulong done_bytes;
 	uint64_t total_bytes;
 	int loops_stopped;
@@ -479,10 +482,11 @@ static inline void account(struct worker *w, uint64_t prev, uint64_t t)
 	}
 }
 
-/* Called by each loop once its first timestamp is taken. */
+/* Called by each loop just before its first timestamp: READY is sent once
+ * every loop is past this point. */
 static void started(void)
 {
-	atomic_fetch_add(&g.running, 1);
+	pthread_barrier_wait(&g.measuring);
 }
 
 static inline int stopped(void)
@@ -492,10 +496,14 @@ static inline int stopped(void)
 
 static void loop_pio(struct worker *w)
 {
-	uint64_t prev = now();
 	started();
+	uint64_t prev = now();
+	static const unsigned char zero;
 	while (!stopped()) {
-		outb(0, 0x80);
+		if (w->port_fd < 0)
+			outb(0, 0x80);
+		else if (pwrite(w->port_fd, &zero, 1, 0x80) != 1)
+			break;
 		uint64_t t = now();
 		account(w, prev, t);
 		prev = t;
@@ -508,8 +516,8 @@ static void loop_write(struct worker *w)
 	size_t pages = w->bytes / PAGE, p = 0;
 	if (g.write_mib && (size_t)g.write_mib * MIB / PAGE < pages)
 		pages = (size_t)g.write_mib * MIB / PAGE;
-	uint64_t prev = now();
 	started();
+	uint64_t prev = now();
 	while (!stopped()) {
 		r[p * PAGE + (w->iters & 63) * 8] = (char)w->iters;
 		if (++p == pages)
@@ -523,8 +531,8 @@ static void loop_write(struct worker *w)
 static void loop_cpu(struct worker *w)
 {
 	uint64_t x = 0x9e3779b97f4a7c15ULL ^ (uint64_t)w->cpu;
-	uint64_t prev = now();
 	started();
+	uint64_t prev = now();
 	while (!stopped()) {
 		for (int i = 0; i < 16; i++) {
 			x ^= x << 13;
@@ -549,6 +557,44 @@ static void report_progress(uint64_t before, uint64_t after)
 	send_line(&b);
 }
 
+/* The pio loop's outb needs the I/O bitmap that ioperm() sets up.  Where the
+ * CPU (or its emulation) does not honour it -- seen with L2 guests under
+ * TCG's nested SVM, where outb raises #GP -- fall back to writing /dev/port:
+ * the kernel then does the outb, which still exits to QEMU under the BQL. */
+static __thread sigjmp_buf pio_jmp;
+
+static void pio_fault(int sig)
+{
+	(void)sig;
+	siglongjmp(pio_jmp, 1);
+}
+
+static void pio_setup(struct worker *w)
+{
+	static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+	struct sigaction sa = { .sa_handler = pio_fault }, old;
+	volatile int faulted = 0;
+
+	w->port_fd = -1;
+	if (ioperm(0x80, 1, 1) == 0) {
+		pthread_mutex_lock(&lock);      /* the handler is process-wide */
+		sigemptyset(&sa.sa_mask);
+		sigaction(SIGSEGV, &sa, &old);
+		if (sigsetjmp(pio_jmp, 1) == 0)
+			outb(0, 0x80);
+		else
+			faulted = 1;
+		sigaction(SIGSEGV, &old, NULL);
+		pthread_mutex_unlock(&lock);
+		if (!faulted)
+			return;
+	}
+	w->port_fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
+	if (w->port_fd < 0)
+		fatal("pio loop: outb to port 0x80 faults and /dev/port cannot be opened: %s", strerror(errno));
+	fprintf(stderr, "probe: cpu %d: outb faults here; the pio loop writes /dev/port instead\n", w->cpu);
+}
+
 static void *worker_main(void *arg)
 {
 	struct worker *w = arg;
@@ -557,8 +603,8 @@ static void *worker_main(void *arg)
 	CPU_SET(w->cpu, &set);
 	if (sched_setaffinity(0, sizeof set, &set) != 0)
 		fatal("cannot pin a thread to CPU %d: %s", w->cpu, strerror(errno));
-	if (w->cls == CLS_PIO && ioperm(0x80, 1, 1) != 0)
-		fatal("ioperm(0x80) failed: %s", strerror(errno));
+	if (w->cls == CLS_PIO)
+		pio_setup(w);
 
 	/* prefault */
 	const size_t chunk = 4 * MIB;
@@ -771,7 +817,8 @@ int main(void)
 	}
 
 	/* prefault, then the loops start */
-	if (pthread_barrier_init(&g.touched, NULL, (unsigned)g.ncpus + 1) != 0)
+	if (pthread_barrier_init(&g.touched, NULL, (unsigned)g.ncpus + 1) != 0 ||
+	    pthread_barrier_init(&g.measuring, NULL, (unsigned)g.ncpus + 1) != 0)
 		fatal("pthread_barrier_init failed");
 	uint64_t t0 = mono_ns();
 	for (int i = 0; i < g.ncpus; i++)
@@ -786,15 +833,17 @@ int main(void)
 		fprintf(stderr, "probe: cannot pin the control thread to CPU 0: %s\n", strerror(errno));
 	pthread_barrier_wait(&g.touched);
 	double ms = (double)(mono_ns() - t0) / 1e6;
-	/* READY means the loops run: wait until every worker is in its loop */
-	struct timespec tick = { 0, 1000 * 1000 };
-	while (atomic_load(&g.running) < g.ncpus)
-		nanosleep(&tick, NULL);
+	/* READY means the loops run: every worker is at its first timestamp */
+	pthread_barrier_wait(&g.measuring);
+	const char *pio_method = "outb";
+	for (int i = 0; i < g.ncpus; i++)
+		if (g.workers[i].cls == CLS_PIO && g.workers[i].port_fd >= 0)
+			pio_method = "devport";
 
 	struct sb b = { 0 };
 	sb_printf(&b, "{\"ev\":\"ready\",\"touched_mib\":%lu,\"prefault_ms\":%.1f,\"requested_mib\":%ld,"
-		  "\"available_mib\":%ld,\"loops\":[", (unsigned long)(g.total_bytes / MIB), ms, g.touch_mib,
-		  avail_mib);
+		  "\"available_mib\":%ld,\"pio_method\":\"%s\",\"loops\":[", (unsigned long)(g.total_bytes / MIB), ms,
+		  g.touch_mib, avail_mib, pio_method);
 	for (int i = 0; i < g.ncpus; i++)
 		sb_printf(&b, "%s\"%s\"", i ? "," : "", cls_names[g.workers[i].cls]);
 	sb_printf(&b, "]}");

@@ -100,6 +100,8 @@ def _num(d: Dict[str, Any], *names: str) -> Optional[float]:
     return None
 
 
+#: events that may come long after the start of migration; they do not stretch the window
+_LATE_EVENTS = ("completed", "cancelled")
 _RUNNER_EVENTS = (("pass1", "MIGRATION_PASS 1"), ("window_end", "stall window end"),
                   ("cancel_sent", "migrate_cancel"), ("cancelled", "cancelled"), ("completed", "completed"))
 
@@ -178,10 +180,13 @@ def timeline_figure(sc: ScenarioComparison, max_span_ms: float = 20000.0) -> Opt
         sides.append((label, [(r, t) for r, t in tls if t is not None]))
     if not any(tls for _, tls in sides):
         return None
-    ends = [s[0] + s[1] for _, tls in sides for _, t in tls for s in t.stalls if 0 <= s[0] <= max_span_ms]
-    ends += [e[0] for _, tls in sides for _, t in tls for e in t.events if 0 <= e[0] <= max_span_ms]
-    span = max(ends + [10.0]) * 1.15
-    lo, hi = -0.25 * span, span
+    # the window: from before `migrate` to a little after the stall window ends
+    focus = [e[0] for _, tls in sides for _, t in tls for e in t.events
+             if e[1] not in _LATE_EVENTS and 0 <= e[0] <= max_span_ms]
+    if not focus:
+        focus = [s[0] + s[1] for _, tls in sides for _, t in tls for s in t.stalls if 0 <= s[0] <= max_span_ms]
+    span = max(focus + [10.0]) * 1.3
+    lo, hi = -0.3 * span, span
     fig, axes = plt.subplots(2, 1, figsize=(10, 5.2), sharex=True, squeeze=False)
     for ax, (label, tls) in zip(axes[:, 0], sides):
         yticks, ylabels = [], []
@@ -201,9 +206,10 @@ def timeline_figure(sc: ScenarioComparison, max_span_ms: float = 20000.0) -> Opt
                 if lo <= t <= hi:
                     seen_events.setdefault(name, []).append(t)
         for i, (name, ts) in enumerate(sorted(seen_events.items(), key=lambda kv: np.median(kv[1]))):
-            t = float(np.median(ts))
+            t = float(np.median(ts))       # median over the runs
             ax.axvline(t, color="grey", linestyle=":", linewidth=1)
-            ax.text(t, y - 0.4 + 0.0, f" {name}", rotation=90, fontsize=7, va="top", color="grey")
+            ax.text(t, (y - 0.4) * (1.0 if i % 2 == 0 else 0.5), f" {name}", rotation=90, fontsize=7,
+                    va="top", color="dimgrey")
         ax.axvline(0, color="black", linewidth=1)
         ax.set_yticks(yticks, ylabels, fontsize=7)
         ax.set_ylim(-1, max(y, 1))

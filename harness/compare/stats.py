@@ -227,6 +227,11 @@ def _natural(key: ScenarioKey):
     return out
 
 
+def _count_label(label: str, runs: Sequence[Run]) -> str:
+    failed = sum(not r.ok for r in runs)
+    return f"{label} ({len(runs)} runs, {failed} failed)"
+
+
 def _values(runs: Sequence[Run], metric: str) -> List[float]:
     return [v for v in (r.metric(metric) for r in runs) if v is not None]
 
@@ -270,6 +275,6 @@ def compare(base: ResultSet, new: ResultSet, *, threshold_pct: float = DEFAULT_T
     return Comparison(
         base_label=base.label, new_label=new.label, threshold_pct=threshold_pct,
         scenarios=tuple(scenarios),
-        only_base=tuple(labels[k] for k in all_keys if k not in n_groups),
-        only_new=tuple(labels[k] for k in all_keys if k not in b_groups),
+        only_base=tuple(_count_label(labels[k], b_groups[k]) for k in all_keys if k not in n_groups),
+        only_new=tuple(_count_label(labels[k], n_groups[k]) for k in all_keys if k not in b_groups),
     )

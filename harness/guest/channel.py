@@ -39,6 +39,7 @@ class ReadyInfo:
     touched_mib: int
     prefault_ms: float
     loops: Tuple[str, ...]
+    pio_method: str = "outb"    # "devport" where outb faults (nested SVM under TCG)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ class ProbeChannel:
                     task.update(completed=100.0)
                 try:
                     return ReadyInfo(int(ev["touched_mib"]), float(ev["prefault_ms"]),
-                                     tuple(str(x) for x in ev["loops"]))
+                                     tuple(str(x) for x in ev["loops"]),
+                                     str(ev.get("pio_method", "outb")))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise self._error(f"malformed READY from the probe: {ev}") from exc
             elif kind == "hello":
