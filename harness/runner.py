@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 MARK_TIMEOUT = 10.0
 #: seconds for the probe's ``dump`` reply
 DUMP_TIMEOUT = 60.0
-#: seconds for the probe's ``hello`` after the VM started
-HELLO_TIMEOUT = 120.0
 #: marks taken before the baseline and after the stall window
 MARKS_PER_BATCH = 3
 
@@ -164,7 +162,7 @@ class _Run:
 
         return list(guest_qemu_args(self.image, kernel=kernel, initrd=initrd,
                                     channel_socket=f"{rundir}/probe.sock",
-                                    console_log=f"{rundir}/{tag}-console.log", scenario=self.sc))
+                                    console_log=f"{rundir}/console.log", scenario=self.sc))
 
     # -- the run ---------------------------------------------------------------------------
     async def execute(self) -> None:
@@ -203,10 +201,10 @@ class _Run:
             launch_timeout = launch_timeout_s(sc)
             src = VM(host, f"{self.run_id}-src", common(src_rd, "src"), qemu=qemu, prefix=prefix,
                      runtime_dir=src_rd, env=mode.env, log_dir=self.log_dir, launch_timeout=launch_timeout,
-                     collect=("src-console.log",))
+                     collect=("console.log",))
             dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS),
                      qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir,
-                     launch_timeout=launch_timeout, collect=("dst-console.log",))
+                     launch_timeout=launch_timeout, collect=("console.log",))
             self.vms = {"src": src, "dst": dst}
             try:
                 async with contextlib.AsyncExitStack() as stack:
@@ -216,12 +214,13 @@ class _Run:
                     self.side["commands"][tag] = vm.command_line
                     self.side["events"][tag] = [{k: v for k, v in e.items()} for e in vm.events]
                     self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
-                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path(f"{tag}-console.log"))
+                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path("console.log"))
             self._trace_columns(src, mode, accel, src_rd)
 
     async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
                        mode: dirtylog.ModeSetup) -> None:
         sc, host, prog = self.sc, self.host, self.ctx.progress
+        ready_deadline = time.monotonic() + sc.ready_timeout_s   # READY within this of the launch
         await stack.enter_async_context(src)
         await self._hook("launched")
         info = await schema.probe(src)
@@ -232,15 +231,18 @@ class _Run:
             src, info, list(schema.WANTED_TRACE_EVENTS) + list(mode.trace_events))
 
         sock = await asyncio.to_thread(host.connect_unix, src.path("probe.sock"))
-        chan = await ProbeChannel.open(sock, log_path=src.path("src-console.log"))
+        chan = await ProbeChannel.open(sock, log_path=src.path("console.log"))
         stack.push_async_callback(_aclose, chan)
-        hello = await chan.wait_hello(HELLO_TIMEOUT)
-        self.side["hello"] = _jsonable(hello)
-        with prog.task(f"{sc.name} r{sc.repeat}: prefault", total=100) as task:
-            try:
-                ready = await chan.wait_ready(sc.ready_timeout_s, task)
-            except asyncio.TimeoutError as exc:
-                raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s", src.log_path) from exc
+        try:
+            hello = await chan.wait_hello(max(0.0, ready_deadline - time.monotonic()))
+            self.side["hello"] = _jsonable(hello)
+            with prog.task(f"{sc.name} r{sc.repeat}: prefault", total=100) as task:
+                ready = await chan.wait_ready(max(0.0, ready_deadline - time.monotonic()), task)
+        except GuestError as exc:
+            if time.monotonic() < ready_deadline:
+                raise
+            raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s of its start "
+                             f"({' '.join(str(exc).split())})", exc.log_path) from exc
         self.row["touched_mib"] = ready.touched_mib
         self.row["prefault_ms"] = ready.prefault_ms
         await self._hook("ready")
@@ -263,8 +265,12 @@ class _Run:
         with prog.task(f"{sc.name} r{sc.repeat}: migration", total=None) as task:
             self.t["migrate_sent"] = await migration.start(src, uri) + off
             await self._hook("migrating")
-            pass1 = await migration.wait_pass(src, 1, timeout=min(sc.migration_timeout_s,
-                                                                  migration.DEFAULT_FIRST_PASS_TIMEOUT))
+            try:
+                pass1 = await migration.wait_pass(src, 1, timeout=min(sc.migration_timeout_s,
+                                                                      migration.DEFAULT_FIRST_PASS_TIMEOUT))
+            except MigrationError as exc:
+                raise MigrationError(await _why_failed(src, dst, head=" ".join(str(exc).split())),
+                                     src.log_path) from exc
             self.t["pass1"] = event_time_ns(pass1)
             task.update(description=f"{sc.name} r{sc.repeat}: migration, pass 1")
             self.t["window_end"] = self.t["pass1"] + int(sc.margin_ms * 1e6)
@@ -287,7 +293,7 @@ class _Run:
                 end = await migration.wait_end(src, sc.migration_timeout_s)
                 self.t["cancelled"] = event_time_ns(end)
                 if end["data"]["status"] != "cancelled":
-                    raise MigrationError(f"migration {end['data']['status']} instead of cancelled", src.log_path)
+                    raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
                 q = q_active
                 self.records = list(await chan.dump(DUMP_TIMEOUT))
             else:
@@ -295,9 +301,9 @@ class _Run:
                 task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
                 end = await migration.wait_end(src, sc.migration_timeout_s)
                 if end["data"]["status"] != "completed":
-                    raise MigrationError(f"migration {end['data']['status']}", src.log_path)
+                    raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
                 self.t["completed"] = event_time_ns(end)
-                q = await migration.query(src)
+                q = await migration.query_completed(src)
         self.side["query_migrate"] = q
         mt = migration.times(q)
         self.row["setup_time_ms"] = mt.setup_time_ms if mt.setup_time_ms is not None else \
@@ -342,6 +348,18 @@ class _Run:
                 self.row["dirty_log_stop_source"] = stop.source
                 self.side["dirty_log_stop"] = dataclasses.asdict(stop)
         dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd)
+
+
+async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str:
+    """One line on a migration that ended ``status``: QEMU's error-desc, and whether the destination died."""
+    parts = [head or f"migration {status}"]
+    with contextlib.suppress(Exception):
+        desc = (await migration.query(src)).get("error-desc")
+        if desc:
+            parts.append(f"source says: {desc}")
+    if dst.pid is not None and not dst.alive:
+        parts.append("the destination QEMU has exited")
+    return "; ".join(parts)
 
 
 async def _aclose(chan: Any) -> None:
@@ -395,7 +413,13 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, 
             exc_for_row: Any = "interrupted (Ctrl-C); the run was stopped and cleaned up"
         else:
             _local_log(exc, run.vms)
-            exc_for_row = exc
+            exc_for_row = exc.one_line() if isinstance(exc, MigstallError) else " ".join(str(exc).split())
+            for tag, word in (("src", "source"), ("dst", "destination")):
+                vm = run.vms.get(tag)
+                if vm is not None and vm.exit_reason == "died" and f"{word} QEMU" not in exc_for_row:
+                    exc_for_row += f"; the {word} QEMU had exited unexpectedly"
+            if not exc_for_row:
+                exc_for_row = type(exc).__name__
             if not isinstance(exc, MigstallError):
                 log.exception("run %s failed unexpectedly", run_id)
         row = results.failed_row(run.row, exc_for_row, sidecar=str(run.sidecar))

@@ -89,3 +89,21 @@ def test_sigint_cleans_up_and_writes_failed_row(tmp_path):
     (got,) = results.read_rows(out)
     assert got["status"] == "failed" and "interrupted" in got["error"]
     assert not [p for p, cmd in procs.leftovers() if "-sigint-" in cmd]
+
+
+def test_source_qemu_dies(tmp_path, guest_image):
+    out = tmp_path / "f.csv"
+
+    async def kill_source(point, vms):
+        if point == "ready":
+            src = vms["src"]
+            src.host.signal(src.pid, signal.SIGKILL)
+
+    ctx = runner.RunContext(host=LocalHost(), out=out, hook=kill_source)
+    t0 = time.monotonic()
+    row = asyncio.run(runner.run_one(ctx, Scenario(name="fault-src", **SMALL), guest_image))
+    assert time.monotonic() - t0 < 120
+    (got,) = results.read_rows(out)
+    assert got["status"] == "failed" and got["error"], got
+    assert got["touched_mib"] != ""          # what was measured before the fault is kept
+    assert not _mine(row["run_id"])

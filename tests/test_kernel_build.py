@@ -82,6 +82,7 @@ def test_two_kernels_with_distinct_releases(builds):
             assert key in meta
         assert meta["artifacts"]["bzImage"]["sha256"]
         assert meta["reproducer"].startswith("migstall kernel build --manifest ")
+        assert meta["config"]["dropped_options"] == [], "a fragment option did not survive kconfig"
         out = Path(b["bzimage"]).parent
         for name in ("config", "System.map", "build.log", "metadata.json"):
             assert (out / name).is_file(), name

@@ -214,3 +214,35 @@ def test_select_host(tmp_path):
     assert [h.name for h in cfg.hosts] == ["ci"] and cfg.report.name == "ci"
     with pytest.raises(UserError, match="not a \\[\\[host\\]\\]"):
         select_hosts(cfg, ["nope"])
+
+
+def test_install_through_the_host_api(tmp_path):
+    """kexec/grub-reboot install (bzImage, modules, depmod) on a real host (LocalHost)
+    into a scratch root; a merged-/usr /lib symlink survives the modules tarball."""
+    import os
+    import shutil as _sh
+
+    from harness.hosts.local import LocalHost
+    from harness.nightly.config import HostConfig
+
+    if not _sh.which("depmod") and not os.path.exists("/usr/sbin/depmod") and not os.path.exists("/sbin/depmod"):
+        pytest.skip("depmod (kmod) not installed")
+    root = tmp_path / "root"
+    (root / "usr" / "lib").mkdir(parents=True)
+    (root / "lib").symlink_to("usr/lib")
+    release = "6.1.0-migstall-patched-1a2b3c4d"
+    mods = tmp_path / "mods" / release
+    (mods / "kernel").mkdir(parents=True)
+    (mods / "modules.order").write_text("")
+    (mods / "modules.builtin").write_text("kernel/arch/x86/kvm/kvm.ko\n")
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(b"not really a kernel")
+    method = boot.KexecBoot(HostConfig(name="h", boot="kexec", ssh="ssh://h", initramfs="none"), 60)
+    method.root = str(root)
+    art = boot.Artifact("patched", bz, release=release, modules=mods)
+    inst = method.install(LocalHost(), art)
+    assert inst.kernel == f"{root}/boot/vmlinuz-{release}" and inst.initrd == ""
+    assert (root / "boot" / f"vmlinuz-{release}").read_bytes() == bz.read_bytes()
+    assert (root / "lib").is_symlink()
+    assert (root / "usr" / "lib" / "modules" / release / "modules.dep").exists()   # depmod ran
+    assert method.install(LocalHost(), art) is inst                                 # once per variant

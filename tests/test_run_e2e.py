@@ -65,7 +65,8 @@ def test_run_complete_writes_ok_row(tmp_path):
 
 def test_cancel_records_dirty_log_stop(tmp_path, guest_image):
     out = tmp_path / "cancel.csv"
-    sc = Scenario(name="e2e-cancel", end_action="cancel", cancel_after_s=0.3, **SMALL)
+    # also covers --backing thp: QEMU's MADV_HUGEPAGE gives 2 MiB pages unless THP is off
+    sc = Scenario(name="e2e-cancel", end_action="cancel", cancel_after_s=0.3, backing="thp", **SMALL)
     ctx = runner.RunContext(host=LocalHost(), out=out)
     row = asyncio.run(runner.run_one(ctx, sc, guest_image))
     assert row["status"] == "ok", row["error"]
@@ -74,6 +75,9 @@ def test_cancel_records_dirty_log_stop(tmp_path, guest_image):
     assert float(got["dirty_log_stop_ms"]) >= 0
     assert float(got["setup_time_ms"]) > 0
     assert got["total_time_ms"] == "" and got["downtime_ms"] == ""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert got["page_size_kib"] == "2048"
     side = json.loads(Path(got["sidecar"]).read_text())
     assert side["dirty_log_stop"]["source"].startswith("trace:global_dirty_changed")
     assert [e["data"]["status"] for e in side["events"]["src"] if e["event"] == "MIGRATION"][-1] == "cancelled"

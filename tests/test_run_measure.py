@@ -63,3 +63,14 @@ def test_page_size_from_smaps():
     assert backing.page_size_obtained(SMAPS, 512).page_size_kib == 2048
     assert backing.page_size_obtained(SMAPS.replace("258048", "0"), 512).page_size_kib == 4
     assert backing.memory_args("hugetlb2m", 512, True)[-1].endswith("hugetlbsize=2M,prealloc=on")
+
+
+def test_readme_defines_every_column():
+    from pathlib import Path
+
+    from harness.results import COLUMNS
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    core = text.split("<!-- section:core:begin -->")[1].split("<!-- section:core:end -->")[0]
+    missing = [c for c in COLUMNS if f"`{c}`" not in core]
+    assert not missing, f"README 'What it measures' lacks: {missing}"

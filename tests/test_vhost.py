@@ -72,14 +72,14 @@ def test_l1_has_working_kvm(vhost):
 
 
 def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
-    """legacy 256 MiB, legacy 768 MiB, default 768 MiB through the real runner."""
+    """legacy 128 MiB, legacy 768 MiB, default 768 MiB through the real runner."""
     from harness import runner
 
     out = tmp_path / "sweep.csv"
     common = dict(mem_mib=1024, vcpus=2, accel="kvm", baseline_s=0.5, ready_timeout_s=600,
                   migration_timeout_s=600)
     scenarios = [
-        Scenario(name="legacy-256", dirty_log_mode="legacy", touch_mib=256, **common),
+        Scenario(name="legacy-128", dirty_log_mode="legacy", touch_mib=128, **common),
         Scenario(name="legacy-768", dirty_log_mode="legacy", touch_mib=768, **common),
         Scenario(name="default-768", dirty_log_mode="default", touch_mib=768, **common),
     ]
@@ -92,8 +92,8 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
         assert row["dirty_log_mode"] == name.split("-")[0]
         assert float(row["kvm_enable_ms"]) > 0
         assert "tdp_mmu" in row["kvm_params"]
-    l256, l768, d768 = (float(rows[n]["kvm_enable_ms"]) for n in ("legacy-256", "legacy-768", "default-768"))
-    assert l768 > l256, (l256, l768)
+    l128, l768, d768 = (float(rows[n]["kvm_enable_ms"]) for n in ("legacy-128", "legacy-768", "default-768"))
+    assert l768 > l128, (l128, l768)
     assert d768 < l768 / 3, (d768, l768)
     # nothing of the runs is left inside L1
     assert "qemu-system" not in vhost.run(["ps", "-o", "comm"]).text

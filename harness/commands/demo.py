@@ -8,7 +8,6 @@ if it cannot be started, one line says why and the exit status stays 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as _dt
 import logging
 from pathlib import Path
@@ -19,7 +18,6 @@ from harness.commands.run import format_table
 from harness.errors import MigstallError, UserError
 from harness.hosts.factory import open_host
 from harness.paths import REPO_ROOT
-from harness.progress import for_terminal
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +48,12 @@ def _scenario_args(**flags: Any) -> argparse.Namespace:
     return ns
 
 
-def _run_here(out: Path, repeat: Any) -> List[Dict[str, Any]]:
-    from harness import runner
+def _execute(out: Path, host: str, **flags: Any) -> List[Dict[str, Any]]:
+    from harness.commands.run import execute
     from harness.scenario import scenarios_from_args
 
-    with open_host("local") as host:
-        scenarios = scenarios_from_args(_scenario_args(scenario=str(DEMO_SCENARIO), repeat=repeat), host)
-        ctx = runner.RunContext(host=host, out=out, host_label=host.name, progress=for_terminal())
-        return asyncio.run(runner.run_matrix(ctx, scenarios))
+    args = argparse.Namespace(host=host, out=str(out), kernel_variant="stock", series_id="")
+    return execute(args, lambda _args, h: scenarios_from_args(_scenario_args(**flags), h))
 
 
 def _local_kvm_usable() -> bool:
@@ -67,21 +63,10 @@ def _local_kvm_usable() -> bool:
         return bool(kvm_status(host).usable)
 
 
-def _run_virtual(out: Path) -> List[Dict[str, Any]]:
-    from harness import runner
-    from harness.scenario import scenarios_from_args
-
-    prog = for_terminal()
-    with open_host("virtual", progress=prog) as host:
-        scenarios = scenarios_from_args(_scenario_args(**VIRTUAL_FLAGS), host)
-        ctx = runner.RunContext(host=host, out=out, host_label=host.name, progress=prog)
-        return asyncio.run(runner.run_matrix(ctx, scenarios))
-
-
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / f"demo-{_dt.datetime.now():%Y%m%d-%H%M%S}.csv"
     results.check_writable(out)
-    rows = _run_here(out, args.repeat)
+    rows = _execute(out, "local", scenario=str(DEMO_SCENARIO), repeat=args.repeat)
     print(format_table(rows))
     print(f"results: {out}")
     if args.no_virtual:
@@ -92,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     except MigstallError as exc:
         log.info("local KVM check failed: %s", exc)
     try:
-        vrows = _run_virtual(out)
+        vrows = _execute(out, "virtual", **VIRTUAL_FLAGS)
     except UserError as exc:
         print(f"virtual host: not available ({exc.one_line()}); the KVM scenario was skipped")
         return 0

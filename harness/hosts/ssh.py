@@ -54,6 +54,8 @@ DEFAULT_CHANNEL_TIMEOUT = 20.0
 KEEPALIVE_S = 15
 #: how long :meth:`SSHHost.reconnect` keeps trying by default, seconds
 DEFAULT_RECONNECT_TIMEOUT = 300.0
+#: a clock offset measurement is reused for this long, seconds
+CLOCK_CACHE_S = 10.0
 
 _CHUNK = 65536
 
@@ -156,6 +158,7 @@ class SSHHost(Host):
         self._lock = threading.Lock()
         self._remote_home: Optional[str] = None
         self._date = "date"
+        self._clock: Optional[tuple] = None     # (monotonic time measured, offset)
         if connect:
             self.connect()
 
@@ -405,9 +408,13 @@ class SSHHost(Host):
         return res.returncode == 0
 
     # -- clock --------------------------------------------------------------------------
-    def clock_offset_s(self, samples: int = 5) -> float:
+    def clock_offset_s(self, samples: int = 5, max_age_s: float = CLOCK_CACHE_S) -> float:
         """Remote wall clock minus ours, from the sample with the smallest round trip
-        (its midpoint is the best estimate of when the remote clock was read)."""
+        (its midpoint is the best estimate of when the remote clock was read).
+        A measurement younger than ``max_age_s`` is reused (callers ask often)."""
+        now = time.monotonic()
+        if self._clock is not None and now - self._clock[0] < max_age_s:
+            return self._clock[1]
         best: Optional[tuple] = None
         for _ in range(samples):
             t0 = time.time()
@@ -426,10 +433,12 @@ class SSHHost(Host):
                 best = (rtt, remote - (t0 + t1) / 2)
         assert best is not None
         log.debug("clock offset of %s: %.6f s (rtt %.1f ms)", self.name, best[1], best[0] * 1e3)
+        self._clock = (time.monotonic(), best[1])
         return best[1]
 
     # -- lifecycle --------------------------------------------------------------------------
     def _disconnect(self) -> None:
+        self._clock = None
         for pump in self._pumps:
             pump.close()
         self._pumps = []

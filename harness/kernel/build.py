@@ -11,18 +11,22 @@ A build is identified by a sha256 over its inputs (base tree id, series tree
 id, config digest, toolchain, LOCALVERSION, recipe version): the same inputs
 give the cached artifacts back (``cached=True``) without running anything.
 
-Layout in ``cache_dir("kernel-builds", KEY16)``:
+Layout in ``cache_dir("kernel-builds")``:
 
-* ``tree/``      sources hard-linked from the base repo (patched files are new
-                 inodes), objects in ``tree/.b`` (``O=.b``: kbuild then uses
-                 the relative srctree ``..``, so the object tree can be copied);
-* ``out/``       bzImage, config, System.map, modules.tar.xz (if modules),
-                 build.log, metadata.json; created as ``.out-*`` and renamed,
-                 so ``out/`` is complete or absent.
+* ``<key16>/out/``   bzImage, config, System.map, modules.tar.xz (if modules),
+                     build.log, metadata.json; created as ``.out-*`` and renamed,
+                     so ``out/`` is complete or absent;
+* ``<key16>/tree/``  for the first stock build of a (base, config, toolchain):
+                     sources hard-linked from the base repo, objects in
+                     ``tree/.b`` (``O=.b``); ``stock-objects/<objkey>`` points
+                     at it and it is kept for reuse.
 
-The patched variant copies the stock build's ``.b`` (same base, config and
-toolchain), writes the files the series changes, and rebuilds: only what the
-series touches is recompiled, then vmlinux is relinked.
+The patched variant reuses the stock objects: the stock tree is moved aside,
+a copy of it is made AT THE SAME PATH (kbuild command lines and tools/objtool
+record absolute paths, so a copy elsewhere would rebuild everything), the
+files the series changes are written as new inodes (the base is never
+written), the kernel is rebuilt (only what the series touches is compiled,
+then vmlinux is relinked), and the stock tree is put back.
 """
 
 from __future__ import annotations
@@ -275,40 +279,79 @@ def _reproducer(manifest: Manifest, variant: str, config_label: str, source: Opt
     return shlex.join(argv)
 
 
+def _objects_tree(root: Path, objkey: str) -> Optional[Path]:
+    """The stock object tree for (base, config, toolchain), if one was built.
+    A patched build interrupted before restoring it is repaired here."""
+    pointer = root / "stock-objects" / objkey
+    if not pointer.is_symlink():
+        return None
+    tree = Path(os.readlink(pointer))
+    keep = tree.with_name(tree.name + ".stock-keep")
+    if keep.is_dir():
+        shutil.rmtree(tree, ignore_errors=True)
+        os.rename(keep, tree)
+    return tree if (tree / OBJDIR / ".config").is_file() else None
+
+
+def _set_objects_tree(root: Path, objkey: str, tree: Path) -> None:
+    pointer = root / "stock-objects" / objkey
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp_link = pointer.with_name(f".{objkey}-{uuid.uuid4().hex[:6]}")
+    os.symlink(tree, tmp_link)
+    os.replace(tmp_link, pointer)
+
+
 def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commit: str,
                progress: Progress, source_override: Optional[BaseSpec]) -> KernelBuild:
+    """Build one variant, or return it from the cache.
+
+    Object reuse: the first stock build for a (base, config, toolchain) leaves
+    its tree in place and ``stock-objects/<objkey>`` points at it.  Later stock
+    builds (other series, so other LOCALVERSIONs) rebuild in it; a patched
+    build moves it aside, builds in a copy AT THE SAME PATH (kbuild and
+    tools/objtool record absolute paths, so only the same path reuses
+    objects), then puts the stock tree back.
+    """
     lv = localversion(variant, series)
     tree_id = _tree_id(src, commit)
     base_tree = _tree_id(src, src.commit)
     key = _key(plan, tree_id, lv)
+    objkey = _stock_objects_key(plan, base_tree)
     root = paths.cache_dir("kernel-builds")
     bdir = root / key[:16]
     out = bdir / "out"
-    with _locked(root / f"{key[:16]}.lock"):
+    with _locked(root / f"objects-{objkey}.lock"):
         if (out / "metadata.json").is_file():
             return _from_out(out, cached=True)
-        stock_dir = root / "stock-objects" / _stock_objects_key(plan, base_tree)
-        stock_tree = None
-        if variant == "patched" and stock_dir.is_symlink() and (stock_dir / OBJDIR / ".config").is_file():
-            stock_tree = stock_dir.resolve()
-        tree = bdir / "tree"
-        shutil.rmtree(tree, ignore_errors=True)
+        objects = _objects_tree(root, objkey)
         started = time.time()
         t0 = time.monotonic()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        keep: Optional[Path] = None
+        fresh = objects is None
+        tree = bdir / "tree" if fresh else objects
+        assert tree is not None
+        changed: List[str] = []
         with progress.task(f"{variant}: preparing the tree"):
-            _link_tree(src.repo, tree)
-            changed = _write_changes(src, src.commit, commit, tree) if commit != src.commit else []
-            if stock_tree is not None:
-                run(["cp", "-a", stock_tree / OBJDIR, tree / OBJDIR], timeout=1800)
-            else:
+            if fresh:
+                shutil.rmtree(tree, ignore_errors=True)
+                _link_tree(src.repo, tree)
                 (tree / OBJDIR).mkdir()
+            elif variant == "patched":
+                keep = tree.with_name(tree.name + ".stock-keep")
+                os.rename(tree, keep)
+                _link_tree(src.repo, tree)
+                run(["cp", "-a", keep / OBJDIR, tree / OBJDIR], timeout=1800)
+            if commit != src.commit:
+                changed = _write_changes(src, src.commit, commit, tree)
+        bdir.mkdir(parents=True, exist_ok=True)
         tmp_out = bdir / f".out-{uuid.uuid4().hex[:8]}"
         tmp_out.mkdir()
         logs = paths.cache_dir("kernel-builds", "logs")
         # tuxmake writes its own build.log into the output dir; its console goes next to it
         build_log = tmp_out / ("tuxmake-console.log" if plan.toolchain.builder == "tuxmake" else "build.log")
         deadline = time.monotonic() + BUILD_TIMEOUT
+        ok = False
         try:
             if plan.toolchain.builder == "tuxmake":
                 cmds = [_tuxmake_argv(plan, tree, tmp_out, lv)]
@@ -340,7 +383,7 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
                 # estimates the wall time the same build takes on idle cores
                 "cpu_s": round(cpu, 1), "load_avg_at_end": list(os.getloadavg()),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "incremental_from": str(stock_tree) if stock_tree else None,
+                "incremental": not fresh, "objects_tree": str(tree),
                 "manifest": {"path": str(plan.manifest.path), "name": plan.manifest.name,
                              "sha256": _sha256(plan.manifest.path)},
                 "base": {"kind": src.kind, "description": src.description, "ref": src.ref,
@@ -363,18 +406,16 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
             atomic_write_json(tmp_out / "metadata.json", meta)
             shutil.rmtree(out, ignore_errors=True)
             os.rename(tmp_out, out)
-        except BaseException:
+            ok = True
+        finally:
             shutil.rmtree(tmp_out, ignore_errors=True)
-            shutil.rmtree(tree, ignore_errors=True)
-            raise
-        if variant == "stock":
-            stock_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp_link = stock_dir.with_name(f".{stock_dir.name}-{uuid.uuid4().hex[:6]}")
-            os.symlink(tree, tmp_link)
-            os.replace(tmp_link, stock_dir)
-        else:
-            # the patched tree is not reused; keep the cache small
-            shutil.rmtree(tree, ignore_errors=True)
+            if keep is not None:                       # put the stock objects back
+                shutil.rmtree(tree, ignore_errors=True)
+                os.rename(keep, tree)
+            elif fresh and (variant == "patched" or not ok):
+                shutil.rmtree(tree, ignore_errors=True)
+        if fresh and variant == "stock":
+            _set_objects_tree(root, objkey, tree)
         log.info("%s build %s done in %.1fs", variant, release, duration)
         return _from_out(out, cached=False)
 

@@ -19,12 +19,14 @@ Definitions (milliseconds):
 
 * ``kvm_enable_ms``: the sum, over every call of the *anchor* function whose
   entry lies in the ``enable`` phase, of (return time - entry time).  The anchor
-  is ``kvm_set_memslot`` (Linux >= 5.x; one call per ``KVM_SET_USER_MEMORY_REGION``
-  that changes a slot, i.e. per memslot whose ``KVM_MEM_LOG_DIRTY_PAGES`` flag
-  QEMU sets), else ``__kvm_set_memory_region`` (older kernels).  It is the
-  kernel time of all memslot flag changes of one dirty-log start, including the
-  MMU walks (write protection, D-bit clearing, huge page splitting) and the
-  memslot RCU swap.  Empty when the anchor saw no call (e.g. TCG).
+  is ``kvm_set_memslot`` (Linux >= 5.5), else ``__kvm_set_memory_region``.  On
+  x86_64 the kprobe also fetches ``kvm_set_memslot``'s ``change`` argument and
+  only ``KVM_MR_FLAGS_ONLY`` calls count: one per memslot whose
+  ``KVM_MEM_LOG_DIRTY_PAGES`` flag QEMU sets (the destination QEMU's slot
+  creations/deletions during the migration are excluded).  It is the kernel
+  time of all memslot flag changes of one dirty-log start: dirty bitmap
+  allocation, the MMU walks (write protection, D-bit clearing, huge page
+  splitting) and the memslot swap.  Empty when the anchor saw no call (TCG).
 * ``kvm_disable_ms``: the same sum over the ``disable`` phase (cancel).
 * breakdown (sidecar): per phase, per probed function: total ms (inclusive of
   callees), call count and max ms.
@@ -77,6 +79,8 @@ PARAMS = (
 TRACE_CMD_TIMEOUT = 60.0
 #: per-CPU ring buffer of the instance, KiB
 BUFFER_KB = 8192
+#: enum kvm_mr_change value of a flags-only memslot update (dirty-log on/off)
+KVM_MR_FLAGS_ONLY = 3
 
 _LINE_RE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
                       r"(?:(?P<flags>[^\s:]{4,6})\s+)?(?P<ts>\d+\.\d+):\s+(?P<event>[\w.]+):\s?(?P<rest>.*)$")
@@ -84,8 +88,11 @@ _LINE_RE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[
 _SETUP = r"""
 T=$1; G=$2; KB=$3; shift 3
 I=$T/instances/$G
-for f in "$@"; do
-  if echo "p:$G/${f}__e $f" >> "$T/kprobe_events" 2>/dev/null; then
+for spec in "$@"; do
+  f=${spec%%@*}; a=""; [ "$f" != "$spec" ] && a=" ${spec#*@}"
+  # with fetch args if given; without them if the kernel refuses those
+  if echo "p:$G/${f}__e $f$a" >> "$T/kprobe_events" 2>/dev/null ||
+     { [ -n "$a" ] && echo "p:$G/${f}__e $f" >> "$T/kprobe_events" 2>/dev/null; }; then
     if echo "r:$G/${f}__r $f" >> "$T/kprobe_events" 2>/dev/null; then echo "probed $f"
     else echo "-:$G/${f}__e" >> "$T/kprobe_events"; echo "failed $f"; fi
   else echo "failed $f"; fi
@@ -135,16 +142,20 @@ class Call:
     start_s: float
     end_s: float
     phase: str
+    change: Optional[int] = None      # kvm_set_memslot's enum kvm_mr_change, when fetched
 
     @property
     def ms(self) -> float:
         return (self.end_s - self.start_s) * 1e3
 
 
+_CHANGE_RE = re.compile(r"\bchange=(-?\w+)")
+
+
 def parse_calls(text: str) -> Tuple[List[Call], List[Tuple[float, str]]]:
-    """Pair ``FUNC__e``/``FUNC__r`` events per (pid, function) into calls and
+    """Pair ``FUNC__e``/``FUNC__r`` events per (thread, function) into calls and
     attribute each call to the phase whose marker precedes its entry."""
-    stacks: Dict[Tuple[int, str], List[float]] = defaultdict(list)
+    open_calls: Dict[Tuple[int, str], List[Tuple[float, str, Optional[int]]]] = defaultdict(list)
     calls: List[Call] = []
     markers: List[Tuple[float, str]] = []
     phase = "setup"
@@ -162,34 +173,69 @@ def parse_calls(text: str) -> Tuple[List[Call], List[Tuple[float, str]]]:
                 markers.append((ts, phase))
             continue
         if event.endswith("__e"):
-            stacks[(pid, event[:-3])].append(ts)
-            # remember the phase at entry in a parallel stack
-            stacks[(pid, event[:-3] + "#phase")].append(len(markers))
+            ch = _CHANGE_RE.search(m.group("rest"))
+            change = int(ch.group(1), 0) if ch else None
+            open_calls[(pid, event[:-3])].append((ts, phase, change))
         elif event.endswith("__r"):
             func = event[:-3]
-            if stacks[(pid, func)]:
-                start = stacks[(pid, func)].pop()
-                idx = int(stacks[(pid, func + "#phase")].pop())
-                ph = markers[idx - 1][1] if idx else "setup"
-                calls.append(Call(func, pid, start, ts, ph))
+            if open_calls[(pid, func)]:
+                start, ph, change = open_calls[(pid, func)].pop()
+                calls.append(Call(func, pid, start, ts, ph, change))
     return calls, markers
+
+
+def _anchor_calls(calls: List[Call], anchor: str, phase: str) -> List[Call]:
+    """The anchor's calls in ``phase``; when the change type was fetched, only
+    KVM_MR_FLAGS_ONLY ones (dirty-log flag toggles; not e.g. the destination
+    QEMU's slot creation/deletion that may run at the same time)."""
+    mine = [c for c in calls if c.func == anchor and c.phase == phase]
+    if any(c.change is not None for c in mine):
+        mine = [c for c in mine if c.change == KVM_MR_FLAGS_ONLY]
+    return mine
 
 
 def summarize(calls: List[Call], anchor: Optional[str]) -> Tuple[Optional[float], Optional[float], Dict]:
     breakdown: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for c in calls:
-        b = breakdown.setdefault(c.phase, {}).setdefault(c.func, {"ms": 0.0, "calls": 0, "max_ms": 0.0})
+
+    def add(phase: str, key: str, c: Call) -> None:
+        b = breakdown.setdefault(phase, {}).setdefault(key, {"ms": 0.0, "calls": 0, "max_ms": 0.0})
         b["ms"] = round(b["ms"] + c.ms, 4)
         b["calls"] += 1
         b["max_ms"] = round(max(b["max_ms"], c.ms), 4)
 
+    for c in calls:
+        add(c.phase, c.func, c)
+    phases = {c.phase for c in calls}
+    if anchor:
+        for ph in phases:
+            if any(c.change is not None for c in calls if c.func == anchor and c.phase == ph):
+                for c in _anchor_calls(calls, anchor, ph):
+                    add(ph, f"{anchor}[flags_only]", c)
+
     def phase_ms(phase: str) -> Optional[float]:
         if anchor is None:
             return None
-        entry = breakdown.get(phase, {}).get(anchor)
-        return round(entry["ms"], 3) if entry and entry["calls"] else None
+        mine = _anchor_calls(calls, anchor, phase)
+        return round(sum(c.ms for c in mine), 3) if mine else None
 
     return phase_ms("enable"), phase_ms("disable"), breakdown
+
+
+def change_fetcharg(release: str, machine: str) -> str:
+    """kprobe fetch-arg for kvm_set_memslot's ``change`` (x86_64 calling convention):
+    4th argument (%cx) from 5.17 (kvm, old, new, change), 6th (%r9) in 5.5..5.16
+    (kvm, mem, old, new, as_id, change); none elsewhere."""
+    if machine != "x86_64":
+        return ""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        return ""
+    ver = (int(m.group(1)), int(m.group(2)))
+    if ver >= (5, 17):
+        return "change=%cx:u32"
+    if ver >= (5, 5):
+        return "change=%r9:u32"
+    return ""
 
 
 class KvmTracer:
@@ -258,8 +304,11 @@ class KvmTracer:
                 return self
             funcs = self._available_functions()
             self.anchor = next((a for a in ANCHORS if a in funcs), None)
+            uname = self.host.run(["uname", "-rm"], timeout=TRACE_CMD_TIMEOUT).text.split()
+            fetch = change_fetcharg(*uname[:2]) if len(uname) >= 2 else ""
+            specs = [f"{f}@{fetch}" if f == "kvm_set_memslot" and fetch else f for f in funcs]
             self._active = True   # from here on, teardown must run
-            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB), *funcs],
+            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB), *specs],
                                 check=False, timeout=TRACE_CMD_TIMEOUT)
             for line in res.text.splitlines():
                 word, _, rest = line.partition(" ")

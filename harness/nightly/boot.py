@@ -168,6 +168,9 @@ def _modules_tar(modules: Path, release: str) -> Path:
 class SSHBoot(BootMethod):
     """Shared install for kexec and grub-reboot."""
 
+    #: where the kernel is installed on the host ("/"; tests install into a scratch root)
+    root = "/"
+
     def open(self) -> Host:
         from harness.hosts.factory import open_host
 
@@ -184,16 +187,19 @@ class SSHBoot(BootMethod):
         release = self._release(art)
         with self.progress.task(f"{self.cfg.name}: installing {art.variant} ({release})"):
             staged = host.stage(art.bzimage)
-            kernel = f"/boot/vmlinuz-{release}"
-            host.run(["install", "-m", "0644", staged, kernel], timeout=120)
+            root = self.root.rstrip("/")
+            kernel = f"{root}/boot/vmlinuz-{release}"
+            host.run(["install", "-D", "-m", "0644", staged, kernel], timeout=120)
             if art.modules is not None:
                 tar = _modules_tar(art.modules, release)
                 staged_mods = host.stage(tar)
-                host.run(["tar", "-x", "-f", staged_mods, "-C", "/", "--no-same-owner"], timeout=600)
-                host.run(["depmod", "-a", release], timeout=600)
+                # --keep-directory-symlink: on merged-/usr systems /lib is a symlink; never replace it
+                host.run(["tar", "-x", "-f", staged_mods, "-C", self.root, "--no-same-owner",
+                          "--keep-directory-symlink"], timeout=600)
+                host.run(["depmod", "-a", "-b", self.root, release], timeout=600)
             initrd = ""
             if self.cfg.initramfs == "auto":
-                initrd = f"/boot/initrd.img-{release}"
+                initrd = f"{root}/boot/initrd.img-{release}"
                 if host.run(["sh", "-c", "command -v update-initramfs"], check=False, timeout=30).returncode == 0:
                     host.run(["update-initramfs", "-c", "-k", release], timeout=INSTALL_TIMEOUT)
                 elif host.run(["sh", "-c", "command -v dracut"], check=False, timeout=30).returncode == 0:

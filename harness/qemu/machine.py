@@ -117,7 +117,7 @@ class VM:
         self._dead = False
         self.local_log: Optional[Path] = None   # the copied -D log, after shutdown
         self.log_text: str = ""                 # its content, after shutdown
-        self.exit_reason: str = ""
+        self.exit_reason: str = ""             # "quit" | "died" (exited on its own) | "killed"
 
     # -- paths --------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -293,15 +293,18 @@ class VM:
     async def shutdown(self) -> None:
         """shutdown + post-shutdown; idempotent, never raises for a dead QEMU."""
         try:
+            if self.pid is not None and not self.exit_reason and not self.host.pid_alive(self.pid):
+                self.exit_reason = "died"        # before we asked it to quit
+                log.warning("VM %s: pid %d had already exited", self.name, self.pid)
             if self.qmp is not None and self.qmp.runstate == Runstate.RUNNING:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.qmp.execute("quit"), min(self.qmp_timeout, 10))
-                    self.exit_reason = "quit"
+                    self.exit_reason = self.exit_reason or "quit"
             if self.pid is not None:
                 exited = await asyncio.to_thread(self.host.wait_pid_exit, self.pid, self.quit_timeout)
                 if not exited:
                     log.warning("VM %s: pid %d did not exit after quit; killing", self.name, self.pid)
-                    self.exit_reason = "killed"
+                    self.exit_reason = self.exit_reason or "killed"
         finally:
             await self._cleanup()
 

@@ -113,6 +113,39 @@ async def query(vm: VM) -> Dict[str, Any]:
     return await vm.cmd("query-migrate")
 
 
+#: QEMU (7.2 at least) sets ``completed`` (and sends its event) before the
+#: migration thread computes total-time and downtime; there is no event for the
+#: latter, so a query right after the event may read 0.  Re-query this often,
+#: this many times (bounded: 2 s), then fall back to event times.
+STATS_RETRY_S = 0.05
+STATS_RETRIES = 40
+
+
+async def query_completed(vm: VM) -> Dict[str, Any]:
+    """``query-migrate`` after ``completed``, once total-time is published.
+
+    If it never is, ``total-time`` is taken from the QMP timestamps of
+    ``MIGRATION setup`` -> ``completed`` and ``downtime`` from ``STOP`` ->
+    ``completed`` (both marked in ``_migstall_derived``)."""
+    import asyncio
+
+    q: Dict[str, Any] = {}
+    for _ in range(STATS_RETRIES):
+        q = await query(vm)
+        if q.get("status") != "completed" or q.get("total-time"):
+            return q
+        await asyncio.sleep(STATS_RETRY_S)
+    st = {e["status"]: e["t_ns"] for e in statuses(vm)}
+    stop = [event_time_ns(e) for e in vm.events if e.get("event") == "STOP"]
+    if "setup" in st and "completed" in st:
+        q = dict(q)
+        q["total-time"] = round((st["completed"] - st["setup"]) / 1e6)
+        if stop:
+            q["downtime"] = round((st["completed"] - stop[-1]) / 1e6)
+        q["_migstall_derived"] = "total-time/downtime from QMP event timestamps"
+    return q
+
+
 def statuses(vm: VM) -> List[Dict[str, Any]]:
     """(status, QMP timestamp ns) of every MIGRATION event so far."""
     return [{"status": e["data"]["status"], "t_ns": event_time_ns(e)}
