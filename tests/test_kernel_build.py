@@ -133,3 +133,21 @@ def test_boot_each_kernel_and_read_release_and_tracepoints(builds):
             assert not any(present for _, present in events), res.events
             assert res.migstall_events == ()
             assert all(v == "MISSING" for _, v in res.markers)
+
+
+def test_build_failure_exits_2_with_the_log_and_keeps_the_stock_objects(builds):
+    """A series that applies but does not compile: exit 2 naming the build log.
+    It builds incrementally on the stock objects, which are put back intact."""
+    broken = REPO / "patches/migstall-broken-build-test/series.toml"
+    proc = migstall("kernel", "build", "--manifest", str(broken), "--variant", "patched")
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "patched kernel build failed" in line and "see the log " in line
+    log = Path(line.rsplit("see the log ", 1)[1].strip())
+    assert "deliberately broken build" in log.read_text(errors="replace")
+    stock_meta = json.loads(Path(builds["stock"]["metadata"]).read_text())
+    objects = Path(stock_meta["objects_tree"])
+    assert (objects / ".b" / ".config").is_file()
+    assert not objects.with_name(objects.name + ".stock-keep").exists()
+    assert not (objects / "arch/x86/kvm/migstall_trace.h").exists(), "the stock tree holds the base sources"

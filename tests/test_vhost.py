@@ -76,8 +76,10 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
     from harness import runner
 
     out = tmp_path / "sweep.csv"
-    common = dict(mem_mib=1024, vcpus=2, accel="kvm", baseline_s=0.5, ready_timeout_s=600,
-                  migration_timeout_s=600)
+    # one L2 vCPU (write loop): L1 has 2 CPUs under TCG, and with 2 busy L2 vCPUs the
+    # migration thread's ioctls would mostly measure L1's CPU contention
+    common = dict(mem_mib=1024, vcpus=1, loops=("write",), accel="kvm", baseline_s=0.5,
+                  ready_timeout_s=600, migration_timeout_s=600)
     scenarios = [
         Scenario(name="legacy-128", dirty_log_mode="legacy", touch_mib=128, **common),
         Scenario(name="legacy-768", dirty_log_mode="legacy", touch_mib=768, **common),
@@ -90,10 +92,10 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
         assert row["status"] == "ok", f"{name}: {row['error']}"
         assert row["accel"] == "kvm"
         assert row["dirty_log_mode"] == name.split("-")[0]
-        assert float(row["kvm_enable_ms"]) > 0
+        assert row["kvm_enable_ms"] != ""            # measured (0 = no MMU walk)
         assert "tdp_mmu" in row["kvm_params"]
     l128, l768, d768 = (float(rows[n]["kvm_enable_ms"]) for n in ("legacy-128", "legacy-768", "default-768"))
-    assert l768 > l128, (l128, l768)
+    assert l128 > 0 and l768 > l128, (l128, l768)
     assert d768 < l768 / 3, (d768, l768)
     # nothing of the runs is left inside L1
     assert "qemu-system" not in vhost.run(["ps", "-o", "comm"]).text

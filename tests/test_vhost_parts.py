@@ -103,10 +103,11 @@ def test_trace_pairing_and_phases():
     calls, markers = parse_calls(TRACE)
     assert [m[1] for m in markers] == ["enable", "disable"]
     enable, disable, breakdown = summarize(calls, "kvm_set_memslot")
-    assert enable == pytest.approx(35.0)
-    assert disable == pytest.approx(12.5)
+    assert enable == pytest.approx(20.0)           # the MMU walk (write protection)
+    assert disable == pytest.approx(0.0)           # a flag change without a walk
     assert breakdown["enable"]["kvm_tdp_mmu_wrprot_slot"]["ms"] == pytest.approx(20.0)
     assert breakdown["enable"]["kvm_set_memslot"]["calls"] == 2
+    assert breakdown["enable"]["_memslot_ioctls"]["ms"] == pytest.approx(35.0)
     assert summarize(calls, None)[:2] == (None, None)
 
 
@@ -120,10 +121,19 @@ def test_only_flags_only_memslot_changes_count():
 """
     calls, _ = parse_calls(trace)
     enable, disable, breakdown = summarize(calls, "kvm_set_memslot")
-    assert enable == pytest.approx(10.0) and disable is None
+    assert enable == pytest.approx(0.0) and disable is None
+    assert breakdown["enable"]["_memslot_ioctls"]["ms"] == pytest.approx(10.0)
     assert breakdown["enable"]["kvm_set_memslot"]["calls"] == 2
     assert breakdown["enable"]["kvm_set_memslot[flags_only]"]["calls"] == 1
     from harness.measure.kvm_trace import change_fetcharg
     assert change_fetcharg("6.1.0-56-amd64", "x86_64") == "change=%cx:u32"
     assert change_fetcharg("5.10.0", "x86_64") == "change=%r9:u32"
     assert change_fetcharg("5.0.0", "x86_64") == "" and change_fetcharg("6.1", "aarch64") == ""
+
+
+def test_walk_time_merges_nested_calls():
+    from harness.measure.kvm_trace import Call, walk_time_ms
+    calls = [Call("kvm_mmu_slot_remove_write_access", 1, 10.0, 10.030, "enable"),
+             Call("kvm_tdp_mmu_wrprot_slot", 1, 10.001, 10.029, "enable"),      # nested: not twice
+             Call("kvm_mmu_slot_try_split_huge_pages", 1, 10.050, 10.060, "enable")]
+    assert walk_time_ms(calls) == pytest.approx(40.0)

@@ -46,7 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from harness import paths
 from harness.errors import CommandTimeout, KernelBuildInfraError, UserError
@@ -368,6 +368,9 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
                             for part in dict.fromkeys((build_log, tmp_out / "build.log")):
                                 if part.is_file():
                                     fh.write(part.read_bytes())
+                        if rc < 0:
+                            raise KernelBuildInfraError(f"{variant} kernel build was killed by signal {-rc}",
+                                                        log_path=kept)
                         raise UserError(f"{variant} kernel build failed ({argv[0]} exited {rc}); "
                                         f"see the log {kept}")
             arts = _collect(plan, tree, tmp_out)
