@@ -106,5 +106,7 @@ cmdline_extra = "rdinit=/migstall-no-such-init init=/migstall-no-such-init"
     assert rc == 1
     (row,) = results.read_rows(tmp_path / "res" / "ci-virtual" / "patched.csv")
     assert row["status"] == "failed" and "booting patched on ci-virtual failed" in row["error"]
+    kept = re.search(r"\(log: ([^)]+)\)", row["error"])
+    assert kept and Path(kept.group(1)).is_file() and str(tmp_path) in kept.group(1)   # L1 console kept
     assert "default 6.1.0-" in out.out and "failed 1" in out.out
     assert "could not return" not in out.out

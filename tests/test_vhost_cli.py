@@ -26,7 +26,8 @@ def _l1_kernel() -> str:
 
 
 def _l1_processes():
-    return [(pid, cmd) for pid, cmd in procs.leftovers() if "migstall-l1" in cmd]
+    """L1 VMs booted by `--host virtual` (their workdir is a /tmp/migstall-l1-* dir)."""
+    return [(pid, cmd) for pid, cmd in procs.leftovers() if "migstall-l1" in cmd and "/migstall-l1-" in cmd]
 
 
 def test_cli_run_host_virtual_legacy(tmp_path):

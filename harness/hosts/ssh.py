@@ -172,10 +172,10 @@ class SSHHost(Host):
         if not os.path.exists(self.known_hosts):
             raise UserError(f"known_hosts file {self.known_hosts} does not exist; create it with "
                             f"'ssh-keyscan -p {self.port} {self.hostname} >> {self.known_hosts}' after "
-                            f"checking the key, or pass --known-hosts / MIGSTALL_SSH_KNOWN_HOSTS")
+                            f"checking the key, or point MIGSTALL_SSH_KNOWN_HOSTS at another file")
         if self.key_file and not os.path.exists(self.key_file):
             raise UserError(f"SSH key file {self.key_file} does not exist; pass an existing private key "
-                            f"with --ssh-key or MIGSTALL_SSH_KEY")
+                            f"with MIGSTALL_SSH_KEY")
         client = paramiko.SSHClient()
         client.load_host_keys(self.known_hosts)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())

@@ -25,7 +25,6 @@ import os
 import select
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import time

@@ -132,6 +132,7 @@ def run_host(cfg: NightlyConfig, hc: HostConfig, arts: Dict[str, bootmod.Artifac
                     if isinstance(exc, UserError) and not isinstance(exc, InfraError):
                         raise
                     current = None
+                    _keep_log(exc, cfg.out / hc.name, f"boot-{art.variant}")
                     why = f"booting {art.variant} on {hc.name} failed: {exc.one_line()}"
                     log.error("%s", why)
                     summary.errors.append(why)
@@ -157,6 +158,26 @@ def run_host(cfg: NightlyConfig, hc: HostConfig, arts: Dict[str, bootmod.Artifac
         finally:
             method.close(host)
     return summary
+
+
+def _keep_log(exc: BaseException, directory: Path, stem: str) -> None:
+    """Copy the log an InfraError points at (e.g. L1's console, removed with its
+    runtime dir) next to the results, and point the error at the copy."""
+    src = getattr(exc, "log_path", None)
+    if not src or not Path(src).is_file():
+        return
+    import datetime as _dt
+    import shutil
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = directory / f"{stem}-{stamp}.log"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    except OSError as err:
+        log.warning("could not keep %s: %s", src, err)
+        return
+    exc.log_path = str(dest)  # type: ignore[attr-defined]
 
 
 def host_down_final(summary: HostSummary) -> bool:
