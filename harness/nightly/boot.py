@@ -192,10 +192,14 @@ class SSHBoot(BootMethod):
             host.run(["install", "-D", "-m", "0644", staged, kernel], timeout=120)
             if art.modules is not None:
                 tar = _modules_tar(art.modules, release)
-                staged_mods = host.stage(tar)
-                # --keep-directory-symlink: on merged-/usr systems /lib is a symlink; never replace it
-                host.run(["tar", "-x", "-f", staged_mods, "-C", self.root, "--no-same-owner",
-                          "--keep-directory-symlink"], timeout=600)
+                try:
+                    staged_mods = host.stage(tar)
+                    # --keep-directory-symlink: on merged-/usr systems /lib is a symlink; never replace it
+                    host.run(["tar", "-x", "-f", staged_mods, "-C", self.root, "--no-same-owner",
+                              "--keep-directory-symlink"], timeout=600)
+                finally:
+                    if tar != art.modules:           # a temporary tarball made from a directory
+                        shutil.rmtree(tar.parent, ignore_errors=True)
                 host.run(["depmod", "-a", "-b", self.root, release], timeout=600)
             initrd = ""
             if self.cfg.initramfs == "auto":
