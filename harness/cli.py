@@ -17,7 +17,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from harness import __version__
 from harness.errors import MigstallError
@@ -28,7 +28,7 @@ COMMANDS = ("doctor", "run", "calibrate", "demo", "kernel", "vhost", "compare", 
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on bad usage already; keep its message to one line."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"migstall: {message} (see '{self.prog} --help')\n")
 
 

@@ -13,7 +13,6 @@ leave a half-written CSV.
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from harness.errors import UserError
+from harness.paths import file_lock
 
 # Identify a row; never grouped on, never compared.
 ID_COLUMNS = ("run_id", "started_at", "repeat", "sidecar")
@@ -83,20 +83,27 @@ def normalize_row(row: Mapping[str, Any]) -> Dict[str, str]:
     return {c: _fmt(row.get(c)) for c in COLUMNS}
 
 
-def check_writable(csv_path: Path) -> None:
-    """Raise UserError (before any work starts) if ``csv_path`` cannot be written."""
-    csv_path = Path(csv_path)
-    parent = csv_path.parent if str(csv_path.parent) else Path(".")
-    if csv_path.exists() and csv_path.is_dir():
-        raise UserError(f"--out {csv_path} is a directory; give a file name such as {csv_path}/run.csv")
-    if not parent.exists():
+def check_output_path(path: Path, option: str = "--out") -> None:
+    """Raise UserError (before any work starts) if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name such as {path}/out")
+    if not parent.is_dir():
+        if parent.exists():
+            raise UserError(f"{option} {path}: {parent} is not a directory; choose another path")
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"--out {csv_path}: cannot create {parent} ({exc.strerror}); choose a writable path") from exc
-    if not os.access(parent, os.W_OK | os.X_OK) or (csv_path.exists() and not os.access(csv_path, os.W_OK)):
-        raise UserError(f"--out {csv_path} is not writable; choose a path you can write to")
-    if csv_path.exists() and csv_path.stat().st_size:
+            raise UserError(f"{option} {path}: cannot create {parent} ({exc.strerror}); choose a writable path") from exc
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{option} {path} is not writable; choose a path you can write to")
+
+
+def check_writable(csv_path: Path) -> None:
+    """check_output_path for a results CSV, which must be ours if it exists."""
+    check_output_path(csv_path, "--out")
+    if Path(csv_path).exists() and Path(csv_path).stat().st_size:
         read_header(csv_path)
 
 
@@ -108,7 +115,7 @@ def read_header(csv_path: Path) -> List[str]:
     return header
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "w", newline="") as fh:
@@ -127,7 +134,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def append_rows(csv_path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -140,8 +147,7 @@ def append_rows(csv_path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new = [normalize_row(r) for r in rows]
     lock_path = csv_path.with_name(f".{csv_path.name}.lock")
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):
         old_rows: List[Dict[str, str]] = []
         header = list(COLUMNS)
         if csv_path.exists() and csv_path.stat().st_size:
@@ -154,7 +160,7 @@ def append_rows(csv_path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(old_rows)
         writer.writerows(new)
-        _atomic_write_text(csv_path, buf.getvalue())
+        atomic_write_text(csv_path, buf.getvalue())
 
 
 def sidecar_path(csv_path: Path, run_id: str) -> Path:

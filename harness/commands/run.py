@@ -12,7 +12,7 @@ import asyncio
 import datetime as _dt
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 from harness import results
 from harness.hosts.factory import open_host, parse_host_spec

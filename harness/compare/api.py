@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -10,7 +9,8 @@ from typing import List, Optional, Sequence
 from harness.compare import gate as gate_mod
 from harness.compare import load, report, stats, table
 from harness.errors import UserError
-from harness.results import _atomic_write_text
+from harness import results
+from harness.results import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -27,20 +27,6 @@ class Outcome:
         return 1 if self.gate_failures else 0
 
 
-def check_output_file(path: Path, option: str) -> None:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a directory; give a file name")
-    if not parent.is_dir():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{option} {path}: cannot create {parent} ({exc.strerror}); choose a writable path") from exc
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"{option} {path} is not writable; choose a path you can write to")
-
-
 def run(base_specs: Sequence[str], new_specs: Sequence[str], *, baseline: Optional[Sequence[str]] = None,
         threshold_pct: float = stats.DEFAULT_THRESHOLD_PCT, metrics: Optional[Sequence[str]] = None,
         gates: Sequence[gate_mod.GateSpec] = (), base_variant: Optional[str] = None,
@@ -54,7 +40,7 @@ def run(base_specs: Sequence[str], new_specs: Sequence[str], *, baseline: Option
     """
     for p, opt in ((markdown, "--markdown"), (csv_out, "--csv")):
         if p is not None:
-            check_output_file(Path(p), opt)
+            results.check_output_path(Path(p), opt)
     new = load.load(new_specs, label=" ".join(new_specs)).filter_variant(new_variant)
     baseline_rs = load.load(baseline, label=f"baseline {' '.join(baseline)}") if baseline else None
     if base_specs:
@@ -74,10 +60,10 @@ def run(base_specs: Sequence[str], new_specs: Sequence[str], *, baseline: Option
         text = table.to_markdown(cmp)
         if bcmp is not None:
             text += "\n## Stored baseline vs NEW\n\n" + table.to_markdown(bcmp)
-        _atomic_write_text(Path(markdown), text)
+        atomic_write_text(Path(markdown), text)
         written.append(Path(markdown))
     if csv_out is not None:
-        _atomic_write_text(Path(csv_out), table.to_csv(cmp))
+        atomic_write_text(Path(csv_out), table.to_csv(cmp))
         written.append(Path(csv_out))
     if report_dir is not None:
         written.append(report.write_report(

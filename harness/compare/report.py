@@ -17,7 +17,7 @@ from harness.compare import plots, table
 from harness.compare.load import ResultSet
 from harness.compare.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_N, Comparison
 from harness.errors import UserError
-from harness.results import _atomic_write_text
+from harness.results import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,6 @@ def write_report(directory: Path, cmp: Comparison, base: ResultSet, new: ResultS
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
            + "\n".join(b for b in body if b) + "\n</body></html>\n")
     path = directory / "index.html"
-    _atomic_write_text(path, doc)
+    atomic_write_text(path, doc)
     log.info("report written to %s", path)
     return path

@@ -18,8 +18,6 @@ second serial port (ttyS1).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -31,9 +29,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from harness import paths
+from harness.paths import file_lock
 from harness.errors import HostError, UserError
 from harness.progress import Progress
 
@@ -238,15 +237,6 @@ def _entry_complete(entry: Path) -> Optional[GuestKernel]:
     return GuestKernel(image, meta["release"], mods, meta["channel"], meta["origin"])
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock, so concurrent migstall processes fetch once."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def debian_kernel(progress: Progress = Progress()) -> GuestKernel:
@@ -268,7 +258,7 @@ def debian_kernel(progress: Progress = Progress()) -> GuestKernel:
         log.debug("guest kernel %s cached in %s", package, entry)
         return got
 
-    with _locked(entry / ".lock"), progress.task(f"fetching guest kernel {package}") as task:
+    with file_lock(entry / ".lock"), progress.task(f"fetching guest kernel {package}") as task:
         got = _entry_complete(entry)  # another process may have fetched it meanwhile
         if got is not None:
             return got

@@ -57,7 +57,7 @@ def _init_script(events: Sequence[str], markers: Sequence[str]) -> str:
         f"{bb} mount -t devtmpfs devtmpfs /dev 2>/dev/null",
         f"{bb} mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null",
         f"echo \"MIGSTALL-UNAME $({bb} uname -r)\"",
-        f"if [ -e /dev/kvm ]; then echo MIGSTALL-KVM yes; else echo MIGSTALL-KVM no; fi",
+        "if [ -e /dev/kvm ]; then echo MIGSTALL-KVM yes; else echo MIGSTALL-KVM no; fi",
     ]
     for ev in events:
         q = shlex.quote(ev)

@@ -31,8 +31,6 @@ then vmlinux is relinked), and the stock tree is put back.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -46,9 +44,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from harness import paths
+from harness.paths import file_lock, sha256_file
 from harness.errors import CommandTimeout, KernelBuildInfraError, UserError
 from harness.kernel.apply import apply_series
 from harness.kernel.config import ConfigPlan, missing_options, resolve_config
@@ -104,23 +103,8 @@ def localversion(variant: str, series: Series) -> str:
     return f"-migstall-{variant}-{series.hash8}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tree_id(source: SourceTree, commit: str) -> str:
@@ -320,7 +304,7 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
     root = paths.cache_dir("kernel-builds")
     bdir = root / key[:16]
     out = bdir / "out"
-    with _locked(root / f"objects-{objkey}.lock"):
+    with file_lock(root / f"objects-{objkey}.lock"):
         if (out / "metadata.json").is_file():
             return _from_out(out, cached=True)
         objects = _objects_tree(root, objkey)
@@ -388,7 +372,7 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                 "incremental": not fresh, "objects_tree": str(tree),
                 "manifest": {"path": str(plan.manifest.path), "name": plan.manifest.name,
-                             "sha256": _sha256(plan.manifest.path)},
+                             "sha256": sha256_file(plan.manifest.path)},
                 "base": {"kind": src.kind, "description": src.description, "ref": src.ref,
                          "commit": src.commit, "tree": base_tree, "version": src.version},
                 "series": {"kind": series.kind, "origin": series.origin, "sha256": series.sha256,
@@ -396,14 +380,14 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
                            "applied": variant == "patched"},
                 "source": {"commit": commit, "tree": tree_id, "changed_files": changed},
                 "config": {"label": plan.config.label, "base": plan.config.base,
-                           "fragments": [{"path": str(f), "sha256": _sha256(f)} for f in plan.config.fragments],
+                           "fragments": [{"path": str(f), "sha256": sha256_file(f)} for f in plan.config.fragments],
                            "digest": plan.config.digest,
                            "dropped_options": missing_options(plan.config, final_config)},
                 "toolchain": plan.toolchain.as_dict(), "jobs": plan.jobs,
                 "host": {"machine": platform.machine(), "node": platform.node(), "kernel": platform.release()},
                 "commands": [shlex.join(c) for c in cmds],
                 "reproducer": _reproducer(plan.manifest, variant, plan.config.label, source_override),
-                "artifacts": {name: {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size}
+                "artifacts": {name: {"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
                               for name, p in arts.items()},
             }
             atomic_write_json(tmp_out / "metadata.json", meta)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness import paths
+from harness.paths import sha256_file
 from harness.errors import KernelBuildInfraError, UserError
 from harness.kernel.manifest import BaseSpec
 from harness.kernel.run import git, run
@@ -45,12 +46,6 @@ class SourceTree:
     key: str             # cache key of the prepared tree
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kernel_version(tree: Path) -> str:
@@ -115,7 +110,7 @@ def _debian(spec: BaseSpec, progress: Progress) -> SourceTree:
                         f"install it with 'apt-get install {pkg}' (or use [base] git/path)")
     root = paths.cache_dir("kernel-src")
     with progress.task(f"hashing {tarball.name}"):
-        key = "deb-" + _sha256_file(tarball)[:16]
+        key = "deb-" + sha256_file(tarball)[:16]
     final = root / key
     if (final / READY).exists():
         return _load(final, "debian", f"debian:{pkg}", pkg, key)
