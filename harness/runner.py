@@ -223,7 +223,7 @@ class _Run:
         ready_deadline = time.monotonic() + sc.ready_timeout_s   # READY within this of the launch
         await stack.enter_async_context(src)
         await self._hook("launched")
-        info = await schema.probe(src)
+        info = await schema.probe(src, [*schema.WANTED_TRACE_EVENTS, *mode.trace_events])
         self.qemu_info = info
         self.row["qemu_version"] = info.version
         self.side["qemu"] = info.to_json()
@@ -463,5 +463,13 @@ async def run_matrix(ctx: RunContext, scenarios: Sequence[Scenario],
             img = images[kernel]
         else:
             img = images[kernel]
+        try:
+            if await asyncio.to_thread(ctx.host.configure, sc.l1_cmdline):
+                log.info("host rebooted for l1_cmdline %r", sc.l1_cmdline)
+        except MigstallError as exc:
+            row = results.failed_row(base_row(ctx, sc, new_run_id(sc)), exc)
+            results.append_rows(ctx.out, [row])
+            rows.append(row)
+            continue
         rows.append(await run_one(ctx, sc, img))
     return rows

@@ -368,6 +368,7 @@ class HostFacts:
     kvm_usable: bool
     kvm_reason: str                       # one line: why KVM is (un)usable
     executables: Mapping[str, str]        # scenario.qemu ("" = default) -> resolved path, "" if missing
+    supports_l1_cmdline: bool = False     # the host can boot with a scenario's l1_cmdline
 
 
 def check_static(s: Scenario) -> None:
@@ -446,6 +447,9 @@ def _check_tcg(s: Scenario, because: str) -> None:
 def validate(s: Scenario, facts: HostFacts) -> None:
     """Everything :func:`check_static` checks, plus what depends on the host."""
     check_static(s)
+    if s.l1_cmdline.strip() and not facts.supports_l1_cmdline:
+        raise _err(s, "l1_cmdline", "only the virtual host boots with a scenario's kernel command line",
+                   "run with --host virtual, or drop l1_cmdline")
     accel = facts.accel_auto if s.accel == "auto" else s.accel
     if s.accel == "kvm" and not facts.kvm_usable:
         raise KVMUnusable(f"--accel kvm: {facts.kvm_reason}")
@@ -511,6 +515,7 @@ def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
         kvm_usable=usable,
         kvm_reason=reason,
         executables=executables,
+        supports_l1_cmdline=bool(getattr(host, "supports_l1_cmdline", False)),
     )
 
 

@@ -9,7 +9,7 @@ import sys
 
 from harness.calibrate import DEFAULT_BQL_MS, DEFAULT_PAUSES_MS, READY_TIMEOUT, TOLERANCE_MS, calibrate, parse_pauses
 from harness.errors import UserError
-from harness.hosts.factory import open_host, parse_host_spec
+from harness.hosts.factory import HOST_HELP, open_host, parse_host_spec
 from harness.progress import for_terminal
 
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="target length of the BQL-only hold, ms; 0 skips it (default %(default)s)")
     p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"), help="default auto")
     p.add_argument("--json", action="store_true", help="print the list of points as JSON")
-    p.add_argument("--host", default="local", metavar="SPEC", help="where QEMU runs (default local)")
+    p.add_argument("--host", default="local", metavar="SPEC", help=HOST_HELP)
     p.add_argument("--qemu", default="", metavar="PATH", help="QEMU binary (default qemu-system-x86_64 on PATH)")
     p.add_argument("--guest-kernel", default=None, metavar="PATH", help="guest kernel (default Debian's, cached)")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT, metavar="S",

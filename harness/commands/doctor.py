@@ -11,7 +11,7 @@ import sys
 
 from harness.doctor import DoctorReport, doctor
 from harness.errors import KVMUnusable
-from harness.hosts.factory import open_host, parse_host_spec
+from harness.hosts.factory import HOST_HELP, open_host, parse_host_spec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Report whether KVM is usable (CPU flag, /dev/kvm, a guest boots), the CPU, "
                                    "kvm module parameters, QEMU, the host kernel, memory and hugepage pools.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--host", default="local", metavar="SPEC", help="where QEMU runs (default local)")
+    p.add_argument("--host", default="local", metavar="SPEC", help=HOST_HELP)
     p.add_argument("--qemu", default="", metavar="PATH", help="QEMU binary to report and boot-check (default on PATH)")
     p.add_argument("--require-kvm", action="store_true", help="exit 2 when KVM is not usable")
     p.set_defaults(func=run)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from harness import results
-from harness.hosts.factory import open_host, parse_host_spec
+from harness.hosts.factory import HOST_HELP, open_host, parse_host_spec
 from harness.progress import for_terminal
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ def default_out() -> Path:
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="CSV", help="results CSV to append to (default results/run-<timestamp>.csv)")
-    p.add_argument("--host", default="local", metavar="SPEC",
-                   help="where QEMU runs: local | ssh://user@host[:port] | virtual[:KERNEL] (default local)")
+    p.add_argument("--host", default="local", metavar="SPEC", help=HOST_HELP)
     p.add_argument("--kernel-variant", default="stock", metavar="NAME",
                    help="label of the host kernel under test, written to the CSV (default stock)")
     p.add_argument("--series-id", default="", metavar="ID", help="patch series id written to the CSV")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
+from harness.errors import UserError
+
 #: default timeout of one host command, seconds
 DEFAULT_COMMAND_TIMEOUT = 60.0
 #: default timeout to connect to a unix socket on the host, seconds
@@ -106,6 +108,17 @@ class Host(abc.ABC):
         with contextlib.suppress(Exception):
             self.signal(pid, _signal.SIGKILL)
         self.wait_pid_exit(pid, grace)
+
+    # -- per-scenario host settings ------------------------------------------------------
+    #: whether :meth:`configure` accepts a kernel command line (the virtual host does)
+    supports_l1_cmdline: bool = False
+
+    def configure(self, l1_cmdline: str = "") -> bool:
+        """Apply a scenario's host settings before its run; True if the host
+        was rebooted.  Only the virtual host can change its kernel command line."""
+        if l1_cmdline.strip():
+            raise UserError(f"l1_cmdline {l1_cmdline!r} needs --host virtual; drop it for --host {self.name}")
+        return False
 
     # -- clock ------------------------------------------------------------------------
     def clock_offset_s(self) -> float:

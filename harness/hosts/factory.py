@@ -31,6 +31,10 @@ _SSH_RE = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                      r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?/?$")
 _USAGE = "use --host local, ssh://user@host[:port], virtual[:debian|/path/to/bzImage] or vhost"
 
+#: ``--host`` help text shared by every command that takes one
+HOST_HELP = ("where QEMU runs: local | ssh://[user@]host[:port] | virtual[:debian|BZIMAGE] | "
+             "vhost (the VM left by `migstall vhost up`); default local")
+
 
 @dataclass(frozen=True)
 class HostSpec:

@@ -23,8 +23,6 @@ unpacks over the first.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import lzma
@@ -35,11 +33,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 from harness.errors import HostError, UserError
 from harness.guest.cpio import Entry, file_entry, write_cpio
-from harness.paths import cache_dir
+from harness.paths import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +77,13 @@ class L1Image:
 
 # -- kernels -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _unpacked_debian_package(package: str = DEBIAN_KERNEL_PACKAGE) -> Path:
     """``apt-get download`` + ``dpkg-deb -x`` into the cache, once."""
     root = cache_dir("debian-kernel")
     dest = root / package
-    with _locked(root / f".{package}.lock"):
+    with file_lock(root / f".{package}.lock"):
         if (dest / "boot").is_dir():
             return dest
         with tempfile.TemporaryDirectory(dir=root, prefix=".dl-") as tmp:
@@ -344,7 +334,7 @@ def build_l1_image(kernel: L1Kernel, qemu: str = "qemu-system-x86_64") -> L1Imag
     digest = _digest(entries, kernel)
     out_dir = cache_dir("l1")
     out = out_dir / f"l1-{digest}.cpio"
-    with _locked(out_dir / ".build.lock"):
+    with file_lock(out_dir / ".build.lock"):
         if not out.exists():
             log.info("building L1 initramfs %s", out)
             data = write_cpio(entries, compress=False)   # uncompressed: unpacking is faster under TCG

@@ -215,6 +215,8 @@ class VirtualHost(SSHHost):
             self.boot_timeout = timeout
         self.start()
 
+    supports_l1_cmdline = True
+
     def configure(self, l1_cmdline: str = "") -> bool:
         """Make L1 run with ``l1_cmdline`` (a scenario's setting); reboots only when
         it differs.  Returns True if L1 was rebooted."""
