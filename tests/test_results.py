@@ -1,6 +1,5 @@
 """The results CSV: schema, atomic append, failed rows."""
 
-import csv
 import os
 
 import pytest

@@ -17,8 +17,8 @@ every RAM block it allocates (``ram_block_add``), and memory-backend-ram has no
 property to stop that, so on a host whose THP mode is ``madvise`` or ``always``
 "plain" anonymous guest RAM gets 2 MiB pages.  ``prctl(PR_SET_THP_DISABLE)``
 overrides MADV_HUGEPAGE and survives ``execve``, so for `anon` QEMU is started
-through a tiny static exec wrapper (compiled here from :data:`NOTHP_C` into the
-cache and staged on the host) that sets it and execs QEMU.
+through a tiny static exec wrapper (``guests/nothp/nothp.c``, compiled by
+:mod:`harness.ctools` and staged on the host) that sets it and execs QEMU.
 
 The page size actually obtained is read after prefault from
 ``/proc/<qemu pid>/smaps`` on the host (:func:`page_size_obtained`): the guest
@@ -29,38 +29,19 @@ RAM mapping is the largest one at least ``mem_mib`` long; its
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from harness.errors import HostError, UserError
+from harness import ctools
+from harness.errors import UserError
 from harness.hosts.base import Host
-from harness.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 MEM_ID = "migstall-ram"
 
-NOTHP_C = r"""
-/* migstall-nothp: exec argv[1..] with transparent huge pages disabled. */
-#include <stdio.h>
-#include <sys/prctl.h>
-#include <unistd.h>
-#ifndef PR_SET_THP_DISABLE
-#define PR_SET_THP_DISABLE 41
-#endif
-int main(int argc, char **argv)
-{
-    if (argc < 2) { fprintf(stderr, "usage: migstall-nothp PROG [ARGS...]\n"); return 2; }
-    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) { perror("prctl(PR_SET_THP_DISABLE)"); return 1; }
-    execvp(argv[1], argv + 1);
-    perror(argv[1]);
-    return 127;
-}
-"""
 
 
 def memory_args(backing: str, mem_mib: int, prealloc: bool) -> List[str]:
@@ -102,29 +83,11 @@ def parse_version(text: str) -> Tuple[int, ...]:
     return tuple(int(g) for g in m.groups() if g is not None) if m else ()
 
 
-def _nothp_binary() -> Path:
-    from harness.hosts.local import LocalHost
-
-    digest = hashlib.sha256(NOTHP_C.encode()).hexdigest()[:16]
-    out = cache_dir("tools") / f"migstall-nothp-{digest}"
-    if out.exists():
-        return out
-    src = out.with_suffix(".c")
-    src.write_text(NOTHP_C)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        LocalHost().run(["gcc", "-static", "-Os", "-o", str(tmp), str(src)], timeout=120)
-    except HostError as exc:
-        raise HostError(f"cannot build the THP-disabling wrapper for --backing anon: {exc.one_line()}") from exc
-    tmp.replace(out)
-    return out
-
-
 def exec_prefix(backing: str, host: Host) -> Tuple[str, ...]:
     """Argv prefix for QEMU with this backing on ``host`` (``anon``: the wrapper)."""
     if backing != "anon":
         return ()
-    return (host.stage(_nothp_binary()),)
+    return (host.stage(ctools.nothp_wrapper()),)
 
 
 @dataclass(frozen=True)

@@ -26,28 +26,21 @@ Under TCG there is no KVM, so only ``default`` is accepted (UserError otherwise)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Tuple
 
-from harness.errors import HostError, MigrationError, UserError
+from harness import ctools
+from harness.errors import MigrationError, UserError
 from harness.hosts.base import Host
-from harness.paths import REPO_ROOT, cache_dir
 
 log = logging.getLogger(__name__)
 
 MODES = ("default", "legacy", "ring")
 #: dirty ring entries when the scenario gives none (power of two, >= 1024 on x86)
 DEFAULT_RING_SIZE = 4096
-SHIM_SOURCE = REPO_ROOT / "guests" / "legacy-shim" / "shim.c"
 SHIM_LOG = "dirtylog-shim.log"
-#: gcc timeout, seconds
-BUILD_TIMEOUT = 120.0
 
 CAP_MANUAL_PROTECT2 = 168
 CAP_DIRTY_LOG_RING = 192
@@ -58,26 +51,6 @@ class ModeSetup:
     accel_opts: Tuple[str, ...] = ()          # appended to -accel kvm,...  e.g. ("dirty-ring-size=4096",)
     env: Dict[str, str] = field(default_factory=dict)   # e.g. LD_PRELOAD of the legacy shim
     trace_events: Tuple[str, ...] = ()        # extra QEMU trace events that prove the mode
-
-
-def build_shim() -> Path:
-    """Compile the shim with the host gcc into the cache (keyed by source hash)."""
-    src = SHIM_SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    out = cache_dir("shim") / f"migstall-dirtylog-shim-{digest}.so"
-    if out.exists():
-        return out
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise UserError("gcc not found; the legacy dirty-log mode builds an LD_PRELOAD shim: install gcc (make setup)")
-    tmp = out.with_suffix(".tmp.so")
-    try:
-        subprocess.run([gcc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"],
-                       check=True, capture_output=True, timeout=BUILD_TIMEOUT)
-    except subprocess.CalledProcessError as exc:
-        raise HostError(f"building the dirty-log shim failed: {exc.stderr.decode(errors='replace')[-300:]}") from exc
-    tmp.replace(out)
-    return out
 
 
 def validate(mode: str, accel: str) -> None:
@@ -95,7 +68,7 @@ def setup(mode: str, dirty_ring: int, accel: str, host: Host, runtime_dir: str) 
     validate(mode, accel)
     if accel != "kvm":
         return ModeSetup()
-    shim = host.stage(build_shim())
+    shim = host.stage(ctools.dirtylog_shim())
     env = {"LD_PRELOAD": shim, "MIGSTALL_SHIM_LOG": f"{runtime_dir}/{SHIM_LOG}"}
     if mode == "legacy":
         env["MIGSTALL_SHIM_HIDE_MANUAL"] = "1"
