@@ -17,3 +17,11 @@ def no_leftover_processes():
     yield
     after = [(pid, cmd) for pid, cmd in procs.leftovers() if pid not in before]
     assert not after, f"processes left running by this test: {after}"
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """The default guest (Debian's kernel + the probe initramfs), built once."""
+    from harness.guest.image import build_guest_image
+
+    return build_guest_image()

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from harness import procs, results, runner
 from harness.hosts.local import LocalHost
@@ -20,13 +19,6 @@ from harness.scenario import Scenario
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(mem_mib=512, vcpus=2, accel="tcg", touch_mib=200, baseline_s=0.5,
              ready_timeout_s=240.0, migration_timeout_s=120.0)
-
-
-@pytest.fixture(scope="session")
-def guest_image():
-    from harness.guest.image import build_guest_image
-
-    return build_guest_image()
 
 
 def _mine(run_id: str):

@@ -30,11 +30,6 @@ DUMP_TIMEOUT = 60.0
 LAUNCH_TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return build_guest_image()
-
-
 @contextlib.contextmanager
 def running_guest(image: GuestImage, scenario: Scenario, name: str) -> Iterator[Tuple[LocalHost, str, str]]:
     """A daemonized TCG QEMU booting ``image``; yields (host, channel socket, console log)."""

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from harness import results, runner
 from harness.hosts.local import LocalHost
@@ -19,13 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 #: small and quick: 512 MiB guest, a few hundred MiB touched, short baseline
 SMALL = dict(mem_mib=512, vcpus=2, accel="tcg", touch_mib=200, baseline_s=0.5,
              ready_timeout_s=240.0, migration_timeout_s=180.0)
-
-
-@pytest.fixture(scope="session")
-def guest_image():
-    from harness.guest.image import build_guest_image
-
-    return build_guest_image()
 
 
 def _num(row, key):
