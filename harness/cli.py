@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    if verbose == 0:  # warnings only, worded for the user
+        logging.basicConfig(level=logging.WARNING, format="migstall: %(message)s")
+        return
+    level = logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

@@ -129,7 +129,7 @@ def build_initramfs(kernel: GuestKernel, progress: Progress = Progress()) -> Pat
     if target.is_file():
         log.debug("initramfs cached: %s", target)
         return target
-    with progress.task("building the guest initramfs") as _task, \
+    with progress.task("building the guest initramfs"), \
             tempfile.TemporaryDirectory(prefix="build-", dir=cache) as tmpname:
         tmp = Path(tmpname)
         probe = tmp / "probe"
