@@ -11,7 +11,9 @@ Flow of one run (:func:`run_one`), every wait bounded:
 4. ``KvmTracer.phase("enable")`` and QMP ``migrate``;
 5. ``MIGRATION_PASS`` 1 (the stall window ends ``margin_ms`` after it), marks;
 6. ``end_action = complete``: collect the probe's data (``dump`` also stops the
-   loops, so the remaining migration converges), wait for ``completed``.
+   loops), lift the migration's bandwidth hold (:data:`migration.HOLD_BANDWIDTH`:
+   until then precopy cannot complete and pause the source guest), wait for
+   ``completed``.
    ``end_action = cancel``: ``cancel_after_s`` after pass 1,
    ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
    ``cancelled``, then collect the probe's data;
@@ -298,6 +300,7 @@ class _Run:
                 self.records = list(await chan.dump(DUMP_TIMEOUT))
             else:
                 self.records = list(await chan.dump(DUMP_TIMEOUT))
+                await migration.release(src)
                 task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
                 end = await migration.wait_end(src, sc.migration_timeout_s)
                 if end["data"]["status"] != "completed":
