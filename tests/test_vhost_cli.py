@@ -1,9 +1,17 @@
 """`migstall run --host virtual[:KERNEL]`: the CLI boots its own L1, runs one
-legacy-mode KVM scenario in it and stops it (about 2 minutes alone)."""
+legacy-mode KVM scenario in it and stops it (about 2 minutes alone).
+
+L1 runs the kernel-build pipeline's *patched* kernel of the test series
+(`patches/migstall-dirtylog-tracepoints`, tiny config): in `make test` the
+kernel tests have built it already, so this is a cache hit; run alone, it is
+built first (several minutes).  The series' `kvm_migstall_*` tracepoints must
+show up in the run's kernel-side timing.  ``MIGSTALL_TEST_L1_KERNEL=debian``
+(or a bzImage path) boots another kernel instead."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +28,17 @@ pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or no
 REPO = Path(__file__).resolve().parent.parent
 
 
+TEST_SERIES = REPO / "patches" / "migstall-dirtylog-tracepoints" / "series.toml"
+
+
 def _l1_kernel() -> str:
-    """$MIGSTALL_TEST_L1_KERNEL (``debian`` or a bzImage with KVM built in), else Debian's kernel."""
-    return os.environ.get("MIGSTALL_TEST_L1_KERNEL") or "debian"
+    """$MIGSTALL_TEST_L1_KERNEL (``debian`` or a bzImage), else the pipeline's patched kernel."""
+    chosen = os.environ.get("MIGSTALL_TEST_L1_KERNEL")
+    if chosen:
+        return chosen
+    from harness.kernel.build import build_kernel
+
+    return str(build_kernel(TEST_SERIES, "patched", "tiny").bzimage)
 
 
 def _l1_processes():
@@ -36,7 +52,7 @@ def test_cli_run_host_virtual_legacy(tmp_path):
     out = tmp_path / "one.csv"
     spec = "virtual" if _l1_kernel() == "debian" else f"virtual:{_l1_kernel()}"
     proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", spec, "--accel", "kvm",
-                           "--dirty-log-mode", "legacy", "--mem", "512M", "--touch", "128",
+                           "--dirty-log-mode", "legacy", "--mem", "512M", "--vcpus", "1", "--touch", "128",
                            "--baseline-s", "0.5", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
     with open(out, newline="") as fh:
@@ -46,5 +62,10 @@ def test_cli_run_host_virtual_legacy(tmp_path):
     assert row["status"] == "ok", row["error"]
     assert row["accel"] == "kvm" and row["host"].startswith("virtual")
     assert float(row["kvm_enable_ms"]) > 0
+    if "MIGSTALL_TEST_L1_KERNEL" not in os.environ:
+        assert "-migstall-patched-" in row["host_kernel"], row["host_kernel"]
+        with open(row["sidecar"]) as fh:
+            seen = json.load(fh)["kvm"]["breakdown"].get("_tracepoints", {})
+        assert seen.get("kvm_migstall_dirty_log_enable", 0) > 0, seen
     assert proc.returncode == 0
     assert [p for p, _ in _l1_processes() if p not in before] == []
