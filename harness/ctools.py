@@ -1,7 +1,8 @@
 """Small C helpers that QEMU runs with on the host, compiled here on first use.
 
 * ``guests/nothp/nothp.c``: exec wrapper that disables THP (``--backing anon``);
-* ``guests/legacy-shim/shim.c``: the LD_PRELOAD shim of the ``legacy`` dirty-log mode.
+* ``guests/legacy-shim/shim.c``: the LD_PRELOAD shim of the ``legacy`` dirty-log mode;
+* ``guests/kvm-pin/kvm-pin.c``: holds an idle KVM VM in the virtual host (see there).
 
 Each is built with the host gcc into ``cache_dir("tools")``, named by a hash of
 its source and flags, so an edit rebuilds it and nothing else does.
@@ -26,6 +27,7 @@ COMPILE_TIMEOUT = 120.0
 
 NOTHP_SOURCE = REPO_ROOT / "guests" / "nothp" / "nothp.c"
 SHIM_SOURCE = REPO_ROOT / "guests" / "legacy-shim" / "shim.c"
+KVM_PIN_SOURCE = REPO_ROOT / "guests" / "kvm-pin" / "kvm-pin.c"
 
 
 def compile_c(source: Path, out_name: str, flags: Sequence[str], libs: Sequence[str] = ()) -> Path:
@@ -59,3 +61,7 @@ def nothp_wrapper() -> Path:
 
 def dirtylog_shim() -> Path:
     return compile_c(SHIM_SOURCE, "migstall-dirtylog-shim.so", ["-O2", "-Wall", "-shared", "-fPIC"], ["-ldl"])
+
+
+def kvm_pin() -> Path:
+    return compile_c(KVM_PIN_SOURCE, "migstall-kvm-pin", ["-static", "-Os", "-Wall"])

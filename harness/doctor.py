@@ -30,7 +30,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from harness.errors import HostError, KVMUnusable, UserError
+from harness.errors import CommandTimeout, HostError, KVMUnusable, UserError
 from harness.hosts.base import Host
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,14 @@ def _run_bounded(host: Host, argv: List[str], timeout: float) -> Tuple[int, str,
     probe = host.run([*guard, "true"], check=False, timeout=QUICK_COMMAND_TIMEOUT_S)
     if probe.returncode != 0:   # busybox setpriv has no --pdeathsig
         guard = []
-    res = host.run(["timeout", "-s", "KILL", f"{timeout:g}", *guard, *argv],
-                   check=False, timeout=timeout + QUICK_COMMAND_TIMEOUT_S)
+    try:
+        res = host.run(["timeout", "-s", "KILL", f"{timeout:g}", *guard, *argv],
+                       check=False, timeout=timeout + QUICK_COMMAND_TIMEOUT_S)
+    except CommandTimeout as exc:
+        # `timeout` itself did not come back: the host, not QEMU, stopped answering
+        raise CommandTimeout(f"{host.name} stopped answering during the KVM check (a {timeout:g} s QEMU "
+                             f"run under `timeout` did not return); the host may be hung",
+                             log_path=host.console_path) from exc
     ms = (time.monotonic() - t0) * 1000
     if ms >= timeout * 1000 * 0.98 and res.returncode != 0:
         return 137, res.text, "", ms          # killed by timeout (GNU: 137; busybox/ssh: other codes)

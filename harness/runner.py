@@ -350,7 +350,10 @@ class _Run:
                 self.row["dirty_log_stop_ms"] = stop.ms
                 self.row["dirty_log_stop_source"] = stop.source
                 self.side["dirty_log_stop"] = dataclasses.asdict(stop)
-        dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd)
+        src_pid, dst_pid = src.pid, self.vms["dst"].pid
+        self.side["mode"].update(dirtylog.describe(self.sc.dirty_log_mode, accel, self.host, src_rd,
+                                                   src_pid=src_pid, dst_pid=dst_pid))
+        dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd, src_pid=src_pid, dst_pid=dst_pid)
 
 
 async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str:

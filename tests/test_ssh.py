@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import shlex
 import shutil
 import signal
 import socket
@@ -12,9 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from harness.errors import CommandTimeout, HostError, HostKeyMismatch
+from harness.hosts import ssh as ssh_mod
 from harness.hosts.factory import open_host, parse_host_spec
 from harness.hosts.ssh import SSHHost
 
@@ -114,8 +118,151 @@ def test_run_argv_quoting_env_and_status(sshd):
             host.run(["sh", "-c", "exit 3"])
         t0 = time.monotonic()
         with pytest.raises(CommandTimeout):
-            host.run(["sleep", "30"], timeout=1)
+            host.run(["sleep", "30.101"], timeout=1)
         assert time.monotonic() - t0 < 10
+        assert _gone("30.101")
+
+
+
+def _pids_with(marker: str) -> list:
+    """Processes on this machine (the test sshd's too) whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read()
+            except OSError:
+                continue
+            if marker.encode() in cmdline.split(b"\0"):
+                found.append(int(entry))
+    return found
+
+
+def _gone(marker: str, timeout: float = 5.0) -> bool:
+    """True when every process with ``marker`` has exited within ``timeout`` (a
+    pidfd becomes readable when its process exits; SIGKILL is not instant).
+    Survivors are killed here, so a failing test still leaves nothing behind."""
+    deadline = time.monotonic() + timeout
+    survivors = []
+    for pid in _pids_with(marker):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            readable, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            if not readable:
+                survivors.append(pid)
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+    return not survivors
+
+
+def _raw_exec(host: SSHHost, argv: list) -> tuple:
+    """What plain paramiko exec (the old SSHHost.run) reports: (exit status, stdout)."""
+    chan = host._transport().open_session(timeout=10)
+    try:
+        chan.settimeout(10)
+        chan.exec_command(shlex.join(argv))
+        chan.shutdown_write()
+        out = b""
+        while True:
+            data = chan.recv(65536)
+            if not data:
+                break
+            out += data
+        assert chan.status_event.wait(10)
+        return chan.recv_exit_status(), out
+    finally:
+        chan.close()
+
+
+def test_run_timeout_kills_the_remote_process_group(sshd):
+    with sshd.host() as host:
+        with pytest.raises(CommandTimeout):
+            host.run(["sleep", "30.123"], timeout=1)
+        assert _gone("30.123")
+        # children in the command's process group go too (the trailing `:` keeps sh as their parent)
+        with pytest.raises(CommandTimeout):
+            host.run(["sh", "-c", "sleep 30.124 & sleep 30.125; :"], timeout=1)
+        assert _gone("30.124") and _gone("30.125")
+        assert host.run(["true"]).returncode == 0       # the connection is still usable
+
+
+def test_run_interrupted_kills_the_remote_process(sshd, monkeypatch):
+    real_select = select.select
+    start = time.monotonic()
+
+    def interrupting_select(*args, **kw):
+        if time.monotonic() - start > 0.5:
+            raise KeyboardInterrupt
+        return real_select(*args, **kw)
+
+    with sshd.host() as host:
+        monkeypatch.setattr(ssh_mod, "select", type("S", (), {"select": staticmethod(interrupting_select)}))
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            host.run(["sleep", "30.126"], timeout=20)
+        monkeypatch.undo()
+        assert _gone("30.126")
+
+
+def test_run_exit_codes_and_output_unchanged(sshd):
+    cases = [
+        ["printf", "a\\000b\\377\\r\\nend"],          # binary stdout, no trailing newline
+        ["sh", "-c", "printf out; printf err >&2; exit 3"],
+        ["sh", "-c", "exit 255"],
+        ["sh", "-c", "kill -TERM $$"],                  # killed by a signal
+        ["sh", "-c", "sleep 0.2 & echo started"],       # a child outliving the command
+        ["no-such-command-migstall"],
+    ]
+    with sshd.host() as host:
+        for argv in cases:
+            res = host.run(argv, check=False)
+            assert (res.returncode, res.stdout) == _raw_exec(host, argv), argv
+            assert b"migstall-pid" not in res.stderr, argv
+        res = host.run(["sh", "-c", "printf out; printf err >&2; exit 3"], check=False)
+        assert (res.returncode, res.stdout, res.stderr) == (3, b"out", b"err")
+        assert host.run(["printf", "\\000\\001"]).stdout == b"\x00\x01"
+        assert _gone("0.2")
+
+
+def test_run_stdin(sshd):
+    with sshd.host() as host:
+        assert host.run(["cat"], input=b"\x00\x01data").stdout == b"\x00\x01data"
+        assert host.run(["cat"], input=b"").stdout == b""
+        assert host.run(["cat"]).stdout == b""                  # stdin closed, no input
+        big = os.urandom(6 << 20)                               # more than paramiko's 2 MiB windows
+        assert host.run(["cat"], input=big, timeout=60).stdout == big
+        assert host.run(["wc", "-c"], input=big, timeout=60).text.split() == [str(len(big))]
+        # a command that exits without reading its input
+        assert host.run(["true"], input=big, timeout=60).returncode == 0
+
+
+def test_exec_request_without_answer_times_out(sshd, monkeypatch):
+    def unanswered(self, command):
+        # the request is never sent: paramiko's bare wait for the answer only ends on close
+        self._event_pending()
+        self._wait_for_event()
+
+    with sshd.host() as host:
+        monkeypatch.setattr(paramiko.Channel, "exec_command", unanswered)
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout, match="exec request"):
+            host.run(["true"], timeout=1)
+        assert time.monotonic() - t0 < 5
+        monkeypatch.setattr(ssh_mod, "DEFAULT_EXEC_REPLY_TIMEOUT", 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout, match="within 0.5s"):
+            host.run(["true"], timeout=60)
+        assert time.monotonic() - t0 < 5
+        monkeypatch.undo()
+        assert host.run(["echo", "ok"]).text == "ok\n"
+        assert not [t for t in threading.enumerate() if t.name == "ssh-exec"]
 
 
 def test_files_stage_fetch_runtime_dir(sshd, tmp_path):

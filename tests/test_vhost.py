@@ -72,10 +72,8 @@ def test_l1_has_working_kvm(vhost):
         assert vhost.read_bytes(f"{rd}/x") == b"l1"
 
 
-# slow (make test-slow): three L2 launches in a row; in a nested L2 under TCG a
-# launch occasionally never returns from qemu -daemonize (seen 2026-11-25 after
-# two good runs), which CI cannot afford until that is understood
-@pytest.mark.slow
+# three L2 launches and exits in a row (plus the KVM checks): before L1 held an
+# idle VM (guests/kvm-pin), an L2 QEMU exiting could hang L1 for good
 def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
     """legacy 64 MiB (256 MiB guest), legacy 768 MiB and default 768 MiB (1 GiB
     guest) through the real runner.  The small case also has a small guest: the

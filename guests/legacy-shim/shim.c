@@ -2,8 +2,12 @@
  * migstall dirty-log shim (LD_PRELOAD into QEMU).
  *
  * Interposes ioctl().  Always: logs the dirty-log related KVM ioctls QEMU
- * makes (capability checks and enables, and counts of GET/CLEAR_DIRTY_LOG),
- * which is how migstall proves which dirty-log mode a run really used.
+ * makes (capability checks and enables, the first KVM_CLEAR_DIRTY_LOG as it
+ * happens, and counts of GET/CLEAR_DIRTY_LOG at exit), which is how migstall
+ * proves which dirty-log mode a run really used.  Every line carries the pid;
+ * a fork (QEMU's -daemonize forks twice before it touches KVM) logs a
+ * "forked" line in the child, so the pid in QEMU's pidfile has a line saying
+ * the shim is in it even before its first KVM ioctl.
  * With MIGSTALL_SHIM_HIDE_MANUAL=1 ("legacy" mode): answers 0 to
  * KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), on the /dev/kvm fd
  * and on the VM fd alike, so QEMU uses the classic bitmap without manual
@@ -15,6 +19,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -36,15 +41,16 @@ typedef int (*ioctl_fn)(int, unsigned long, ...);
 static ioctl_fn real_ioctl;
 static int hide_manual;
 static unsigned long n_get, n_clear;
+static char log_path[4096];   /* $MIGSTALL_SHIM_LOG, read once (also used in the fork child) */
 
 static void shim_log(const char *fmt, ...)
 {
-    const char *path = getenv("MIGSTALL_SHIM_LOG");
+    const char *path = log_path;
     char buf[512];
     int n, fd;
     va_list ap;
 
-    if (!path || !*path)
+    if (!*path)
         return;
     n = snprintf(buf, sizeof(buf), "migstall-shim pid=%d ", (int)getpid());
     va_start(ap, fmt);
@@ -61,11 +67,20 @@ static void shim_log(const char *fmt, ...)
     }
 }
 
+static void shim_forked(void)
+{
+    shim_log("forked ppid=%d hide_manual=%d", (int)getppid(), hide_manual);
+}
+
 __attribute__((constructor)) static void shim_init(void)
 {
     const char *h = getenv("MIGSTALL_SHIM_HIDE_MANUAL");
+    const char *p = getenv("MIGSTALL_SHIM_LOG");
     real_ioctl = (ioctl_fn)dlsym(RTLD_NEXT, "ioctl");
     hide_manual = h && strcmp(h, "1") == 0;
+    if (p && strlen(p) < sizeof(log_path))
+        strcpy(log_path, p);
+    pthread_atfork(NULL, NULL, shim_forked);
     shim_log("loaded hide_manual=%d", hide_manual);
 }
 
@@ -113,7 +128,8 @@ int ioctl(int fd, unsigned long request, ...)
         __atomic_add_fetch(&n_get, 1, __ATOMIC_RELAXED);
         break;
     case KVM_CLEAR_DIRTY_LOG:
-        __atomic_add_fetch(&n_clear, 1, __ATOMIC_RELAXED);
+        if (__atomic_add_fetch(&n_clear, 1, __ATOMIC_RELAXED) == 1)
+            shim_log("first clear_dirty_log fd=%d", fd);   /* at once: the exit line may come too late */
         break;
     }
     return real_ioctl(fd, request, arg);

@@ -4,7 +4,9 @@
 pid, SSH port and pinned keys are recorded in ``<cache>/vhost/state.json``.
 While it is up, ``migstall run --host vhost`` runs scenarios in it, and
 ``migstall vhost ssh [-- CMD...]`` opens an SSH session with the pinned keys
-(``StrictHostKeyChecking=yes`` against the per-VM known_hosts).  ``down`` stops
+(``StrictHostKeyChecking=yes`` against the per-VM known_hosts); CMD runs with
+the words given, as an argument list (``-- sh -c 'a; b'`` works).  L1's own QMP
+monitor is the ``qmp_socket`` that ``status`` prints (for a stuck L1).  ``down`` stops
 it (SIGTERM, then SIGKILL) and removes its directory.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List
@@ -70,8 +73,12 @@ def _ssh(args: argparse.Namespace) -> int:
     st = running_state()
     if st is None:
         raise UserError("no virtual host is up; start one with 'migstall vhost up'")
-    command = [c for c in args.cmd if c != "--"]
-    argv = ssh_argv(st, command)
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    # one quoted string: the remote shell sees the same argv as given here
+    # (plain ssh would join the words, so `sh -c 'a; b'` would lose its quoting)
+    argv = ssh_argv(st, [shlex.join(command)] if command else [])
     if shutil.which("ssh") is None:
         raise UserError("ssh not found; install openssh-client (make setup)")
     os.execvp("ssh", argv)

@@ -48,6 +48,8 @@ class Host(abc.ABC):
 
     #: short identifier written to the ``host`` column, e.g. ``local``
     name: str = "host"
+    #: where to look when the host stops answering (a VM's serial console log), if known
+    console_path: Optional[str] = None
 
     # -- commands ---------------------------------------------------------------
     @abc.abstractmethod

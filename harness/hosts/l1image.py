@@ -12,6 +12,9 @@ holds everything the runner drives over SSH inside L1:
   virtio-net NIC driver (a migstall-built kernel has them built in), loaded by
   ``/etc/init.d/rcS`` with the ``MODULE.param=value`` arguments of the kernel
   command line (as modprobe would);
+* ``migstall-kvm-pin`` (``guests/kvm-pin``), which rcS starts to hold one idle
+  KVM VM for L1's lifetime: without it, an L2 QEMU exiting can hang L1 under
+  multi-threaded TCG (the reason is in the C file);
 * ``/etc/init.d/rcS``: mounts, modules, network (QEMU user net), sshd, then one
   line ``MIGSTALL-L1-READY <release>`` (or ``MIGSTALL-L1-FAILED <why>``) on the
   second serial port, which the host reads as the boot-complete event.
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+from harness import ctools
 from harness.errors import HostError, UserError
 from harness.guest.cpio import Entry, file_entry, write_cpio
 from harness.paths import cache_dir, file_lock
@@ -219,6 +223,12 @@ if [ -f /etc/migstall/modules ]; then
   done < /etc/migstall/modules
 fi
 [ -c /dev/kvm ] || fail "no /dev/kvm (is the CPU model exposing svm/vmx?)"
+# Live code patching can hang L1 under multi-threaded TCG (a stale translation of
+# text_poke_bp's transient int3 traps forever; see guests/kvm-pin/kvm-pin.c).
+# Hold one idle VM so L2 launches and exits never flip KVM's static keys, and
+# keep kprobes as plain int3s: no optimizer rewriting them into jumps later.
+/usr/sbin/migstall-kvm-pin > /dev/console 2>&1 || fail "migstall-kvm-pin could not create the idle KVM VM"
+echo 0 > /proc/sys/debug/kprobes-optimization 2>/dev/null
 hostname migstall-l1
 ip link set lo up
 ip link set eth0 up || fail "no eth0"
@@ -278,6 +288,7 @@ def _entries(kernel: L1Kernel, qemu: str) -> List[Entry]:
     entries.append(file_entry("usr/bin/qemu-system-x86_64", qemu_path, 0o755))
     entries.append(file_entry(SSHD.lstrip("/"), SSHD, 0o755))
     entries.append(file_entry(SFTP_SERVER.lstrip("/"), SFTP_SERVER, 0o755))
+    entries.append(file_entry("usr/sbin/migstall-kvm-pin", ctools.kvm_pin(), 0o755))
     for b in EXTRA_BINARIES:
         if os.path.exists(b):
             entries.append(file_entry(b.lstrip("/"), b, 0o755))

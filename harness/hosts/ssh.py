@@ -11,7 +11,20 @@ Security and robustness rules:
   connect (TCP + SSH banner) :data:`DEFAULT_SSH_CONNECT_TIMEOUT`,
   authentication :data:`DEFAULT_SSH_AUTH_TIMEOUT`, every command
   :data:`~harness.hosts.base.DEFAULT_COMMAND_TIMEOUT` unless the caller passes one,
-  channel open :data:`DEFAULT_CHANNEL_TIMEOUT`.
+  channel open :data:`DEFAULT_CHANNEL_TIMEOUT`, the server's answer to an exec
+  request :data:`DEFAULT_EXEC_REPLY_TIMEOUT` (capped by the command's timeout),
+  the kill after a timeout :data:`DEFAULT_KILL_TIMEOUT`.  A command's timeout
+  covers the exec request, writing its ``input`` and reading its output.
+* No command outlives its :meth:`SSHHost.run`: without a pty nothing signals a
+  remote process when its channel closes, so ``run`` starts the command as
+  ``echo <marker><pid> >&2; exec <argv>``.  sshd makes the login shell a session
+  leader, ``exec`` keeps its pid, so that pid is also the process group of the
+  command and its children.  The marker line is removed from stderr (stdout is
+  untouched; exit statuses are the command's own).  On a timeout, or any
+  exception (Ctrl-C included) before the command has exited, ``run`` sends
+  SIGKILL to that process group over a new channel.  Processes that leave the
+  group on purpose (``qemu -daemonize``, ``setsid``) are not touched: their
+  callers track them by pidfile.
 * Files move over SFTP; :meth:`SSHHost.stage` caches by content hash in
   ``~/.cache/migstall/stage`` on the remote host.
 * :meth:`SSHHost.connect_unix` opens a ``direct-streamlocal@openssh.com`` channel
@@ -27,6 +40,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import select
 import shlex
 import socket
@@ -50,6 +64,11 @@ DEFAULT_SSH_CONNECT_TIMEOUT = 20.0
 DEFAULT_SSH_AUTH_TIMEOUT = 20.0
 #: opening a channel (session, SFTP, unix socket forward), seconds
 DEFAULT_CHANNEL_TIMEOUT = 20.0
+#: the server's answer to an exec request, seconds (never more than the command's own timeout);
+#: paramiko's ``exec_command`` itself would wait for ever
+DEFAULT_EXEC_REPLY_TIMEOUT = 20.0
+#: killing a timed-out or interrupted command's process group (new channel, exec, kill), seconds
+DEFAULT_KILL_TIMEOUT = 10.0
 #: keepalive interval, seconds
 KEEPALIVE_S = 15
 #: how long :meth:`SSHHost.reconnect` keeps trying by default, seconds
@@ -58,6 +77,41 @@ DEFAULT_RECONNECT_TIMEOUT = 300.0
 CLOCK_CACHE_S = 10.0
 
 _CHUNK = 65536
+#: how often the command loop looks at the send window while ``input`` is pending, seconds
+_SEND_POLL_S = 0.02
+
+
+def _exec_bounded(chan: paramiko.Channel, command: str, timeout: float) -> bool:
+    """``chan.exec_command(command)``, waiting at most ``timeout`` seconds for the
+    server's answer.  False when it did not come: the channel is then closed
+    (which also wakes and ends the worker thread).  Rejections raise as in paramiko.
+
+    paramiko waits for the answer with a bare ``Event.wait()``, so the request
+    runs in a short-lived worker thread that this thread joins with a timeout.
+    """
+    failure: List[BaseException] = []
+
+    def request() -> None:
+        try:
+            chan.exec_command(command)
+        except BaseException as exc:      # handed to the caller below
+            failure.append(exc)
+
+    worker = threading.Thread(target=request, name="ssh-exec", daemon=True)
+    worker.start()
+    timed_out = True
+    try:
+        worker.join(timeout)
+        timed_out = worker.is_alive()
+    finally:
+        if timed_out:
+            chan.close()              # sets the channel's event: exec_command raises and the worker ends
+            worker.join(1.0)
+    if timed_out:
+        return False
+    if failure:
+        raise failure[0]
+    return True
 
 
 def _streamlocal_channel(transport: paramiko.Transport, path: str, timeout: float) -> paramiko.Channel:
@@ -253,33 +307,116 @@ class SSHHost(Host):
             return self._sftp
 
     # -- commands ------------------------------------------------------------------------
+    def _open_exec(self, command: str, exec_timeout: float, what: str,
+                   open_timeout: float = DEFAULT_CHANNEL_TIMEOUT) -> paramiko.Channel:
+        """A new session channel running the shell string ``command``.  Opening
+        waits at most ``open_timeout`` s (SSHError), the server's answer to the
+        exec request at most ``exec_timeout`` s (CommandTimeout)."""
+        try:
+            chan = self._transport().open_session(timeout=open_timeout)
+        except paramiko.SSHException as exc:
+            raise SSHError(f"cannot open an SSH session on {self.name}: {exc}") from exc
+        try:
+            started = _exec_bounded(chan, command, exec_timeout)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            chan.close()
+            raise SSHError(f"{what} on {self.name}: SSH channel failed: {exc}") from exc
+        except BaseException:
+            chan.close()
+            raise
+        if not started:
+            raise CommandTimeout(f"{what} on {self.name}: the server did not answer the exec request "
+                                 f"within {exec_timeout:g}s (if it started, it could not be killed)")
+        return chan
+
+    def _kill_group(self, pgid: Optional[int], what: str) -> None:
+        """SIGKILL the process group ``pgid`` on the host, over a new channel, all
+        within :data:`DEFAULT_KILL_TIMEOUT`.  Never raises (it runs while another
+        exception propagates): failures are logged."""
+        if pgid is None or pgid <= 1:
+            log.warning("%s on %s: its remote pid is unknown, so it cannot be killed", what, self.name)
+            return
+        log.info("killing %s on %s (process group %d)", what, self.name, pgid)
+        # the login shell's builtin kill: bash, dash and busybox ash all take `-KILL -N`;
+        # an external procps kill needs `--` before a negative pid, hence the fallback
+        command = f"kill -KILL -{pgid} 2>/dev/null || kill -KILL -- -{pgid}"
+        deadline = time.monotonic() + DEFAULT_KILL_TIMEOUT
+        try:
+            # half the budget to open the channel, half for the exec answer; kill itself gets what is left
+            chan = self._open_exec(command, DEFAULT_KILL_TIMEOUT / 2, "kill",
+                                   open_timeout=DEFAULT_KILL_TIMEOUT / 2)
+        except Exception as exc:
+            log.warning("cannot kill %s on %s (process group %d): %s", what, self.name, pgid, exc)
+            return
+        try:
+            chan.shutdown_write()
+            if not chan.status_event.wait(max(deadline - time.monotonic(), 0.0)):
+                log.warning("killing %s on %s (process group %d) did not finish within %gs",
+                            what, self.name, pgid, DEFAULT_KILL_TIMEOUT)
+            elif chan.recv_exit_status() != 0:
+                log.debug("process group %d on %s was already gone", pgid, self.name)
+        except Exception as exc:
+            log.warning("cannot kill %s on %s (process group %d): %s", what, self.name, pgid, exc)
+        finally:
+            chan.close()
+
     def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_COMMAND_TIMEOUT,
             input: Optional[bytes] = None, check: bool = True,
             env: Optional[Mapping[str, str]] = None) -> CommandResult:
+        """Run ``argv`` on the host.  ``timeout`` bounds the exec request (at most
+        :data:`DEFAULT_EXEC_REPLY_TIMEOUT` of it), writing ``input`` and reading the
+        output; on expiry, or any exception before the command exits, its process
+        group is killed (see the module docstring) and the exception propagates."""
         argv = tuple(str(a) for a in argv)
         full = argv if not env else ("env", *(f"{k}={v}" for k, v in env.items()), *argv)
         command = shlex.join(full)
         log.debug("%s$ %s", self.name, command)
-        try:
-            chan = self._transport().open_session(timeout=DEFAULT_CHANNEL_TIMEOUT)
-        except paramiko.SSHException as exc:
-            raise SSHError(f"cannot open an SSH session on {self.name}: {exc}") from exc
+        # the login shell reports its pid on stderr, then becomes the command (same pid)
+        marker = f"migstall-pid.{os.urandom(6).hex()}="
+        pid_line = re.compile(re.escape(marker.encode()) + rb"([0-9]+)\n")
         deadline = time.monotonic() + timeout
+        chan = self._open_exec(f"echo {marker}$$ >&2; exec {command}",
+                               min(timeout, DEFAULT_EXEC_REPLY_TIMEOUT), argv[0])
         out, err = bytearray(), bytearray()
+        pending = memoryview(input or b"")
+        pgid: Optional[int] = None
+        finished = False
+
+        def take_pid() -> None:
+            nonlocal pgid
+            if pgid is None:
+                match = pid_line.search(err)
+                if match:
+                    pgid = int(match.group(1))
+                    del err[match.start():match.end()]
+
         try:
-            chan.exec_command(command)
-            if input:
-                chan.sendall(input)
-            chan.shutdown_write()
+            if not pending:
+                chan.shutdown_write()
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CommandTimeout(f"{argv[0]} on {self.name} did not finish within {timeout:g}s")
-                select.select([chan], [], [], min(remaining, 1.0))
+                # input goes as far as the send window allows, interleaved with reading, so a
+                # command that writes while it reads cannot deadlock us
+                chan.settimeout(remaining)
+                while pending and chan.send_ready():
+                    try:
+                        sent = chan.send(bytes(pending[:_CHUNK]))
+                    except OSError:
+                        if not chan.closed:
+                            raise
+                        sent = 0
+                    # 0: the channel is closed (the command exited without reading it all): drop the rest
+                    pending = pending[sent:] if sent > 0 else pending[:0]
+                    if not pending:
+                        chan.shutdown_write()
+                select.select([chan], [], [], min(remaining, _SEND_POLL_S if pending else 1.0))
                 while chan.recv_ready():
                     out += chan.recv(_CHUNK)
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(_CHUNK)
+                take_pid()
                 if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
                     if chan.eof_received or chan.closed:
                         break
@@ -288,10 +425,21 @@ class SSHHost(Host):
                     if not chan.recv_ready() and not chan.recv_stderr_ready():
                         break
             code = chan.recv_exit_status()
+            finished = True
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise SSHError(f"{argv[0]} on {self.name}: SSH channel failed: {exc}") from exc
         finally:
-            chan.close()
+            try:
+                if not finished:
+                    with contextlib.suppress(Exception):
+                        while chan.recv_stderr_ready():
+                            err += chan.recv_stderr(_CHUNK)
+                    take_pid()
+                    self._kill_group(pgid, argv[0])
+            finally:
+                chan.close()
+        if pgid is None:
+            log.debug("%s on %s: no pid line on stderr (login shell not POSIX?)", argv[0], self.name)
         result = CommandResult(argv, code, bytes(out), bytes(err))
         if check and code != 0:
             tail = bytes(err).decode(errors="replace").strip().splitlines()[-1:] or [""]

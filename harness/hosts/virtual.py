@@ -56,6 +56,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _read_pid_quietly(pidfile: Path) -> Optional[int]:
+    """The pid in ``pidfile`` if it names a live L1 QEMU of ours, else None."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _is_our_l1(pid) else None
+
+
 def _keygen(path: Path, comment: str) -> None:
     try:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
@@ -86,6 +95,7 @@ class VirtualHost(SSHHost):
         self._local = LocalHost()
         super().__init__("127.0.0.1", user="root", port=0, key_file=str(self.workdir / "id_ed25519"),
                          known_hosts=str(self.workdir / "known_hosts"), name="virtual", connect=False)
+        self.console_path = str(self.console_log)
 
     # -- paths ----------------------------------------------------------------------
     @property
@@ -95,6 +105,11 @@ class VirtualHost(SSHHost):
     @property
     def qemu_log(self) -> Path:
         return self.workdir / "qemu.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        """L1's own QMP monitor (for debugging a stuck L1: ``migstall vhost status``)."""
+        return self.workdir / "qmp.sock"
 
     @property
     def cmdline(self) -> str:
@@ -133,7 +148,7 @@ class VirtualHost(SSHHost):
         Path(self.known_hosts).write_text(f"[127.0.0.1]:{self.port} {hostpub[0]} {hostpub[1]}\n")
         ready_sock = self.workdir / "ready.sock"
         pidfile = self.workdir / "l1.pid"
-        for p in (ready_sock, pidfile, self.console_log):
+        for p in (ready_sock, pidfile, self.console_log, self.qmp_socket):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         argv = [
@@ -145,6 +160,7 @@ class VirtualHost(SSHHost):
             "-serial", f"file:{self.console_log}",
             "-chardev", f"socket,id=ready,path={ready_sock},server=on,wait=off",
             "-serial", "chardev:ready",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-daemonize", "-pidfile", str(pidfile),
@@ -157,10 +173,14 @@ class VirtualHost(SSHHost):
                 res = self._local.run(argv, timeout=QEMU_START_TIMEOUT, check=False)
             except HostError as exc:
                 raise QEMUError(f"cannot start L1 QEMU: {exc}", log_path=self.qemu_log) from exc
+            finally:
+                # a daemonized L1 that -daemonize never reported is still ours to stop
+                self.pid = _read_pid_quietly(pidfile)
             if res.returncode != 0:
                 tail = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
                 raise QEMUError(f"L1 QEMU failed to start: {tail[0]}", log_path=self.qemu_log)
-            self.pid = int(pidfile.read_text().strip())
+            if self.pid is None:
+                raise QEMUError(f"L1 QEMU wrote no pidfile {pidfile}", log_path=self.qemu_log)
             release = self._wait_ready(ready_sock)
             task.update(description=f"virtual host: L1 {release} up; connecting")
             self.connect()
@@ -236,7 +256,7 @@ class VirtualHost(SSHHost):
     def state(self) -> Dict[str, Any]:
         return {"pid": self.pid, "port": self.port, "key_file": self.key_file, "known_hosts": self.known_hosts,
                 "workdir": str(self.workdir), "kernel": self.kernel_choice, "cmdline": self.cmdline,
-                "console_log": str(self.console_log), "name": self.name}
+                "console_log": str(self.console_log), "qmp_socket": str(self.qmp_socket), "name": self.name}
 
     def detach(self) -> Dict[str, Any]:
         """Leave L1 running (for ``migstall vhost up``); returns its state."""
@@ -269,19 +289,29 @@ def _is_our_l1(pid: Optional[int]) -> bool:
 
 def running_state() -> Optional[Dict[str, Any]]:
     """The state of the L1 left by ``migstall vhost up``, or None (a dead one's is ignored)."""
+    st = _load_state()
+    return st if st is not None and _is_our_l1(st.get("pid")) else None
+
+
+def _load_state() -> Optional[Dict[str, Any]]:
     path = vhost_dir() / "state.json"
     if not path.exists():
         return None
-    st = json.loads(path.read_text())
-    return st if _is_our_l1(st.get("pid")) else None
+    try:
+        st = json.loads(path.read_text())
+        if not isinstance(st, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise UserError(f"virtual host state {path} is unreadable ({exc}); stop any leftover L1 "
+                        f"(pkill -f migstall-l1) and remove {vhost_dir()}") from exc
+    return st
 
 
 def stop_running() -> Optional[int]:
     """Stop the L1 left by ``migstall vhost up`` (only if it is ours); returns its pid."""
-    path = vhost_dir() / "state.json"
     pid = None
-    if path.exists():
-        st = json.loads(path.read_text())
+    st = _load_state()
+    if st is not None:
         pid = st.get("pid")
         if _is_our_l1(pid):
             LocalHost().stop_pid(int(pid))
@@ -295,5 +325,7 @@ def attach_running() -> SSHHost:
     if st is None:
         raise UserError("--host vhost needs a running virtual host; start one with 'migstall vhost up' "
                         "(or use --host virtual to boot one for this run)")
-    return SSHHost("127.0.0.1", user="root", port=int(st["port"]), key_file=st["key_file"],
+    host = SSHHost("127.0.0.1", user="root", port=int(st["port"]), key_file=st["key_file"],
                    known_hosts=st["known_hosts"], name=st.get("name") or "virtual")
+    host.console_path = st.get("console_log")
+    return host

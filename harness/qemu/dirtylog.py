@@ -11,14 +11,23 @@
   default :data:`DEFAULT_RING_SIZE`).  QEMU then never uses manual protect.
 
 Proof (:func:`verify`): with KVM the same shim is preloaded in every mode, in
-observe-only mode except for ``legacy``, and logs the dirty-log capability
-checks/enables QEMU makes to ``<runtime dir>/dirtylog-shim.log`` on the host:
+observe-only mode except for ``legacy``, into both QEMUs; each logs the dirty-log
+capability checks/enables it makes, and its first ``KVM_CLEAR_DIRTY_LOG``, to the
+one file ``<source runtime dir>/dirtylog-shim.log`` on the host.  Every line
+carries ``pid=N``; verify reads the source QEMU's lines (its pidfile pid: QEMU's
+``-daemonize`` forks twice, and the shim logs a ``forked`` line in each child)
+and requires the destination QEMU's lines to show the same mode:
 
 * ``legacy``  needs a ``hid KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` line, no successful
-  ``enable_cap cap=168``, and no ``kvm_clear_dirty_log`` QEMU trace line;
+  ``enable_cap cap=168``, and no ``KVM_CLEAR_DIRTY_LOG`` seen by the shim (its
+  ``first clear_dirty_log`` line or a non-zero ``exit ... clear_dirty_log=M``)
+  nor, where QEMU has that trace event, a ``kvm_clear_dirty_log`` trace line;
 * ``ring``    needs a successful ``enable_cap cap=192`` (``KVM_CAP_DIRTY_LOG_RING``);
 * ``default`` needs no hiding and no ring; when the kernel offered manual protect
-  the log shows ``enable_cap cap=168`` with ``args0=0x3`` (ENABLE|INITIALLY_SET).
+  (``check_extension cap=168 ... ret=R`` with R > 0) a successful
+  ``enable_cap cap=168`` with ``args0`` = R & 0x3 (0x3 = ENABLE|INITIALLY_SET on
+  Linux >= 5.7); when it did not, default is the classic bitmap.
+  :func:`describe` records which (``default_effective``) for the sidecar.
 
 A run whose log does not prove its mode fails with :class:`MigrationError`.
 Under TCG there is no KVM, so only ``default`` is accepted (UserError otherwise).
@@ -29,7 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from harness import ctools
 from harness.errors import MigrationError, UserError
@@ -82,7 +91,106 @@ def setup(mode: str, dirty_ring: int, accel: str, host: Host, runtime_dir: str) 
     return ModeSetup(env=env, trace_events=("kvm_clear_dirty_log",))
 
 
-_ENABLE_RE = re.compile(r"enable_cap cap=(\d+) args0=(\S+) fd=\d+ ret=(-?\d+)")
+_LINE_RE = re.compile(r"^migstall-shim pid=(\d+) (.*)$", re.M)
+_PRESENT_RE = re.compile(r"^(?:loaded|forked ppid=\d+) hide_manual=\d")
+_CHECK_RE = re.compile(r"^check_extension cap=(\d+) fd=\d+ ret=(-?\d+)")
+_HID_RE = re.compile(r"^hid KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 fd=\d+ kernel_answer=(-?\d+)")
+_ENABLE_RE = re.compile(r"^enable_cap cap=(\d+) args0=(\S+) fd=\d+ ret=(-?\d+)")
+_FIRST_CLEAR_RE = re.compile(r"^first clear_dirty_log ")
+_EXIT_RE = re.compile(r"^exit get_dirty_log=\d+ clear_dirty_log=(\d+)")
+
+MANUAL_ENABLE = 0x1          # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+MANUAL_INITIALLY_SET = 0x2   # KVM_DIRTY_LOG_INITIALLY_SET
+
+
+@dataclass(frozen=True)
+class ShimView:
+    """What the shim lines of one QEMU process (or of the whole log, ``pid`` None) show."""
+    pid: Optional[int]
+    lines: Tuple[str, ...] = ()
+    offered: Optional[int] = None        # kernel's answer to CHECK_EXTENSION(168); None: never asked
+    hidden: bool = False                 # the shim answered 0 to that check
+    enables: Tuple[Tuple[int, int, int], ...] = ()   # (cap, args0, ret) of KVM_ENABLE_CAP
+    clear_dirty_log: int = 0             # KVM_CLEAR_DIRTY_LOG calls the shim saw (>= 1 once any)
+
+    @property
+    def manual_args(self) -> Optional[int]:
+        """args0 of the successful KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), if any."""
+        ok = [a for c, a, r in self.enables if c == CAP_MANUAL_PROTECT2 and r == 0]
+        return ok[-1] if ok else None
+
+    @property
+    def ring_on(self) -> bool:
+        return any(c == CAP_DIRTY_LOG_RING and r == 0 for c, _, r in self.enables)
+
+    @property
+    def effective(self) -> str:
+        """The dirty-log variant this QEMU ran: ``ring``, ``manual-protect[+initially-set]``, ``bitmap``."""
+        if not self.lines:
+            return "unknown"
+        if self.ring_on:
+            return "ring"
+        args = self.manual_args
+        if args is None:
+            return "bitmap"
+        return "manual-protect+initially-set" if args & MANUAL_INITIALLY_SET else "manual-protect"
+
+    @property
+    def mode(self) -> str:
+        """The dirty-log mode these lines show (for messages)."""
+        if self.ring_on:
+            return "ring"
+        if self.hidden and self.manual_args is None:
+            return "legacy"
+        return "default"
+
+    def seen(self) -> str:
+        """The capability lines, for messages."""
+        keep = [l for l in self.lines if not _PRESENT_RE.match(l) and not _EXIT_RE.match(l)]
+        return "; ".join(keep[-6:]) if keep else "no capability checks or enables"
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        return -1
+
+
+def shim_views(text: str) -> Dict[int, ShimView]:
+    """The log's lines grouped by pid (the text after ``pid=N``)."""
+    by_pid: Dict[int, List[str]] = {}
+    for pid, rest in _LINE_RE.findall(text):
+        by_pid.setdefault(int(pid), []).append(rest.strip())
+    return {pid: _view(pid, lines) for pid, lines in by_pid.items()}
+
+
+def _view(pid: Optional[int], lines: List[str]) -> ShimView:
+    offered: Optional[int] = None
+    hidden = False
+    enables: List[Tuple[int, int, int]] = []
+    clears = 0
+    for line in lines:
+        if m := _CHECK_RE.match(line):
+            if int(m.group(1)) == CAP_MANUAL_PROTECT2:
+                offered = max(offered or 0, int(m.group(2)))
+        elif m := _HID_RE.match(line):
+            hidden = True
+            offered = max(offered or 0, int(m.group(1)))
+        elif m := _ENABLE_RE.match(line):
+            enables.append((int(m.group(1)), _parse_int(m.group(2)), int(m.group(3))))
+        elif _FIRST_CLEAR_RE.match(line):
+            clears = max(clears, 1)
+        elif m := _EXIT_RE.match(line):
+            clears = max(clears, int(m.group(1)))
+    return ShimView(pid, tuple(lines), offered, hidden, tuple(enables), clears)
+
+
+def _select(text: str, pid: Optional[int]) -> ShimView:
+    """The view of ``pid``; with ``pid`` None, of every line in the log."""
+    if pid is None:
+        return _view(None, [rest.strip() for _, rest in _LINE_RE.findall(text)])
+    return shim_views(text).get(pid, ShimView(pid))
 
 
 def read_shim_log(host: Host, runtime_dir: str) -> str:
@@ -92,41 +200,82 @@ def read_shim_log(host: Host, runtime_dir: str) -> str:
     return host.read_bytes(path).decode(errors="replace")
 
 
-def verify(mode: str, accel: str, trace_text: str, host: Host, runtime_dir: str) -> None:
-    """Raise MigrationError if the run did not actually use ``mode``."""
+def _check(mode: str, view: ShimView, who: str, where: str) -> None:
+    """MigrationError unless ``view`` (one QEMU's shim lines) proves ``mode``."""
+    bad = f"dirty-log mode {mode!r} did not take effect in the {who}"
+    if mode == "legacy":
+        if not view.hidden or view.manual_args is not None or view.ring_on:
+            what = ("enabled manual protect" if view.manual_args is not None else
+                    "enabled the dirty ring" if view.ring_on else "never asked for manual protect")
+            raise MigrationError(f"{bad}: QEMU {what} (it shows mode {view.mode!r}: {view.seen()}; see {where})")
+        if view.clear_dirty_log:
+            raise MigrationError(f"{bad}: QEMU issued KVM_CLEAR_DIRTY_LOG (seen by the shim; see {where})")
+    elif mode == "ring":
+        if not view.ring_on:
+            raise MigrationError(f"{bad}: no successful KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) "
+                                 f"(it shows mode {view.mode!r}: {view.seen()}; see {where})")
+    else:
+        if view.hidden or view.ring_on:
+            raise MigrationError(f"dirty-log mode 'default' was altered in the {who} (manual protect hidden "
+                                 f"or ring on; it shows mode {view.mode!r}: {view.seen()}; see {where})")
+        wanted = (view.offered or 0) & (MANUAL_ENABLE | MANUAL_INITIALLY_SET)
+        if wanted and view.manual_args != wanted:
+            raise MigrationError(f"{bad}: the kernel offered KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 "
+                                 f"(answer {view.offered}) but there is no successful enable_cap cap=168 "
+                                 f"args0={wanted:#x} (seen: {view.seen()}; see {where})")
+
+
+def verify(mode: str, accel: str, trace_text: str, host: Host, runtime_dir: str, *,
+           src_pid: Optional[int] = None, dst_pid: Optional[int] = None) -> None:
+    """Raise MigrationError if the run did not actually use ``mode``.
+
+    ``src_pid``/``dst_pid``: the pids of the source and destination QEMU (from
+    their pidfiles); the source's lines must prove ``mode``, and so must the
+    destination's when ``dst_pid`` is given.  ``src_pid`` None: the log holds
+    one QEMU's lines and all of them count.  ``trace_text`` is the source QEMU's
+    trace log."""
     if accel != "kvm":
         return
     text = read_shim_log(host, runtime_dir)
     where = f"{runtime_dir}/{SHIM_LOG} on {host.name}"
-    if "loaded" not in text:
+    if not any(_PRESENT_RE.match(rest) for _, rest in _LINE_RE.findall(text)):
         raise MigrationError(f"dirty-log mode {mode!r} unproven: the shim never loaded into QEMU "
                              f"(no log at {where}; is LD_PRELOAD honoured?)")
-    enabled = {(int(c), a, int(r)) for c, a, r in _ENABLE_RE.findall(text)}
-    manual_on = any(c == CAP_MANUAL_PROTECT2 and r == 0 for c, _, r in enabled)
-    ring_on = any(c == CAP_DIRTY_LOG_RING and r == 0 for c, _, r in enabled)
-    hidden = "hid KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2" in text
     clears = [l for l in trace_text.splitlines() if "kvm_clear_dirty_log" in l]
-    log.info("dirty-log mode %s: manual_protect=%s ring=%s hidden=%s clear_dirty_log trace lines=%d",
-             mode, manual_on, ring_on, hidden, len(clears))
-    if mode == "legacy":
-        if not hidden or manual_on:
-            raise MigrationError(f"dirty-log mode 'legacy' did not take effect: QEMU "
-                                 f"{'enabled manual protect' if manual_on else 'never asked for manual protect'}"
-                                 f" (see {where})")
-        if clears:
-            raise MigrationError(f"dirty-log mode 'legacy' did not take effect: QEMU issued "
-                                 f"KVM_CLEAR_DIRTY_LOG ({len(clears)} kvm_clear_dirty_log trace lines)")
-    elif mode == "ring":
-        if not ring_on:
-            raise MigrationError(f"dirty-log mode 'ring' did not take effect: no successful "
-                                 f"KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) (see {where})")
-    else:
-        if hidden or ring_on:
-            raise MigrationError(f"dirty-log mode 'default' was altered (manual protect hidden or ring on; "
-                                 f"see {where})")
+    roles = [("source QEMU", src_pid)] + ([("destination QEMU", dst_pid)] if dst_pid is not None else [])
+    for role, pid in roles:
+        view = _select(text, pid)
+        who = role if pid is None else f"{role} (pid {pid})"
+        if not view.lines:
+            raise MigrationError(f"dirty-log mode {mode!r} unproven: no shim lines from the {who} "
+                                 f"(pids in the log: {sorted(shim_views(text)) or 'none'}; see {where})")
+        log.info("dirty-log mode %s, %s: effective=%s offered=%s manual_args=%s ring=%s hidden=%s "
+                 "clear_dirty_log(shim)=%d", mode, who, view.effective, view.offered,
+                 None if view.manual_args is None else hex(view.manual_args), view.ring_on, view.hidden,
+                 view.clear_dirty_log)
+        _check(mode, view, who, where)
+        if mode == "default" and view.effective == "bitmap":
+            log.info("dirty-log mode default, %s: the kernel does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 "
+                     "(answer: %s); default == the classic bitmap here", who,
+                     "never asked" if view.offered is None else view.offered)
+    log.info("dirty-log mode %s: %d kvm_clear_dirty_log trace lines from the source QEMU", mode, len(clears))
+    if mode == "legacy" and clears:
+        raise MigrationError(f"dirty-log mode 'legacy' did not take effect: QEMU issued "
+                             f"KVM_CLEAR_DIRTY_LOG ({len(clears)} kvm_clear_dirty_log trace lines)")
 
 
-def describe(host: Host, runtime_dir: str) -> Dict[str, object]:
-    """What the shim log shows, for the sidecar."""
+def describe(mode: str, accel: str, host: Host, runtime_dir: str, *,
+             src_pid: Optional[int] = None, dst_pid: Optional[int] = None) -> Dict[str, object]:
+    """What the shim log shows, for the sidecar's ``mode``: the variant each QEMU
+    ran (``effective``; ``default_effective`` with mode ``default``) and the log's
+    last lines.  Empty without KVM (no shim)."""
+    if accel != "kvm":
+        return {}
     text = read_shim_log(host, runtime_dir)
-    return {"shim_log": text.splitlines()[-50:]}
+    effective = {"src": _select(text, src_pid).effective}
+    if dst_pid is not None:
+        effective["dst"] = _select(text, dst_pid).effective
+    out: Dict[str, object] = {"effective": effective, "shim_log": text.splitlines()[-50:]}
+    if mode == "default":
+        out["default_effective"] = effective["src"]
+    return out
