@@ -5,8 +5,8 @@ Mechanism, on any Linux host reached through the Host API (as root):
 * a kprobe (``p:``) and a kretprobe (``r:``) event on each function of
   :data:`CANDIDATES` that the running kernel's ``available_filter_functions``
   lists (static functions may be inlined, and names differ by version), in a
-  private event group ``migstall_<random>``;
-* a private tracefs *instance* (``instances/migstall_<random>``) with its own
+  private event group ``migstall_<host unix seconds>_<6 hex>`` (see :func:`group_name`);
+* a private tracefs *instance* (``instances/<group>``) with its own
   ring buffer, ``trace_clock`` (``mono``) and ``tracing_on``, so the global
   tracer, its buffer and its ``tracing_on`` are never touched;
 * the KERNEL work's tracepoints ``kvm/kvm_migstall_*`` are enabled in the same
@@ -37,10 +37,26 @@ Definitions (milliseconds):
 * breakdown (sidecar): per phase, per probed function: total ms (inclusive of
   callees), call count and max ms.
 
+Setup reports every tracefs write that fails (``error STEP REASON`` lines of
+the script): a failed ``mkdir`` of the instance raises :class:`HostError` (as
+before); when the probe events or ``tracing_on`` cannot be switched on, tracing
+is torn down and left unavailable (empty columns, a warning with the reason);
+the other steps (``trace_clock``, ``buffer_size_kb``, a tracepoint) only warn.
+
 Teardown (``__exit__``, also after errors or Ctrl-C): the instance is switched
 off and removed, then every probe of our group is deleted from ``kprobe_events``
 (appending ``-:group/event``; ``kprobe_events`` is never truncated, so other
 users' probes survive).
+
+Left-overs: a migstall that is SIGKILLed or loses its SSH connection never tears
+down, and its probes stay armed on the host.  So setup first sweeps stale
+groups: every ``migstall_*`` group (probes and instance) whose creation time,
+the host's clock in its name, is more than :data:`STALE_GROUP_S` before the
+host's ``date +%s``.  Groups of older migstall versions (``migstall_<8 hex>``,
+no time in the name) are dated by the modification time of their instance
+directory, else of their ``events/<group>`` directory, and kept when neither can
+be read.  Younger groups are never touched: another migstall run may be using
+them on the same host.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -98,13 +115,69 @@ TRACE_CMD_TIMEOUT = 60.0
 BUFFER_KB = 8192
 #: enum kvm_mr_change value of a flags-only memslot update (dirty-log on/off)
 KVM_MR_FLAGS_ONLY = 3
+#: age (host clock) after which setup removes another migstall run's tracefs
+#: group as left over: far longer than any run holds its tracer (the tracer
+#: lives from the migration's start to its cancel, minutes at most)
+STALE_GROUP_S = 6 * 3600
+#: event group prefix; a group is ``migstall_<unix seconds>_<6 hex>``.  tracefs
+#: allows letters, digits and ``_`` in group names, at most 63 characters
+GROUP_PREFIX = "migstall_"
 
 _LINE_RE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
                       r"(?:(?P<flags>[^\s:]{4,6})\s+)?(?P<ts>\d+\.\d+):\s+(?P<event>[\w.]+):\s?(?P<rest>.*)$")
 
-_SETUP = r"""
-T=$1; G=$2; KB=$3; shift 3
+#: shell functions shared by the setup and teardown scripts.
+#: remove_group T G: switch the instance T/instances/G off and remove it, then
+#: delete every probe of event group G (appending -:G/EVENT, so other users'
+#: probes survive); complaints on stderr, status 1 when something is left.
+#: put VALUE FILE STEP: write VALUE to FILE; on failure print
+#: "error STEP REASON" on stdout and return 1.
+_FUNCS = r"""
+remove_group() {
+  [ -n "$2" ] || return 1
+  _I=$1/instances/$2; _rc=0
+  if [ -d "$_I" ]; then
+    echo 0 > "$_I/tracing_on"
+    [ -d "$_I/events/$2" ] && echo 0 > "$_I/events/$2/enable"
+    for _e in "$_I"/events/kvm/kvm_migstall_*; do [ -d "$_e" ] && echo 0 > "$_e/enable"; done
+    rmdir "$_I" || { echo "cannot remove $_I" >&2; _rc=1; }
+  fi
+  _evs=$(sed -n "s|^[pr][0-9]*:\($2/[^ ]*\).*|\1|p" "$1/kprobe_events") || _rc=1
+  for _ev in $_evs; do
+    echo "-:$_ev" >> "$1/kprobe_events" || { echo "cannot remove probe $_ev" >&2; _rc=1; }
+  done
+  return $_rc
+}
+put() {
+  _err=$(echo "$1" 2>&1 > "$2") && return 0
+  echo "error $3 $(printf '%s' "${_err:-write failed}" | tr '\n' ' ')"
+  return 1
+}
+"""
+
+_SETUP = _FUNCS + r"""
+T=$1; G=$2; KB=$3; STALE=$4; shift 4
 I=$T/instances/$G
+# sweep groups left by migstall runs that were killed (never younger than STALE)
+now=$(date +%s)
+case $now in ''|*[!0-9]*) echo "error sweep no host time"; now="";; esac
+[ -n "$now" ] && for g in $( { sed -n 's|^[pr][0-9]*:\(migstall_[A-Za-z0-9_]*\)/.*|\1|p' "$T/kprobe_events"
+                               for d in "$T"/instances/migstall_*; do [ -d "$d" ] && echo "${d##*/}"; done
+                             } | sort -u); do
+  [ "$g" = "$G" ] && continue
+  case $g in *[!A-Za-z0-9_]*) continue;; esac
+  case $g in
+    migstall_[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f])  # older versions: no time
+      born=$(stat -c %Y "$T/instances/$g" 2>/dev/null || stat -c %Y "$T/events/$g" 2>/dev/null);;
+    migstall_*_*) born=${g#migstall_}; born=${born%%_*};;
+    *) continue;;
+  esac
+  case $born in ''|*[!0-9]*) continue;; esac
+  age=$((now - born))
+  [ "$age" -gt "$STALE" ] || continue
+  if msg=$(remove_group "$T" "$g" 2>&1); then echo "swept $g $age"
+  else echo "error sweep $g: $(printf '%s' "$msg" | tr '\n' ' ')"; fi
+done
 for spec in "$@"; do
   f=${spec%%@*}; a=""; [ "$f" != "$spec" ] && a=" ${spec#*@}"
   # with fetch args if given; without them if the kernel refuses those
@@ -115,32 +188,32 @@ for spec in "$@"; do
   else echo "failed $f"; fi
 done
 mkdir "$I" || exit 3
-echo 0 > "$I/tracing_on"
-if grep -qw mono "$I/trace_clock"; then echo mono > "$I/trace_clock"; else echo global > "$I/trace_clock"; fi
-echo "$KB" > "$I/buffer_size_kb"
-[ -d "$I/events/$G" ] && echo 1 > "$I/events/$G/enable"
+put 0 "$I/tracing_on" tracing_on
+if grep -qw mono "$I/trace_clock"; then c=mono; else c=global; fi
+put $c "$I/trace_clock" trace_clock
+put "$KB" "$I/buffer_size_kb" buffer_size_kb
+# without these two there is nothing to measure: exit 4, tracing unavailable
+if [ -d "$I/events/$G" ]; then put 1 "$I/events/$G/enable" probe_events || exit 4; fi
 for e in "$T"/events/kvm/kvm_migstall_*; do
-  [ -d "$e" ] && echo 1 > "$I/events/kvm/${e##*/}/enable" && echo "tracepoint ${e##*/}"
+  [ -d "$e" ] && put 1 "$I/events/kvm/${e##*/}/enable" "tracepoint_${e##*/}" && echo "tracepoint ${e##*/}"
 done
-echo 1 > "$I/tracing_on"
+put 1 "$I/tracing_on" tracing_on || exit 4
 echo "clock $(cat "$I/trace_clock")"
+exit 0
 """
 
-_TEARDOWN = r"""
-T=$1; G=$2
-I=$T/instances/$G
-if [ -d "$I" ]; then
-  echo 0 > "$I/tracing_on"
-  [ -d "$I/events/$G" ] && echo 0 > "$I/events/$G/enable"
-  for e in "$I"/events/kvm/kvm_migstall_*; do [ -d "$e" ] && echo 0 > "$e/enable"; done
-  rmdir "$I" || echo "cannot remove $I" >&2
-fi
-grep "^[pr][0-9]*:$G/" "$T/kprobe_events" | while read -r def rest; do
-  ev=${def#*:}
-  echo "-:$ev" >> "$T/kprobe_events" || echo "cannot remove probe $ev" >&2
-done
-! grep -q "^[pr][0-9]*:$G/" "$T/kprobe_events"
+_TEARDOWN = _FUNCS + r"""
+remove_group "$1" "$2"
 """
+
+#: exit status of _SETUP when the probe events or tracing_on cannot be switched
+#: on (3: the instance cannot be created)
+_SETUP_NOT_ON = 4
+
+
+def group_name(host_time: int) -> str:
+    """A fresh event group/instance name holding its creation time (host clock)."""
+    return f"{GROUP_PREFIX}{host_time}_{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -290,7 +363,7 @@ class KvmTracer:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.tracefs: Optional[str] = None
-        self.group = f"migstall_{secrets.token_hex(4)}"
+        self.group = ""            # set on enter, from the host's clock (group_name)
         self.functions: List[str] = []
         self.tracepoints: List[str] = []
         self.anchor: Optional[str] = None
@@ -340,6 +413,15 @@ class KvmTracer:
         return out
 
     # -- lifecycle --------------------------------------------------------------------------
+    def _host_time(self) -> int:
+        """The host's clock, unix seconds (the local one if the host cannot say)."""
+        res = self.host.run(["date", "+%s"], check=False, timeout=TRACE_CMD_TIMEOUT)
+        text = res.text.strip()
+        if res.returncode == 0 and text.isdigit():
+            return int(text)
+        log.debug("no clock from %s (%r): naming the trace group by the local clock", self.host.name, text)
+        return int(time.time())
+
     def __enter__(self) -> "KvmTracer":
         try:
             if not self.available():
@@ -350,20 +432,43 @@ class KvmTracer:
             uname = self.host.run(["uname", "-rm"], timeout=TRACE_CMD_TIMEOUT).text.split()
             fetch = change_fetcharg(*uname[:2]) if len(uname) >= 2 else ""
             specs = [f"{f}@{fetch}" if f == "kvm_set_memslot" and fetch else f for f in funcs]
+            self.group = group_name(self._host_time())
             self._active = True   # from here on, teardown must run
-            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB), *specs],
+            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB),
+                                 str(STALE_GROUP_S), *specs],
                                 check=False, timeout=TRACE_CMD_TIMEOUT)
+            errors: List[str] = []
+            failed: List[str] = []
             for line in res.text.splitlines():
                 word, _, rest = line.partition(" ")
                 if word == "probed":
                     self.functions.append(rest)
+                elif word == "failed":
+                    failed.append(rest)
                 elif word == "tracepoint":
                     self.tracepoints.append(rest)
                 elif word == "clock":
                     self.clock = rest
+                elif word == "swept":
+                    name, _, age = rest.partition(" ")
+                    log.info("removed left-over kvm trace group %s (%s s old) from %s", name, age,
+                             self.host.name)
+                elif word == "error":
+                    errors.append(rest)
+            if failed:
+                log.info("kvm trace on %s: cannot probe %s", self.host.name, failed)
+            if res.returncode == _SETUP_NOT_ON:
+                self._why = "; ".join(errors) or "tracing could not be switched on"
+                log.warning("kernel-side timing unavailable on %s: %s", self.host.name, self._why)
+                self._teardown()
+                self.functions, self.tracepoints, self.anchor, self.clock = [], [], None, ""
+                return self
             if res.returncode != 0:
-                raise HostError(f"setting up tracefs on {self.host.name} failed: "
-                                f"{res.stderr.decode(errors='replace').strip()[-200:]}")
+                why = "; ".join(errors + [res.stderr.decode(errors="replace").strip()[-200:]])
+                raise HostError(f"setting up tracefs on {self.host.name} failed "
+                                f"(exit {res.returncode}): {why}")
+            if errors:
+                log.warning("kvm trace on %s: setup steps failed: %s", self.host.name, "; ".join(errors))
             if self.anchor not in self.functions:
                 self.anchor = None
             log.info("kvm trace on %s: probes %s, tracepoints %s, anchor %s, clock %s", self.host.name,
@@ -380,6 +485,8 @@ class KvmTracer:
         if not self._active:
             return
         self._active = False
+        if not self.group:
+            return
         try:
             res = self.host.run(["sh", "-c", _TEARDOWN, "sh", self.tracefs or "", self.group],
                                 check=False, timeout=TRACE_CMD_TIMEOUT)
