@@ -131,9 +131,12 @@ def _resolve_modules(moddir: Path, wanted: Sequence[str]) -> Tuple[Tuple[str, Pa
             raise HostError(f"module {name} not found under {moddir}")
         ko = index[name]
         if ko.suffix == ".xz":
-            plain = cache_dir("l1", "modules") / f"{name}.ko"
+            # per kernel release (moddir is lib/modules/<release>), written atomically
+            plain = cache_dir("l1", "modules", moddir.name) / f"{name}.ko"
             if not plain.exists():
-                plain.write_bytes(lzma.decompress(ko.read_bytes()))
+                tmp = plain.with_name(f".{plain.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(lzma.decompress(ko.read_bytes()))
+                os.replace(tmp, plain)
             ko = plain
         for dep in _modinfo_depends(ko):
             visit(dep)
