@@ -95,7 +95,6 @@ class VirtualHost(SSHHost):
         self._local = LocalHost()
         super().__init__("127.0.0.1", user="root", port=0, key_file=str(self.workdir / "id_ed25519"),
                          known_hosts=str(self.workdir / "known_hosts"), name="virtual", connect=False)
-        self.console_path = str(self.console_log)
 
     # -- paths ----------------------------------------------------------------------
     @property
@@ -105,6 +104,10 @@ class VirtualHost(SSHHost):
     @property
     def qemu_log(self) -> Path:
         return self.workdir / "qemu.log"
+
+    @property
+    def console_path(self) -> Optional[str]:   # type: ignore[override]
+        return str(self.console_log)
 
     @property
     def qmp_socket(self) -> Path:
