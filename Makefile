@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.migstall-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-host kernels bench clean help
+.PHONY: setup demo test test-slow test-host kernels bench soak clean help
 
 help:
 	@echo "make demo       run the default scenario here and print the results"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-host  the host scenario matrix with KVM (needs an Intel VMX/AMD SVM host)"
 	@echo "make kernels    build stock and patched kernels of the seed test series"
 	@echo "make bench      benchmarks: print timings (not tests)"
+	@echo "make soak       SOAK_ARGS='--runs 50 -- --mem 512M --vcpus 2': loop runs, print the pass rate"
 
 setup: $(STAMP)
 
@@ -40,6 +41,10 @@ kernels: setup
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+SOAK_ARGS ?= --runs 10 -- --dirty-log-mode legacy --mem 512M --vcpus 2 --accel kvm
+soak: setup
+	$(BIN)/python scripts/soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -75,9 +75,6 @@ BQL_ATTEMPTS = 3
 BQL_ACCEPT = (0.7, 1.4)
 #: extra ms on each side of an injection within which a stall counts as overlapping
 MATCH_SLACK_MS = 20.0
-#: marks slower than this many times the fastest one are not used for the clock map
-MARK_RTT_FACTOR = 3.0
-MARK_RTT_SLACK_MS = 2.0
 #: ms a pause may be off by before the table flags it (the TCG test uses +-60 ms)
 TOLERANCE_MS = 60.0
 MAX_PAUSE_MS = 60_000
@@ -136,19 +133,6 @@ def parse_pauses(text: str) -> Tuple[int, ...]:
                             f"give comma-separated integers in 1..{MAX_PAUSE_MS}, e.g. 50,300,1000")
         out.append(int(item))
     return tuple(out)
-
-
-def tight_marks(marks: Sequence[Any]) -> List[Any]:
-    """The marks whose round trip is within :data:`MARK_RTT_FACTOR` x the best
-    (or the best + :data:`MARK_RTT_SLACK_MS`).  A mark the guest answered late
-    (its channel thread waited for a vCPU) says little about where the guest
-    clock is, and one such sample would widen the clock uncertainty, and so the
-    matching window, by its whole round trip."""
-    if not marks:
-        return []
-    best = min(m.rtt_ns for m in marks)
-    limit = max(MARK_RTT_FACTOR * best, best + MARK_RTT_SLACK_MS * 1e6)
-    return [m for m in marks if m.rtt_ns <= limit]
 
 
 def match(injections: Sequence[Injection], records: Sequence[Any], clock: Any, accel: str,
@@ -311,13 +295,14 @@ async def calibrate(host: Host, pauses_ms: Sequence[int] = DEFAULT_PAUSES_MS, *,
     async with vm:
         try:
             version = (await vm.cmd("query-version")).get("qemu", {})
-            sock = await asyncio.to_thread(host.connect_unix, vm.path("probe.sock"))
-            chan = await ProbeChannel.open(sock, log_path=str(log_dir / "console.log"))
+            # marks on the QEMU host's clock (the relay); injections are timed here and
+            # moved onto it with host.clock_offset_s() (0 for this machine)
+            chan = await ProbeChannel.open_on(host, vm.path("probe.sock"), log_path=str(log_dir / "console.log"))
             async with chan:
                 s, records = await _inject(host, vm, chan, sc, pauses_ms, bql_ms, ready_timeout, progress)
         finally:
             _save_console(host, vm, log_dir)
-    cm = clockmod.fit(tight_marks(s.marks))
+    cm = clockmod.fit(s.marks)   # it keeps the tight marks only
     points = match(s.injections, records, cm, choice.accel)
     for rec in records:
         if rec.dropped:

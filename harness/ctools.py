@@ -2,7 +2,13 @@
 
 * ``guests/nothp/nothp.c``: exec wrapper that disables THP (``--backing anon``);
 * ``guests/legacy-shim/shim.c``: the LD_PRELOAD shim of the ``legacy`` dirty-log mode;
-* ``guests/kvm-pin/kvm-pin.c``: holds an idle KVM VM in the virtual host (see there).
+* ``guests/kvm-pin/kvm-pin.c``: holds an idle KVM VM in the virtual host (see there);
+* ``guests/markrelay/markrelay.c``: the probe channel's relay on the QEMU host,
+  which stamps the clock marks with that host's clock (see there);
+* ``guests/reaper/reaper.c``: the exec prefix of every QEMU; it reaps the
+  daemonized QEMU and writes how it ended (exit status or signal) to a file;
+* ``guests/ramhash/ramhash.c``: hashes guest RAM per 4 KiB page as QEMU's
+  ``pmemsave`` streams it through a FIFO (:mod:`harness.measure.verify`).
 
 Each is built with the host gcc into ``cache_dir("tools")``, named by a hash of
 its source and flags, so an edit rebuilds it and nothing else does.
@@ -28,6 +34,9 @@ COMPILE_TIMEOUT = 120.0
 NOTHP_SOURCE = REPO_ROOT / "guests" / "nothp" / "nothp.c"
 SHIM_SOURCE = REPO_ROOT / "guests" / "legacy-shim" / "shim.c"
 KVM_PIN_SOURCE = REPO_ROOT / "guests" / "kvm-pin" / "kvm-pin.c"
+REAPER_SOURCE = REPO_ROOT / "guests" / "reaper" / "reaper.c"
+MARKRELAY_SOURCE = REPO_ROOT / "guests" / "markrelay" / "markrelay.c"
+RAMHASH_SOURCE = REPO_ROOT / "guests" / "ramhash" / "ramhash.c"
 
 
 def compile_c(source: Path, out_name: str, flags: Sequence[str], libs: Sequence[str] = ()) -> Path:
@@ -65,3 +74,15 @@ def dirtylog_shim() -> Path:
 
 def kvm_pin() -> Path:
     return compile_c(KVM_PIN_SOURCE, "migstall-kvm-pin", ["-static", "-Os", "-Wall"])
+
+
+def markrelay() -> Path:
+    return compile_c(MARKRELAY_SOURCE, "migstall-markrelay", ["-static", "-O2", "-Wall"])
+
+
+def reaper() -> Path:
+    return compile_c(REAPER_SOURCE, "migstall-reaper", ["-static", "-Os", "-Wall"])
+
+
+def ramhash() -> Path:
+    return compile_c(RAMHASH_SOURCE, "migstall-ramhash", ["-static", "-O2", "-Wall"])

@@ -74,6 +74,12 @@ class MigrationError(InfraError):
     """Migration failed or did not progress in time."""
 
 
+class MeasurementError(InfraError):
+    """A run's figures cannot be trusted: trace lines that do not match the
+    migration they belong to, a broken invariant between columns, clocks that
+    contradict the order of events.  The row is failed with the reason."""
+
+
 class KernelBuildInfraError(InfraError):
     """The build machinery itself failed (not the user's series or config)."""
 

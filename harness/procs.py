@@ -1,6 +1,6 @@
 """Find processes migstall started on this machine.
 
-Every QEMU, sshd and dropbear that migstall starts carries the token
+Every QEMU, sshd, dropbear and RAM hasher that migstall starts carries the token
 ``migstall`` in its command line (``-name migstall-...``, a path in a
 ``migstall-`` runtime directory, ...).  Tests use :func:`leftovers` to prove
 nothing survives them.
@@ -12,7 +12,7 @@ import os
 from typing import List, Tuple
 
 TOKEN = "migstall"
-WATCHED = ("qemu-system", "sshd", "dropbear")
+WATCHED = ("qemu-system", "sshd", "dropbear", "migstall-ramhash")
 
 
 def leftovers() -> List[Tuple[int, str]]:

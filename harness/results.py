@@ -34,7 +34,8 @@ SCENARIO_COLUMNS = (
     "loops", "end_action",
 )
 # Measured facts that describe the run but are not figures of merit.
-INFO_COLUMNS = ("touched_mib", "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params")
+INFO_COLUMNS = ("touched_mib", "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params",
+                "verify_pages", "verify_mismatch_pages")
 # Figures of merit (numbers; empty when not measured).
 METRIC_COLUMNS = (
     "dirty_log_start_ms", "setup_time_ms", "first_pass_ms",
@@ -49,7 +50,8 @@ STATUS_COLUMNS = ("status", "error")
 COLUMNS = ID_COLUMNS[:2] + ("host", "host_kernel", "kernel_variant", "series_id") + tuple(
     c for c in SCENARIO_COLUMNS if c != "host"
 ) + ("touched_mib", "repeat") + METRIC_COLUMNS + (
-    "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params", "sidecar",
+    "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params",
+    "verify_pages", "verify_mismatch_pages", "sidecar",
 ) + STATUS_COLUMNS
 
 assert sorted(COLUMNS) == sorted(

@@ -9,7 +9,8 @@ Flow of one run (:func:`run_one`), every wait bounded:
    QEMU (``-incoming defer`` + ``migrate-incoming``);
 3. clock marks, then the baseline window (``scenario.baseline_s``);
 4. ``KvmTracer.phase("enable")`` and QMP ``migrate``;
-5. ``MIGRATION_PASS`` 1 (the stall window ends ``margin_ms`` after it), marks;
+5. ``MIGRATION_PASS`` 1 (the stall window runs from ``MIGRATION setup`` to
+   ``margin_ms`` after it), marks;
 6. ``end_action = complete``: collect the probe's data (``dump`` also stops the
    loops), lift the migration's bandwidth hold (:data:`migration.HOLD_BANDWIDTH`:
    until then precopy cannot complete and pause the source guest), wait for
@@ -18,7 +19,15 @@ Flow of one run (:func:`run_one`), every wait bounded:
    ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
    ``cancelled``, then collect the probe's data;
 7. shut both QEMUs down; parse the source's trace lines into
-   ``dirty_log_start_ms``/``dirty_log_stop_ms``; ``dirtylog.verify``.
+   ``dirty_log_start_ms``/``dirty_log_stop_ms``; ``dirtylog.verify``; check
+   the invariants between the columns (:func:`check_invariants`).
+
+One clock per duration: every time on the run's timeline (``_Run.t``) is the
+QEMU host's wall clock, the clock of QEMU's trace lines and QMP event
+timestamps.  The marks that place the guest's clock on it are stamped there too,
+by the mark relay (:meth:`ProbeChannel.open_on`).  This machine's clock is used
+only for waiting and for the causality check of a remote host's clock
+(:func:`check_causality`).
 
 Whatever happens (QEMU dies, no READY, migration fails, Ctrl-C), the row is
 written (``status=failed`` + ``error``) with its sidecar, and no process is left.
@@ -35,13 +44,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence
 
 from harness import results
-from harness.errors import GuestError, InfraError, MigrationError, MigstallError, QEMUError
+from harness.errors import GuestError, InfraError, MeasurementError, MigrationError, MigstallError, QEMUError
 from harness.hosts.base import Host
 from harness.measure import clock as clockmod
-from harness.measure import qemu_trace, stalls
+from harness.measure import qemu_trace, stalls, verify
 from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
 from harness.qemu import backing, dirtylog, migration, schema
@@ -56,6 +65,16 @@ MARK_TIMEOUT = 10.0
 DUMP_TIMEOUT = 60.0
 #: marks taken before the baseline and after the stall window
 MARKS_PER_BATCH = 3
+
+#: ms: trace lines and kprobe times have microsecond resolution; invariants between
+#: durations measured by different means allow this much
+INVARIANT_SLACK_MS = 0.05
+#: drift allowed between the QEMU host's clock and ours, per second between the
+#: marks that measured the offset and the command checked against them (L1 under
+#: TCG drifted up to 53 ms between two offsets taken ~1 s apart: README "Clocks")
+CLOCK_DRIFT_PER_S = 0.06
+#: ms always allowed on top of the drift in the causality check
+CAUSALITY_SLACK_MS = 1.0
 
 #: seconds ``qemu -daemonize`` may take to return: generous, because a nested
 #: host under TCG starts QEMU slowly, plus 10 s per GiB with prealloc (QEMU
@@ -83,6 +102,9 @@ class RunContext:
     progress: Progress = field(default_factory=Progress)
     doctor: Optional[Dict[str, Any]] = None
     hook: Optional[Hook] = None
+    #: test seam: extra environment of the source QEMU only (e.g. the shim's
+    #: MIGSTALL_SHIM_DROP_DIRTY, the negative control of --verify)
+    src_env: Dict[str, str] = field(default_factory=dict)
     guest_kernel: Optional[str] = None    # overrides the scenario's (CLI --guest-kernel)
 
 
@@ -124,40 +146,31 @@ class _Run:
         self.row: Dict[str, Any] = base_row(ctx, scenario, run_id)
         self.side: Dict[str, Any] = {"run_id": run_id, "scenario": dataclasses.asdict(scenario),
                                      "doctor": ctx.doctor, "commands": {}, "events": {}, "logs": {},
-                                     "marks": [], "timeline_ns": {}}
+                                     "marks": [], "timeline_ns": {}, "qemu_exit": {}}
         self.vms: Dict[str, VM] = {}
         self.records: List[Any] = []
         self.marks: List[Any] = []
+        #: the run's timeline, QEMU host wall clock (ns); see the module docstring
         self.t: Dict[str, Optional[int]] = {}
-        #: QEMU host wall clock minus ours (ns); measured at the start and again before the baseline
-        self.off_ns = 0
+        #: this machine's wall clock (ns) when ``migrate`` was sent: only for check_causality
+        self.migrate_sent_local_ns = 0
 
-    def now_ns(self) -> int:
-        """Wall time on the QEMU host's clock."""
-        return time.time_ns() + self.off_ns
-
-    async def _measure_offset(self) -> None:
-        self.off_ns = int(await asyncio.to_thread(self.host.clock_offset_s) * 1e9)
-        self.side.setdefault("clock_offset_ns", []).append(self.off_ns)
-
-    async def _sleep_until(self, t_ns: int) -> None:
-        left = (t_ns - self.now_ns()) / 1e9
-        if left > 0:
-            await asyncio.sleep(left)
+    @property
+    def verifying(self) -> bool:
+        """Migrated memory is compared: ``verify`` and a migration that completes."""
+        return self.sc.verify and self.sc.end_action == "complete"
 
     # -- helpers ------------------------------------------------------------------------
     async def _hook(self, point: str) -> None:
-        self.t[point] = self.now_ns()
         if self.ctx.hook is not None:
             await self.ctx.hook(point, self.vms)
 
     async def _marks(self, chan: Any, n: int, label: str) -> None:
-        off = self.off_ns
         for _ in range(n):
             s = await chan.mark(MARK_TIMEOUT)
-            sample = {"id": s.id, "host_send_ns": s.host_send_ns + off,
-                      "host_recv_ns": s.host_recv_ns + off, "guest_ns": s.guest_ns, "label": label}
-            self.marks.append(sample)
+            self.marks.append({"id": s.id, "host_send_ns": s.host_send_ns, "host_recv_ns": s.host_recv_ns,
+                               "guest_ns": s.guest_ns, "harness_send_ns": s.harness_send_ns,
+                               "harness_recv_ns": s.harness_recv_ns, "label": label})
 
     def _guest_args(self, rundir: str, tag: str, kernel: str, initrd: str) -> List[str]:
         from harness.guest.image import guest_qemu_args
@@ -172,7 +185,6 @@ class _Run:
         from harness.guest.channel import ProbeChannel
 
         sc, host = self.sc, self.host
-        await self._measure_offset()
         accel = await asyncio.to_thread(resolve_accel, host, sc.accel)
         self.row["accel"] = accel
         self.row["cpu_model"] = sc.cpu_model or ("host" if accel == "kvm" else "max")
@@ -202,9 +214,11 @@ class _Run:
 
             launch_timeout = launch_timeout_s(sc)
             src = VM(host, f"{self.run_id}-src", common(src_rd, "src"), qemu=qemu, prefix=prefix,
-                     runtime_dir=src_rd, env=mode.env, log_dir=self.log_dir, launch_timeout=launch_timeout,
-                     collect=("console.log",))
-            dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS),
+                     runtime_dir=src_rd, env={**mode.env, **self.ctx.src_env}, log_dir=self.log_dir,
+                     launch_timeout=launch_timeout, collect=("console.log",))
+            # with verify the destination stays paused after the migration (-S) until RAM is compared
+            paused = ["-S"] if self.verifying else []
+            dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS) + paused,
                      qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir,
                      launch_timeout=launch_timeout, collect=("console.log",))
             self.vms = {"src": src, "dst": dst}
@@ -217,11 +231,16 @@ class _Run:
                     self.side["events"][tag] = [{k: v for k, v in e.items()} for e in vm.events]
                     self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
                     self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path("console.log"))
+                    self.side["qemu_exit"][tag] = vm.exit_info()
             self._trace_columns(src, mode, accel, src_rd)
 
     async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
                        mode: dirtylog.ModeSetup) -> None:
         sc, host, prog = self.sc, self.host, self.ctx.progress
+        # tracing is set up before any QEMU of the run starts and torn down after
+        # both have exited (the stack unwinds in reverse): arming kprobes patches
+        # kernel text, best done while no guest runs (README "The virtual host")
+        tracer = stack.enter_context(KvmTracer(host))
         ready_deadline = time.monotonic() + sc.ready_timeout_s   # READY within this of the launch
         await stack.enter_async_context(src)
         await self._hook("launched")
@@ -232,8 +251,7 @@ class _Run:
         self.side["traces_enabled"] = await schema.enable_traces(
             src, info, list(schema.WANTED_TRACE_EVENTS) + list(mode.trace_events))
 
-        sock = await asyncio.to_thread(host.connect_unix, src.path("probe.sock"))
-        chan = await ProbeChannel.open(sock, log_path=src.path("console.log"))
+        chan = await ProbeChannel.open_on(host, src.path("probe.sock"), log_path=src.path("console.log"))
         stack.push_async_callback(_aclose, chan)
         try:
             hello = await chan.wait_hello(max(0.0, ready_deadline - time.monotonic()))
@@ -255,17 +273,17 @@ class _Run:
         await stack.enter_async_context(dst)
         uri = await migration.prepare_destination(dst)
 
-        await self._measure_offset()
         await self._marks(chan, MARKS_PER_BATCH, "before-baseline")
-        self.t["baseline_start"] = self.now_ns()
-        await asyncio.sleep(sc.baseline_s)   # the baseline window is a span of time by definition
-        self.t["baseline_end"] = self.now_ns()
+        # the baseline window is a span of time by definition; it starts when the
+        # last mark's echo reached the QEMU host, and migrate is sent after it ends
+        self.t["baseline_start"] = self.marks[-1]["host_recv_ns"]
+        self.t["baseline_end"] = self.t["baseline_start"] + int(sc.baseline_s * 1e9)
+        await asyncio.sleep(sc.baseline_s)
 
-        tracer = stack.enter_context(KvmTracer(host))
         tracer.phase("enable")
-        off = self.off_ns
         with prog.task(f"{sc.name} r{sc.repeat}: migration", total=None) as task:
-            self.t["migrate_sent"] = await migration.start(src, uri) + off
+            since = len(src.events)
+            self.migrate_sent_local_ns = await migration.start(src, uri, auto_converge=self.verifying)
             await self._hook("migrating")
             try:
                 pass1 = await migration.wait_pass(src, 1, timeout=min(sc.migration_timeout_s,
@@ -273,10 +291,12 @@ class _Run:
             except MigrationError as exc:
                 raise MigrationError(await _why_failed(src, dst, head=" ".join(str(exc).split())),
                                      src.log_path) from exc
+            pass1_seen = time.monotonic()       # the event happened before we saw it
+            self.t["setup"] = _status_time(src, "setup", since)
             self.t["pass1"] = event_time_ns(pass1)
             task.update(description=f"{sc.name} r{sc.repeat}: migration, pass 1")
             self.t["window_end"] = self.t["pass1"] + int(sc.margin_ms * 1e6)
-            await self._sleep_until(self.t["window_end"])
+            await asyncio.sleep(sc.margin_ms / 1000)   # so window_end has passed on the QEMU host too
             await self._marks(chan, MARKS_PER_BATCH, "after-window")
             try:
                 q_active = await migration.query(src)
@@ -284,20 +304,37 @@ class _Run:
                 q_active = {}
             self.side["query_migrate_active"] = q_active
             if sc.end_action == "cancel":
-                await self._sleep_until(self.t["pass1"] + int(sc.cancel_after_s * 1e9))
+                await asyncio.sleep(max(0.0, pass1_seen + sc.cancel_after_s - time.monotonic()))
                 tracer.phase("disable")
                 q_active = await migration.query(src)
                 self.side["query_migrate_active"] = q_active
                 if q_active.get("status") not in ("active", "setup", "pre-switchover", "device"):
                     raise MigrationError(f"migration was {q_active.get('status')!r} at cancel time; "
                                          f"use a shorter cancel_after_s", src.log_path)
-                self.t["cancel_sent"] = await migration.cancel(src) + off
+                since = len(src.events)
+                await migration.cancel(src)
                 end = await migration.wait_end(src, sc.migration_timeout_s)
-                self.t["cancelled"] = event_time_ns(end)
                 if end["data"]["status"] != "cancelled":
                     raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
+                self.t["cancelling"] = _status_time(src, "cancelling", since)
+                self.t["cancelled"] = event_time_ns(end)
                 q = q_active
                 self.records = list(await chan.dump(DUMP_TIMEOUT))
+            elif self.verifying:
+                # the loops keep writing through precopy; their records migrate with the guest
+                await migration.release(src)
+                task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
+                end = await migration.wait_end(src, sc.migration_timeout_s)
+                if end["data"]["status"] != "completed":
+                    raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
+                self.t["completed"] = event_time_ns(end)
+                q = await migration.query_completed(src)
+                task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
+                await self._verify(src, dst)
+                await dst.cmd("cont")
+                dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"), log_path=dst.path("console.log"))
+                stack.push_async_callback(_aclose, dchan)
+                self.records = list(await dchan.dump(DUMP_TIMEOUT))
             else:
                 self.records = list(await chan.dump(DUMP_TIMEOUT))
                 await migration.release(src)
@@ -311,7 +348,7 @@ class _Run:
         mt = migration.times(q)
         self.row["setup_time_ms"] = mt.setup_time_ms if mt.setup_time_ms is not None else \
             (q_active.get("setup-time") if q_active else None)
-        self.row["first_pass_ms"] = (self.t["pass1"] - self.t["migrate_sent"]) / 1e6
+        self.row["first_pass_ms"] = (self.t["pass1"] - self.t["setup"]) / 1e6
         if sc.end_action == "complete":
             self.row["total_time_ms"] = mt.total_time_ms
             self.row["downtime_ms"] = mt.downtime_ms
@@ -323,10 +360,36 @@ class _Run:
         self._stall_columns()
         await self._hook("measured")
 
+    async def _verify(self, src: VM, dst: VM) -> None:
+        """Hash guest RAM on both sides (both paused: the source by the
+        completed migration, the destination by -S) and compare page by page."""
+        for vm in (src, dst):
+            status = await vm.cmd("query-status")
+            if status.get("running"):
+                raise MeasurementError(f"QEMU {vm.name} is running ({status.get('status')}): "
+                                       f"its RAM can change while it is compared")
+        ranges = verify.guest_ram_ranges(self.sc.mem_mib)
+        timeout = verify.hash_timeout_s(self.sc.mem_mib)
+        a = await verify.hash_guest_ram(src, ranges, timeout)
+        b = await verify.hash_guest_ram(dst, ranges, timeout)
+        res = verify.compare(ranges, a.hashes, b.hashes)
+        self.row["verify_pages"] = res.pages
+        self.row["verify_mismatch_pages"] = res.mismatch_pages
+        gib = self.sc.mem_mib / 1024
+        self.side["verify"] = {"ranges": [dataclasses.asdict(r) for r in ranges], "pages": res.pages,
+                               "mismatch_pages": res.mismatch_pages,
+                               "first_mismatches": list(res.first_mismatches),
+                               "hash_s": {"src": a.seconds, "dst": b.seconds},
+                               "hash_s_per_gib": round(max(a.seconds, b.seconds) / gib, 3) if gib else None}
+        if res.mismatch_pages:
+            raise MeasurementError(res.error_text())
+
     def _stall_columns(self) -> None:
         cm = clockmod.fit(self.marks)
         self.side["clock"] = cm.to_json()
-        w = (self.t["migrate_sent"], self.t["window_end"])
+        self.side["clock_offset"] = check_causality(self.marks, self.migrate_sent_local_ns, self.t["setup"] or 0,
+                                                    self.host.name)
+        w = (self.t["setup"], self.t["window_end"])
         b = (self.t["baseline_start"], self.t["baseline_end"])
         self.row.update(stalls.columns(stalls.class_stats(self.records, cm, *w)))
         self.row["baseline_stall_max_us"] = stalls.max_in(self.records, cm, *b)
@@ -337,23 +400,94 @@ class _Run:
         text = src.log_text
         lines = qemu_trace.parse(text)
         self.side["trace_lines"] = [l.raw for l in lines]
-        start = qemu_trace.dirty_log_start(lines, migrate_sent_ns=self.t["migrate_sent"] or 0,
-                                           pass1_ns=self.t.get("pass1"))
-        if start is not None:
-            self.row["dirty_log_start_ms"] = start.ms
-            self.row["dirty_log_start_source"] = start.source
-            self.side["dirty_log_start"] = dataclasses.asdict(start)
-        if self.t.get("cancel_sent"):
-            stop = qemu_trace.dirty_log_stop(lines, cancel_sent_ns=self.t["cancel_sent"] or 0,
-                                             cancelled_ns=self.t.get("cancelled"))
-            if stop is not None:
-                self.row["dirty_log_stop_ms"] = stop.ms
-                self.row["dirty_log_stop_source"] = stop.source
-                self.side["dirty_log_stop"] = dataclasses.asdict(stop)
+        enabled = set(self.side.get("traces_enabled") or ())
+        traced = "global_dirty_changed" in enabled
+        memslots = accel == "kvm" and "kvm_set_user_memory" in enabled
+        if not traced:
+            log.info("QEMU %s has no global_dirty_changed trace event (before 6.1): dirty-log start "
+                     "falls back to the QMP events MIGRATION setup -> MIGRATION_PASS 1",
+                     self.row.get("qemu_version"))
+        start = qemu_trace.dirty_log_start(lines, setup_ns=self.t["setup"] or 0, pass1_ns=self.t.get("pass1"),
+                                           traced=traced, memslots=memslots)
+        self.row["dirty_log_start_ms"] = start.ms
+        self.row["dirty_log_start_source"] = start.source
+        self.side["dirty_log_start"] = dataclasses.asdict(start)
+        if self.t.get("cancelled"):
+            stop = qemu_trace.dirty_log_stop(lines, cancelling_ns=self.t["cancelling"] or 0,
+                                             cancelled_ns=self.t["cancelled"] or 0, traced=traced, memslots=memslots)
+            self.row["dirty_log_stop_ms"] = stop.ms
+            self.row["dirty_log_stop_source"] = stop.source
+            self.side["dirty_log_stop"] = dataclasses.asdict(stop)
+        check_invariants(self.row)
         src_pid, dst_pid = src.pid, self.vms["dst"].pid
         self.side["mode"].update(dirtylog.describe(self.sc.dirty_log_mode, accel, self.host, src_rd,
                                                    src_pid=src_pid, dst_pid=dst_pid))
         dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd, src_pid=src_pid, dst_pid=dst_pid)
+
+
+def _status_time(vm: VM, status: str, since: int) -> int:
+    """QMP timestamp (QEMU host clock, ns) of the first ``MIGRATION {status}``
+    event at index >= ``since``; MeasurementError if QEMU sent none."""
+    for ev in vm.events[since:]:
+        if ev.get("event") == "MIGRATION" and ev.get("data", {}).get("status") == status:
+            return event_time_ns(ev)
+    raise MeasurementError(f"QEMU {vm.name} sent no MIGRATION {{status: {status}}} event; "
+                           f"its migration timeline cannot be anchored")
+
+
+def check_invariants(row: Dict[str, Any]) -> None:
+    """Relations that hold between a row's durations by construction; one that
+    breaks means a figure is wrong (MeasurementError names it):
+
+    * ``dirty_log_start_ms >= kvm_enable_ms``: the kernel's walk happens inside
+      the memslot ioctls that the start spans;
+    * ``dirty_log_start_ms <= setup_time_ms + 1``: the start is part of the
+      migration thread's setup (QEMU reports whole ms);
+    * ``first_pass_ms >= dirty_log_start_ms``: pass 1 follows the start."""
+    start = row.get("dirty_log_start_ms")
+    if start is None:
+        return
+    slack = INVARIANT_SLACK_MS
+    kvm, setup, first = row.get("kvm_enable_ms"), row.get("setup_time_ms"), row.get("first_pass_ms")
+    broken = []
+    if kvm is not None and start + slack < kvm:
+        broken.append(f"dirty_log_start_ms {start:.3f} < kvm_enable_ms {kvm:.3f}")
+    if setup is not None and start > float(setup) + 1 + slack:
+        broken.append(f"dirty_log_start_ms {start:.3f} > setup_time_ms {setup} + 1")
+    if first is not None and first + slack < start:
+        broken.append(f"first_pass_ms {first:.3f} < dirty_log_start_ms {start:.3f}")
+    if broken:
+        raise MeasurementError("invariant broken: " + "; ".join(broken))
+
+
+def check_causality(marks: Sequence[Mapping[str, Any]], migrate_sent_local_ns: int, setup_ns: int,
+                    host_name: str) -> Dict[str, Any]:
+    """The QEMU host's clock against ours, from the marks (each bounds the
+    offset: the relay stamped after we sent and before we received), and one
+    causality check: ``MIGRATION setup`` cannot precede the ``migrate`` that
+    caused it.  Nothing is computed from the offset; it is recorded (median
+    midpoint and spread of the per-mark estimates) and a contradiction fails
+    the run (MeasurementError), since it means one of the clocks jumped."""
+    bounds = [(m["host_recv_ns"] - m["harness_recv_ns"], m["host_send_ns"] - m["harness_send_ns"])
+              for m in marks if m.get("harness_send_ns")]
+    if not bounds:
+        return {}
+    mids = sorted((lo + hi) / 2 for lo, hi in bounds)
+    out: Dict[str, Any] = {"offset_ms": mids[len(mids) // 2] / 1e6, "spread_ms": (mids[-1] - mids[0]) / 1e6,
+                           "bounds_ms": [[lo / 1e6, hi / 1e6] for lo, hi in bounds]}
+    before = [(m, lo) for m, (lo, _) in zip(marks, bounds) if m["harness_recv_ns"] <= migrate_sent_local_ns]
+    if before and migrate_sent_local_ns and setup_ns:
+        m, lo = before[-1]          # the last mark before migrate: the least drift since
+        gap_s = (migrate_sent_local_ns - m["harness_recv_ns"]) / 1e9
+        allowed_ns = (CLOCK_DRIFT_PER_S * gap_s * 1e3 + CAUSALITY_SLACK_MS) * 1e6
+        earliest = migrate_sent_local_ns + lo          # on the QEMU host's clock, at the earliest
+        out["setup_after_migrate_ms"] = (setup_ns - earliest) / 1e6
+        if setup_ns < earliest - allowed_ns:
+            raise MeasurementError(
+                f"clock causality broken on {host_name}: MIGRATION setup is {(earliest - setup_ns) / 1e6:.1f} ms "
+                f"before migrate could have reached QEMU (offset bounds of the last mark "
+                f"{lo / 1e6:.1f} ms, allowed {allowed_ns / 1e6:.1f} ms)")
+    return out
 
 
 async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str:
@@ -423,12 +557,13 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, 
             for tag, word in (("src", "source"), ("dst", "destination")):
                 vm = run.vms.get(tag)
                 if vm is not None and vm.exit_reason == "died" and f"{word} QEMU" not in exc_for_row:
-                    exc_for_row += f"; the {word} QEMU had exited unexpectedly"
+                    exc_for_row += f"; {vm.death_note(f'the {word} QEMU')}"
             if not exc_for_row:
                 exc_for_row = type(exc).__name__
             if not isinstance(exc, MigstallError):
                 log.exception("run %s failed unexpectedly", run_id)
         row = results.failed_row(run.row, exc_for_row, sidecar=str(run.sidecar))
+        run.side["measured"] = {k: v for k, v in run.row.items() if k in results.METRIC_COLUMNS and v is not None}
     run.side["row"] = row
     run.side["timeline_ns"] = run.t
     run.side["marks"] = run.marks

@@ -92,6 +92,7 @@ class Scenario:
     qemu: str = ""                  # "" = qemu-system-x86_64 on the host's PATH
     guest_kernel: str = ""          # "" = Debian's linux-image, cached
     l1_cmdline: str = ""            # virtual host only: extra L1 kernel args (e.g. kvm.tdp_mmu=0)
+    verify: bool = False            # hash guest RAM on both sides after a completed migration
     # Where the scenario came from, for error messages only (not compared):
     # "" = command-line flags, else "FILE [[scenario]] #N".
     origin: str = field(default="", compare=False)
@@ -138,6 +139,7 @@ _KEYS: Dict[str, Tuple[str, str, Optional[str]]] = {
     "qemu": ("qemu", "str", "--qemu"),
     "guest_kernel": ("guest_kernel", "str", "--guest-kernel"),
     "l1_cmdline": ("l1_cmdline", "str", None),
+    "verify": ("verify", "bool", "--verify"),
 }
 #: keys that may be lists in a file; each list is one axis of the matrix
 MATRIX_KEYS = ("mem", "vcpus", "backing", "dirty_log_mode")
@@ -546,6 +548,9 @@ def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--repeat", metavar="N", help="runs of each scenario (default 1)")
     g.add_argument("--overcommit", action="store_true", default=None,
                    help="allow more guest memory or vCPUs than the host has")
+    g.add_argument("--verify", action="store_true", default=None,
+                   help="after a completed migration, compare guest RAM on both sides page by page "
+                        "(the write loops keep writing until the source stops)")
     g.add_argument("--qemu", metavar="PATH", help="QEMU binary on the host (default qemu-system-x86_64 on PATH)")
     g.add_argument("--guest-kernel", metavar="PATH", help="guest kernel (default Debian's linux-image, cached)")
     g.add_argument("--ready-timeout", metavar="S", help="seconds to wait for the probe's READY (default 300)")

@@ -1,5 +1,9 @@
 """The measurement arithmetic, on recorded inputs (no QEMU)."""
 
+import pytest
+
+from harness import runner
+from harness.errors import MeasurementError
 from harness.measure import clock, qemu_trace, stalls
 from harness.qemu import backing
 
@@ -18,15 +22,69 @@ S = 1_000_000_000
 
 def test_dirty_log_start_kvm_and_tcg_and_fallback():
     lines = qemu_trace.parse(KVM_LOG)
-    span = qemu_trace.dirty_log_start(lines, migrate_sent_ns=1000 * S, pass1_ns=1000 * S + 9_000_000)
+    setup = 1000 * S - 50_000                    # QMP timestamp of MIGRATION setup
+    span = qemu_trace.dirty_log_start(lines, setup_ns=setup, pass1_ns=1000 * S + 9_000_000,
+                                      traced=True, memslots=True)
     assert span.source == "trace:global_dirty_changed->kvm_set_user_memory" and span.ms == 4.0
     tcg = [l for l in lines if l.event != "kvm_set_user_memory"]
-    span = qemu_trace.dirty_log_start(tcg, migrate_sent_ns=1000 * S, pass1_ns=None)
+    span = qemu_trace.dirty_log_start(tcg, setup_ns=setup, pass1_ns=None, traced=True, memslots=False)
     assert span.source == "trace:global_dirty_changed->migration_bitmap_sync_start" and span.ms == 4.9
-    span = qemu_trace.dirty_log_start([], migrate_sent_ns=1000 * S, pass1_ns=1000 * S + 7_000_000)
-    assert span.source == "qmp:migrate->MIGRATION_PASS1" and span.ms == 7.0
-    stop = qemu_trace.dirty_log_stop(lines, cancel_sent_ns=1001 * S - 500_000, cancelled_ns=1001 * S + 5_000_000)
+    # a QEMU without the trace event (before 6.1): QMP events only, both on QEMU's clock
+    span = qemu_trace.dirty_log_start([], setup_ns=setup, pass1_ns=1000 * S + 7_000_000,
+                                      traced=False, memslots=True)
+    assert span.source == "qmp:MIGRATION(setup)->MIGRATION_PASS1" and span.ms == 7.05
+    stop = qemu_trace.dirty_log_stop(lines, cancelling_ns=1001 * S - 500_000, cancelled_ns=1001 * S + 5_000_000,
+                                     traced=True, memslots=True)
     assert stop.source == "trace:global_dirty_changed->kvm_set_user_memory" and stop.ms == 3.0
+
+
+def test_skewed_harness_clock_no_longer_falls_back():
+    """The case of issue 14: the harness's "migrate sent", converted with a
+    wrong offset, landed after global_dirty_changed, and the runner silently
+    used migrate->MIGRATION_PASS1.  Anchored on QEMU's own MIGRATION setup the
+    trace always matches; lines that cannot be matched fail loudly."""
+    lines = qemu_trace.parse(KVM_LOG)
+    skewed_migrate_sent = 1000 * S + 40_000_000      # 40 ms late: after every trace line
+    span = qemu_trace.dirty_log_start(lines, setup_ns=1000 * S - 50_000, pass1_ns=1000 * S + 9_000_000,
+                                      traced=True, memslots=True)
+    assert span.source.startswith("trace:") and span.ms == 4.0
+    with pytest.raises(MeasurementError, match="no global_dirty_changed with the migration bit at or after"):
+        qemu_trace.dirty_log_start(lines, setup_ns=skewed_migrate_sent, pass1_ns=1000 * S + 9_000_000,
+                                   traced=True, memslots=True)
+    no_slots = [l for l in lines if l.event != "kvm_set_user_memory"]
+    with pytest.raises(MeasurementError, match="no kvm_set_user_memory"):
+        qemu_trace.dirty_log_start(no_slots, setup_ns=1000 * S - 50_000, pass1_ns=1000 * S + 9_000_000,
+                                   traced=True, memslots=True)
+
+
+def test_invariants():
+    ok = {"dirty_log_start_ms": 37.0, "kvm_enable_ms": 16.3, "setup_time_ms": 40, "first_pass_ms": 60.0}
+    runner.check_invariants(ok)
+    for bad, word in (({"dirty_log_start_ms": 6.155}, "< kvm_enable_ms"),
+                      ({"setup_time_ms": 30}, "> setup_time_ms"),
+                      ({"first_pass_ms": 20.0}, "first_pass_ms")):
+        with pytest.raises(MeasurementError, match=word):
+            runner.check_invariants({**ok, **bad})
+    runner.check_invariants({"dirty_log_start_ms": None})
+
+
+def _mark(h_send, offset_ns, rtt_out=1_000_000, rtt_back=1_000_000):
+    """A relayed mark: we send at h_send (our clock); the relay (QEMU host clock
+    = ours + offset) stamps it rtt_out later and the echo rtt_back after that."""
+    host_send = h_send + offset_ns + rtt_out
+    return {"harness_send_ns": h_send, "host_send_ns": host_send, "host_recv_ns": host_send + 100_000,
+            "harness_recv_ns": h_send + rtt_out + 100_000 + rtt_back, "guest_ns": 0}
+
+
+def test_causality_check_and_offset_record():
+    off = -1_000_000_000                             # L1 runs 1 s behind us
+    marks = [_mark(100 * S + i * 10_000_000, off) for i in range(3)]
+    sent = 101 * S
+    out = runner.check_causality(marks, sent, sent + off + 2_000_000, "virtual")
+    assert abs(out["offset_ms"] - off / 1e6) < 2 and out["spread_ms"] < 0.01
+    with pytest.raises(MeasurementError, match="causality broken on virtual"):
+        runner.check_causality(marks, sent, sent + off - 200_000_000, "virtual")
+    assert runner.check_causality([], sent, 0, "local") == {}
 
 
 def test_clock_fit_and_stall_window():

@@ -323,6 +323,60 @@ def test_connect_unix_forwarding(sshd, tmp_path):
         th.join(5)
 
 
+def _fake_probe(path: str) -> threading.Thread:
+    """A unix-socket server that speaks the probe's mark protocol once."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn, server, conn.makefile("rwb") as fh:
+            for line in fh:
+                word, mid, host_ns = line.split()
+                fh.write(b'{"ev":"mark","id":%s,"host_ns":%s,"guest_ns":7}\n' % (mid, host_ns))
+                fh.write(b'{"ev":"stalls","stalls":"' + b"x" * 100_000 + b'"}\n')
+                fh.flush()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    return th
+
+
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_mark_relay_stamps_on_the_qemu_host(sshd, tmp_path, kind):
+    """The probe channel through the mark relay (Host.open_stream): marks are
+    stamped by the relay, other lines pass untouched, and closing the channel
+    ends the relay process."""
+    import asyncio
+
+    from harness.guest.channel import ProbeChannel
+    from harness.hosts.local import LocalHost
+
+    path = str(tmp_path / "probe.sock")
+    th = _fake_probe(path)
+
+    async def go(host):
+        chan = await ProbeChannel.open_on(host, path)
+        try:
+            assert chan.relay["clock"] == "realtime"
+            mark = await chan.mark(10)
+            assert mark.harness_send_ns <= mark.host_send_ns <= mark.host_recv_ns <= mark.harness_recv_ns
+            line = await chan._reader.readline()
+            assert len(line) > 100_000 and line.endswith(b'"}\n')
+            return chan.relay["pid"]
+        finally:
+            await chan.close()
+
+    with (LocalHost() if kind == "local" else sshd.host()) as host:
+        pid = asyncio.run(go(host))
+        assert LocalHost().wait_pid_exit(pid, 10), "the relay outlived its channel"
+    th.join(5)
+    with pytest.raises(HostError, match="did not connect"):
+        with LocalHost() as host:
+            asyncio.run(ProbeChannel.open_on(host, str(tmp_path / "missing.sock")))
+
+
 def test_processes_and_clock(sshd):
     with sshd.host() as host:
         proc = subprocess.Popen(["sleep", "60"])

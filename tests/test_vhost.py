@@ -108,19 +108,3 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path):
         pid, stat, comm = (line.split() + ["", "", ""])[:3]
         if comm.startswith("qemu-system") and not stat.startswith("Z"):
             assert vhost.wait_pid_exit(int(pid), 15), f"L2 QEMU {pid} left running in L1"
-
-
-def test_l1_cmdline_and_reboot():
-    """A scenario's l1_cmdline (kvm.tdp_mmu=0: the legacy MMU) is on L1's command
-    line (for Debian's modular KVM too); configure() reboots only on a change.
-    Its own L1 (the module's keeps running for the other tests)."""
-    with VirtualHost(kernel=_l1_kernel(), cmdline_extra="kvm.tdp_mmu=0") as vh:
-        vh.start()
-        assert vh.run(["cat", "/sys/module/kvm/parameters/tdp_mmu"]).text.strip() == "N"
-        assert vh.configure("kvm.tdp_mmu=0") is False          # unchanged: no reboot
-        first = vh.pid
-        assert vh.configure("") is True
-        second = vh.pid
-        assert second != first
-        assert vh.run(["cat", "/sys/module/kvm/parameters/tdp_mmu"]).text.strip() == "Y"
-    assert not _alive(first) and not _alive(second)

@@ -1,7 +1,12 @@
 """The harness side of the probe channel (see docs/probe-protocol.md).
 
-:class:`ProbeChannel` wraps a connected stream socket (from
-``Host.connect_unix`` on the QEMU chardev socket) in asyncio streams.  The
+:class:`ProbeChannel` wraps a connected stream socket in asyncio streams.
+:meth:`ProbeChannel.open_on` is the normal way in: it runs the mark relay
+(``guests/markrelay``) on the QEMU host through ``Host.open_stream``, so that
+every mark is stamped with the QEMU host's own clock, the clock of QEMU's trace
+lines and QMP event timestamps (README "Clocks"), whichever machine runs the
+harness.  :meth:`ProbeChannel.open` takes any connected socket (then marks are
+stamped with this machine's clock).  The
 guest sends JSON lines; the harness sends text commands.  Every wait has a
 timeout and raises :class:`~harness.errors.GuestError` saying what it awaited
 and for how long; a probe ``error`` line raises GuestError with the probe's
@@ -19,7 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from harness.errors import GuestError
+from harness.errors import GuestError, HostError
+from harness.hosts.base import Host, HostStream
 from harness.progress import Task
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,9 @@ MAX_LINE = 256 * 1024 * 1024
 MARK_TIMEOUT = 5.0
 #: default timeout of :meth:`ProbeChannel.close`, seconds
 CLOSE_TIMEOUT = 5.0
+#: seconds for the mark relay to start and connect (an SSH exec to the nested
+#: virtual host under TCG answers in well under 1 s; see Host.open_stream)
+RELAY_START_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,26 @@ class ReadyInfo:
 
 @dataclass(frozen=True)
 class MarkSample:
-    """One clock-alignment mark: host wall-clock ns (this machine's
-    ``time.time_ns()``) when sent and when the echo arrived, and the guest
-    clock (ns) when the probe read it."""
+    """One clock-alignment mark: the QEMU host's wall clock (ns) when it was
+    sent to the guest and when the echo came back (stamped by the mark relay on
+    that host; without a relay, this machine's ``time.time_ns()``), and the
+    guest clock (ns) when the probe read it.  ``harness_send_ns`` and
+    ``harness_recv_ns`` are this machine's clock around the same exchange:
+    with a relay they bound the offset between the two machines' clocks
+    (:attr:`offset_bounds_ns`)."""
 
     id: int
     host_send_ns: int
     host_recv_ns: int
     guest_ns: int
+    harness_send_ns: int = 0
+    harness_recv_ns: int = 0
+
+    @property
+    def offset_bounds_ns(self) -> Tuple[int, int]:
+        """(lo, hi): the QEMU host's clock minus this machine's lies in between
+        (the relay stamped after our send and before our receipt)."""
+        return (self.host_recv_ns - self.harness_recv_ns, self.host_send_ns - self.harness_send_ns)
 
     @property
     def rtt_ns(self) -> int:
@@ -90,7 +111,36 @@ class ProbeChannel:
         self._log_path = log_path
         self._next_mark = 1
         self._closed = False
+        self._stream: Optional[HostStream] = None
+        self.relay: Optional[Dict[str, Any]] = None
         self.hello: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    async def open_on(cls, host: Host, socket_path: str, log_path: Optional[str] = None,
+                      timeout: float = RELAY_START_TIMEOUT) -> "ProbeChannel":
+        """The probe channel at ``socket_path`` on ``host``, through the mark relay
+        running there (see the module docstring).  HostError if the relay does not
+        start and connect within ``timeout`` (with its own error message)."""
+        from harness import ctools
+
+        relay = await asyncio.to_thread(host.stage, await asyncio.to_thread(ctools.markrelay))
+        stream = await asyncio.to_thread(host.open_stream, [relay, socket_path], timeout)
+        try:
+            chan = await cls.open(stream.sock, log_path)
+            chan._stream = stream
+            try:
+                ev = await chan._event(asyncio.get_running_loop().time() + timeout, "mark relay's start", timeout)
+            except GuestError as exc:
+                err = (await asyncio.to_thread(stream.stderr_text)).strip()
+                raise HostError(f"the mark relay on {host.name} did not connect to {socket_path}: "
+                                f"{err.splitlines()[-1] if err else exc}") from exc
+            if ev.get("ev") != "relay":
+                raise HostError(f"the mark relay on {host.name} sent {str(ev)[:200]} instead of its start line")
+            chan.relay = ev
+            return chan
+        except BaseException:
+            await asyncio.to_thread(stream.close)
+            raise
 
     @classmethod
     async def open(cls, sock: socket.socket, log_path: Optional[str] = None) -> "ProbeChannel":
@@ -203,7 +253,13 @@ class ProbeChannel:
             ev = await self._event(deadline, f"echo of mark {mark_id}", timeout)
             recv_ns = time.time_ns()
             if ev["ev"] == "mark" and ev.get("id") == mark_id:
-                return MarkSample(mark_id, send_ns, recv_ns, int(ev["guest_ns"]))
+                try:
+                    if "relay_recv_ns" in ev:   # stamped on the QEMU host
+                        return MarkSample(mark_id, int(ev["host_ns"]), int(ev["relay_recv_ns"]),
+                                          int(ev["guest_ns"]), send_ns, recv_ns)
+                    return MarkSample(mark_id, send_ns, recv_ns, int(ev["guest_ns"]), send_ns, recv_ns)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise self._error(f"malformed mark echo from the probe: {str(ev)[:300]}") from exc
             log.warning("ignoring probe event %s while waiting for mark %d", ev, mark_id)
 
     async def dump(self, timeout: float) -> List[LoopRecord]:
@@ -233,7 +289,7 @@ class ProbeChannel:
         await self._send("quit", "quit", timeout)
 
     async def close(self) -> None:
-        """Close the socket.  Idempotent; never raises."""
+        """Close the socket (and stop the relay).  Idempotent; never raises."""
         if self._closed:
             return
         self._closed = True
@@ -242,6 +298,8 @@ class ProbeChannel:
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
         except (asyncio.TimeoutError, OSError):
             pass
+        if self._stream is not None:
+            await asyncio.to_thread(self._stream.close)
 
     async def __aenter__(self) -> "ProbeChannel":
         return self

@@ -9,19 +9,26 @@ Rules every implementation keeps:
 * every call that can block takes a timeout, with the defaults below;
 * :meth:`runtime_dir` directories are 0700 and removed on exit;
 * :meth:`connect_unix` returns a real connected ``socket.socket`` that asyncio
-  (qemu.qmp) can use, whatever the transport.
+  (qemu.qmp) can use, whatever the transport;
+* :meth:`open_stream` runs a process on the host whose standard input and
+  output are such a socket (a :class:`HostStream`, closed with the process).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import signal as _signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence
 
 from harness.errors import UserError
+from harness.hosts.kernel_log import parse_uptime
+
+log = logging.getLogger(__name__)
 
 #: default timeout of one host command, seconds
 DEFAULT_COMMAND_TIMEOUT = 60.0
@@ -29,6 +36,11 @@ DEFAULT_COMMAND_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: default grace between SIGTERM and SIGKILL when stopping a process, seconds
 DEFAULT_KILL_GRACE = 5.0
+#: reading the host's uptime or kernel log (diagnostics after a QEMU died), seconds
+DEFAULT_KERNEL_LOG_TIMEOUT = 15.0
+#: seconds a :class:`HostStream` process may take to exit once its input is closed
+#: (the mark relay exits at once; 5 s covers an SSH round trip to a busy nested host)
+DEFAULT_STREAM_CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,30 @@ class CommandResult:
     @property
     def text(self) -> str:
         return self.stdout.decode(errors="replace")
+
+
+class HostStream(abc.ABC):
+    """A process on a host, its standard input and output bridged to :attr:`sock`
+    (a connected local ``socket.socket``, usable by asyncio).  A context manager:
+    :meth:`close` closes the socket, waits for the process to exit (it sees end of
+    file) at most :data:`DEFAULT_STREAM_CLOSE_TIMEOUT`, then kills it."""
+
+    sock: socket.socket
+    argv: tuple
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Idempotent; never raises."""
+
+    @abc.abstractmethod
+    def stderr_text(self) -> str:
+        """What the process wrote on standard error so far (for error messages)."""
+
+    def __enter__(self) -> "HostStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Host(abc.ABC):
@@ -89,6 +125,11 @@ class Host(abc.ABC):
         """A connected ``socket.socket`` to the unix socket ``path`` on the host."""
 
     @abc.abstractmethod
+    def open_stream(self, argv: Sequence[str], timeout: float = DEFAULT_CONNECT_TIMEOUT) -> HostStream:
+        """Start ``argv`` on the host with its standard input and output on a
+        local socket (see :class:`HostStream`); ``timeout`` bounds the start."""
+
+    @abc.abstractmethod
     def pid_alive(self, pid: int) -> bool: ...
 
     @abc.abstractmethod
@@ -126,6 +167,26 @@ class Host(abc.ABC):
     def clock_offset_s(self) -> float:
         """Host wall clock minus this machine's wall clock, in seconds."""
         return 0.0
+
+    def uptime_s(self) -> Optional[float]:
+        """Seconds since the host booted (``/proc/uptime``), the clock of its
+        kernel log's time stamps; None if unreadable.  Bounded by
+        :data:`DEFAULT_KERNEL_LOG_TIMEOUT`."""
+        try:
+            return parse_uptime(self.run(["cat", "/proc/uptime"], timeout=DEFAULT_KERNEL_LOG_TIMEOUT).text)
+        except Exception as exc:       # diagnostics only: never fail a run for them
+            log.debug("cannot read the uptime of %s: %s", self.name, exc)
+            return None
+
+    # -- diagnostics --------------------------------------------------------------------
+    def kernel_log_tail(self, since_s: Optional[float] = None, lines: int = 20) -> List[str]:
+        """The last ``lines`` interesting lines of the host's kernel log (OOM
+        kills, segfaults, general protection faults, KVM messages, WARNING/BUG/
+        Oops/Call Trace; see :mod:`harness.hosts.kernel_log`), those stamped
+        at or after ``since_s`` (an :meth:`uptime_s` reading) when it is given,
+        time prefix kept.  [] where migstall cannot read that log.  Never raises;
+        bounded by :data:`DEFAULT_KERNEL_LOG_TIMEOUT`."""
+        return []
 
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:

@@ -53,6 +53,9 @@ DEBIAN_L1_MODULES = ("irqbypass", "kvm", "ccp", "kvm_amd", "virtio_pci", "virtio
 DOWNLOAD_TIMEOUT = 600.0
 READY_LINE = "MIGSTALL-L1-READY"
 FAILED_LINE = "MIGSTALL-L1-FAILED"
+#: L1's init reports each stage of its boot on the ready port, so a slow or stuck
+#: boot says where it was (the kernel's own stages are on the console log)
+STAGE_LINE = "MIGSTALL-L1-STAGE"
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -206,9 +209,11 @@ RCS = r"""#!/bin/sh
 # migstall L1 init (busybox init runs this as sysinit)
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 fail() { echo "MIGSTALL-L1-FAILED $*" > /dev/ttyS1; echo "migstall-l1: FAILED: $*" > /dev/console; exit 1; }
+stage() { echo "MIGSTALL-L1-STAGE $* $(cut -d' ' -f1 /proc/uptime)" > /dev/ttyS1; }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+stage init
 mkdir -p /dev/pts /dev/shm /run/sshd /tmp /var/log /root /dev/hugepages
 chmod 0755 /run/sshd; chmod 1777 /tmp
 mount -t devpts devpts /dev/pts
@@ -216,6 +221,7 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null
+stage modules
 if [ -f /etc/migstall/modules ]; then
   while read -r mod path; do
     params=""
@@ -230,13 +236,16 @@ fi
 # text_poke_bp's transient int3 traps forever; see guests/kvm-pin/kvm-pin.c).
 # Hold one idle VM so L2 launches and exits never flip KVM's static keys, and
 # keep kprobes as plain int3s: no optimizer rewriting them into jumps later.
+stage kvm-pin
 /usr/sbin/migstall-kvm-pin > /dev/console 2>&1 || fail "migstall-kvm-pin could not create the idle KVM VM"
 echo 0 > /proc/sys/debug/kprobes-optimization 2>/dev/null
+stage network
 hostname migstall-l1
 ip link set lo up
 ip link set eth0 up || fail "no eth0"
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
+stage sshd
 /usr/sbin/sshd -f /etc/ssh/sshd_config -E /var/log/sshd.log || fail "sshd did not start: $(cat /var/log/sshd.log)"
 # sshd writes its PidFile once its listening socket is bound
 i=0

@@ -4,17 +4,53 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence
 
 from harness.errors import CommandTimeout, HostError
-from harness.hosts.base import DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, CommandResult, Host
+from harness.hosts.base import (DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STREAM_CLOSE_TIMEOUT,
+                                CommandResult, Host, HostStream)
+from harness.hosts.kernel_log import parse_uptime
 from harness.paths import new_runtime_dir
+
+log = logging.getLogger(__name__)
+
+
+class _LocalStream(HostStream):
+    def __init__(self, argv: tuple, sock: socket.socket, proc: "subprocess.Popen[bytes]") -> None:
+        self.argv, self.sock, self.proc = argv, sock, proc
+        self._err = b""
+        self._closed = False
+
+    def stderr_text(self) -> str:
+        if self.proc.poll() is not None and self.proc.stderr is not None and not self.proc.stderr.closed:
+            self._err += self.proc.stderr.read()
+            self.proc.stderr.close()
+        return self._err.decode(errors="replace")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        try:
+            self.proc.wait(DEFAULT_STREAM_CLOSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not exit within %gs of its input closing; killing it",
+                        self.argv[0], DEFAULT_STREAM_CLOSE_TIMEOUT)
+            self.proc.kill()
+            self.proc.wait()
+        err = self.stderr_text().strip()
+        if self.proc.returncode not in (0, -9) and err:
+            log.warning("%s exited %s: %s", self.argv[0], self.proc.returncode, err.splitlines()[-1])
 
 
 class LocalHost(Host):
@@ -74,6 +110,19 @@ class LocalHost(Host):
         sock.settimeout(None)
         return sock
 
+    def open_stream(self, argv: Sequence[str], timeout: float = DEFAULT_CONNECT_TIMEOUT) -> HostStream:
+        argv = tuple(str(a) for a in argv)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            raise HostError(f"{argv[0]}: cannot start: {exc.strerror or exc}") from exc
+        finally:
+            theirs.close()
+        return _LocalStream(argv, ours, proc)
+
     def pid_alive(self, pid: int) -> bool:
         try:
             os.kill(pid, 0)
@@ -113,3 +162,16 @@ class LocalHost(Host):
             return True
         finally:
             os.close(pidfd)
+
+    # -- diagnostics ------------------------------------------------------------------------
+    def uptime_s(self) -> Optional[float]:
+        try:
+            return parse_uptime(Path("/proc/uptime").read_text())
+        except OSError:
+            return None
+
+    def kernel_log_tail(self, since_s: Optional[float] = None, lines: int = 20) -> List[str]:
+        """Always []: this machine's kernel log is not migstall's to read (in a
+        sandbox or container it belongs to the machine outside, if it is
+        readable at all, and it mixes in everything else the machine runs)."""
+        return []

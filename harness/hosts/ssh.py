@@ -54,7 +54,9 @@ from paramiko.common import cMSG_CHANNEL_OPEN
 from paramiko.message import Message
 
 from harness.errors import CommandTimeout, HostError, HostKeyMismatch, SSHError, UserError
-from harness.hosts.base import DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, CommandResult, Host
+from harness.hosts.base import (DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KERNEL_LOG_TIMEOUT,
+                                DEFAULT_STREAM_CLOSE_TIMEOUT, CommandResult, Host, HostStream)
+from harness.hosts.kernel_log import interesting_tail
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,41 @@ class _Pump:
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self.sock.close()
+
+
+class _SSHStream(HostStream):
+    """A remote process (``echo <marker>$$; exec argv``) whose stdin/stdout
+    channel is pumped to a local socket.  Closing the socket closes the channel,
+    so the process reads end of file; its process group is killed if it has not
+    exited within :data:`DEFAULT_STREAM_CLOSE_TIMEOUT`."""
+
+    def __init__(self, host: "SSHHost", argv: tuple, sock: socket.socket, chan: paramiko.Channel,
+                 pgid: Optional[int], pump: _Pump) -> None:
+        self.host, self.argv, self.sock, self.chan, self.pgid, self.pump = host, argv, sock, chan, pgid, pump
+        self._err = bytearray()
+        self._closed = False
+
+    def stderr_text(self) -> str:
+        with contextlib.suppress(Exception):
+            while self.chan.recv_stderr_ready():
+                self._err += self.chan.recv_stderr(_CHUNK)
+        return bytes(self._err).decode(errors="replace")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        # the pump sees end of file and closes the channel; sshd then closes the process's stdin
+        self.pump.thread.join(DEFAULT_STREAM_CLOSE_TIMEOUT)
+        self.pump.close()
+        try:
+            if self.pgid is not None and not self.host.wait_pid_exit(self.pgid, DEFAULT_STREAM_CLOSE_TIMEOUT):
+                self.host._kill_group(self.pgid, self.argv[0])
+        except Exception as exc:        # closing runs in cleanup paths: report, never raise
+            log.warning("cannot check that %s on %s has exited: %s", self.argv[0], self.host.name, exc)
 
 
 class SSHHost(Host):
@@ -533,6 +570,45 @@ class SSHHost(Host):
         self._pumps.append(_Pump(chan, theirs, path))
         return ours
 
+    def open_stream(self, argv: Sequence[str], timeout: float = DEFAULT_CONNECT_TIMEOUT) -> HostStream:
+        """See :class:`_SSHStream`.  ``timeout`` bounds the exec request and the
+        wait for the remote pid (a marker line the login shell prints on stdout
+        before it becomes the command)."""
+        argv = tuple(str(a) for a in argv)
+        marker = f"migstall-pid.{os.urandom(6).hex()}="
+        pid_line = re.compile(re.escape(marker.encode()) + rb"([0-9]+)\n")
+        deadline = time.monotonic() + timeout
+        chan = self._open_exec(f"echo {marker}$$; exec {shlex.join(argv)}",
+                               min(timeout, DEFAULT_EXEC_REPLY_TIMEOUT), argv[0])
+        out = bytearray()
+        try:
+            while True:
+                match = pid_line.search(out)
+                if match:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CommandTimeout(f"{argv[0]} on {self.name}: no pid within {timeout:g}s of its start")
+                chan.settimeout(left)
+                data = chan.recv(_CHUNK)
+                if not data:
+                    raise HostError(f"{argv[0]} on {self.name} exited at once: "
+                                    f"{chan.recv_stderr(_CHUNK).decode(errors='replace').strip()[-300:]}")
+                out += data
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            chan.close()
+            raise SSHError(f"{argv[0]} on {self.name}: SSH channel failed: {exc}") from exc
+        except BaseException:
+            chan.close()
+            raise
+        chan.settimeout(None)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.sendall(bytes(out[match.end():]))     # what the command wrote after the marker
+        pump = _Pump(chan, theirs, argv[0])
+        self._pumps = [p for p in self._pumps if p.thread.is_alive()]
+        self._pumps.append(pump)
+        return _SSHStream(self, argv, ours, chan, int(match.group(1)), pump)
+
     def pid_alive(self, pid: int) -> bool:
         res = self.run(["cat", f"/proc/{int(pid)}/stat"], check=False)
         if res.returncode != 0:
@@ -554,6 +630,23 @@ class SSHHost(Host):
         except CommandTimeout:
             return False
         return res.returncode == 0
+
+    # -- diagnostics ------------------------------------------------------------------------
+    def kernel_log_tail(self, since_s: Optional[float] = None, lines: int = 20) -> List[str]:
+        """``dmesg`` on the host, filtered by :func:`~harness.hosts.kernel_log.interesting_tail`
+        (busybox ``dmesg`` has no ``--since``: ``since_s`` is compared with each
+        line's seconds-since-boot prefix).  [] when dmesg fails (not root under
+        ``kernel.dmesg_restrict``) or the host does not answer."""
+        try:
+            res = self.run(["dmesg"], timeout=DEFAULT_KERNEL_LOG_TIMEOUT, check=False)
+        except Exception as exc:       # diagnostics only: never fail a run for them
+            log.debug("cannot read the kernel log of %s: %s", self.name, exc)
+            return []
+        if res.returncode != 0:
+            log.debug("dmesg on %s exited %d: %s", self.name, res.returncode,
+                      res.stderr.decode(errors="replace").strip()[-200:])
+            return []
+        return interesting_tail(res.text, since_s, lines)
 
     # -- clock --------------------------------------------------------------------------
     def clock_offset_s(self, samples: int = 5, max_age_s: float = CLOCK_CACHE_S) -> float:

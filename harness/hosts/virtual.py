@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from harness.errors import HostError, QEMUError, UserError
-from harness.hosts.l1image import FAILED_LINE, READY_LINE, L1Image, build_l1_image, keys_archive, resolve_kernel
+from harness.hosts.l1image import FAILED_LINE, READY_LINE, STAGE_LINE, L1Image, build_l1_image, keys_archive, resolve_kernel
 from harness.hosts.local import LocalHost
 from harness.hosts.ssh import SSHHost
+from harness.measure import kvm_trace
 from harness.paths import new_runtime_dir
 from harness.progress import Progress
 
@@ -92,6 +93,8 @@ class VirtualHost(SSHHost):
         self.pid: Optional[int] = None
         self.image: Optional[L1Image] = None
         self.boot_s: Optional[float] = None
+        #: seconds after the L1 QEMU started at which its init reached each stage
+        self.boot_stages: Dict[str, float] = {}
         self._local = LocalHost()
         super().__init__("127.0.0.1", user="root", port=0, key_file=str(self.workdir / "id_ed25519"),
                          known_hosts=str(self.workdir / "known_hosts"), name="virtual", connect=False)
@@ -187,20 +190,27 @@ class VirtualHost(SSHHost):
             release = self._wait_ready(ready_sock)
             task.update(description=f"virtual host: L1 {release} up; connecting")
             self.connect()
+            # while no L2 runs: the one time L1's kernel text is patched for tracing
+            task.update(description="virtual host: arming kernel-side tracing")
+            kvm_trace.arm_for_host_lifetime(self)
         self.boot_s = time.monotonic() - t0
-        log.info("L1 (%s, %s) ready in %.1f s, ssh on 127.0.0.1:%d", kernel.label, release, self.boot_s, self.port)
+        log.info("L1 (%s, %s) ready in %.1f s (stages: %s), ssh on 127.0.0.1:%d", kernel.label, release,
+                 self.boot_s, self.boot_stages, self.port)
 
     def _wait_ready(self, ready_sock: Path) -> str:
         assert self.pid is not None
         sock = self._local.connect_unix(str(ready_sock))
         pidfd = os.pidfd_open(self.pid)
-        deadline = time.monotonic() + self.boot_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.boot_timeout
         buf = b""
+        self.boot_stages = {}
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise HostError(f"L1 did not boot within {self.boot_timeout:g}s", log_path=self.console_log)
+                    raise HostError(f"L1 did not boot within {self.boot_timeout:g}s ({self._boot_stage_note()})",
+                                    log_path=self.console_log)
                 readable, _, _ = select.select([sock, pidfd], [], [], remaining)
                 if sock in readable:
                     chunk = sock.recv(4096)
@@ -208,16 +218,37 @@ class VirtualHost(SSHHost):
                         raise HostError("L1 QEMU closed its ready channel", log_path=self.console_log)
                     buf += chunk
                     for line in buf.decode(errors="replace").splitlines():
+                        if line.startswith(STAGE_LINE):
+                            name = (line[len(STAGE_LINE):].split() or ["?"])[0]
+                            if name not in self.boot_stages:
+                                self.boot_stages[name] = round(time.monotonic() - t0, 1)
+                                log.debug("L1 boot stage %s at %.1f s", name, self.boot_stages[name])
                         if line.startswith(READY_LINE):
+                            self.boot_stages["ready"] = round(time.monotonic() - t0, 1)
                             return line[len(READY_LINE):].strip()
                         if line.startswith(FAILED_LINE):
                             raise HostError(f"L1 boot failed: {line[len(FAILED_LINE):].strip()}",
                                             log_path=self.console_log)
                 elif pidfd in readable:
-                    raise QEMUError("L1 QEMU exited during boot", log_path=self.console_log)
+                    raise QEMUError(f"L1 QEMU exited during boot ({self._boot_stage_note()})",
+                                    log_path=self.console_log)
         finally:
             sock.close()
             os.close(pidfd)
+
+    def _boot_stage_note(self) -> str:
+        """Where a boot that did not finish was: the last stage L1's init reported
+        (seconds after QEMU started), else the last line of the kernel console."""
+        if self.boot_stages:
+            name, at = list(self.boot_stages.items())[-1]
+            done = ", ".join(f"{k} {v:g}s" for k, v in self.boot_stages.items())
+            return f"last stage reached: init's {name} at {at:g}s; stages: {done}"
+        try:
+            lines = [l for l in self.console_log.read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            lines = []
+        last = lines[-1].strip()[:160] if lines else "nothing on the console"
+        return f"still in the kernel, before init; the console's last line: {last!r}"
 
     def stop(self) -> None:
         """Close SSH, then SIGTERM (QEMU exits cleanly), then SIGKILL."""

@@ -6,23 +6,32 @@ the echo arrived at ``host_recv_ns``.  The guest's reading happened somewhere in
 [send, recv], so the best point estimate is the midpoint with an error of at
 most half the round trip.
 
-:func:`fit` returns ``host = mid_ref + slope * (guest - guest_ref) + offset``:
-the slope comes from a least-squares fit of the midpoints when the samples span
-at least :data:`MIN_SPAN_NS` of guest time (and stays within
-:data:`MAX_SKEW` of 1, else 1 is used), the offset from the samples with the
-smallest round trips.  ``uncertainty_ns`` = smallest half round trip + the
-largest residual of any sample: every mapped time is within that of the truth
-(plus drift outside the sampled interval).
+:func:`fit` returns ``host = mid_ref + slope * (guest - guest_ref) + offset``
+from the *tight* samples only: those whose round trip is within
+:data:`RTT_FACTOR` x the fastest one (or the fastest + :data:`RTT_SLACK_NS`).
+A mark the guest answered late (its channel thread waited for a vCPU, the host
+was busy) says little about where the guest clock is; one such sample used to
+tilt the slope and widen the uncertainty by its whole round trip (170 ms seen
+in CI, issue 16).  The slope comes from a least-squares fit of the tight
+midpoints when they span at least :data:`MIN_SPAN_NS` of guest time (and stays
+within :data:`MAX_SKEW` of 1, else 1 is used), the offset from their median.
+``uncertainty_ns`` = smallest half round trip + the largest residual of a
+tight sample: every mapped time is within that of the truth (plus drift
+outside the sampled interval).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import median
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 MIN_SPAN_NS = 500_000_000
 MAX_SKEW = 0.01
+#: a sample is tight when its round trip is within this factor of the fastest ...
+RTT_FACTOR = 3.0
+#: ... or within this of it (ns): sub-millisecond round trips vary by more than 3x
+RTT_SLACK_NS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -32,25 +41,36 @@ class ClockMap:
     host_ref_ns: int
     uncertainty_ns: int
     samples: int
+    used: int = 0         # tight samples the map was fitted on
 
     def to_host(self, guest_ns: int) -> int:
         return int(self.host_ref_ns + self.slope * (guest_ns - self.guest_ref_ns))
 
     def to_json(self) -> Dict[str, Any]:
         return {"slope": self.slope, "guest_ref_ns": self.guest_ref_ns, "host_ref_ns": self.host_ref_ns,
-                "uncertainty_us": self.uncertainty_ns / 1000, "samples": self.samples}
+                "uncertainty_us": self.uncertainty_ns / 1000, "samples": self.samples, "used": self.used}
 
 
 def _get(s: Any, name: str) -> int:
     return int(s[name] if isinstance(s, dict) else getattr(s, name))
 
 
+def tight(samples: Sequence[Any]) -> List[Any]:
+    """The samples whose round trip is within RTT_FACTOR x (or RTT_SLACK_NS of) the fastest."""
+    if not samples:
+        return []
+    rtts = [_get(s, "host_recv_ns") - _get(s, "host_send_ns") for s in samples]
+    limit = max(RTT_FACTOR * min(rtts), min(rtts) + RTT_SLACK_NS)
+    return [s for s, r in zip(samples, rtts) if r <= limit]
+
+
 def fit(samples: Sequence[Any]) -> ClockMap:
     """``samples``: objects or dicts with host_send_ns, host_recv_ns, guest_ns."""
     if not samples:
         raise ValueError("no mark samples: cannot place guest times on the host timeline")
+    used = tight(samples)
     pts = [(_get(s, "guest_ns"), (_get(s, "host_send_ns") + _get(s, "host_recv_ns")) / 2,
-            (_get(s, "host_recv_ns") - _get(s, "host_send_ns")) / 2) for s in samples]
+            (_get(s, "host_recv_ns") - _get(s, "host_send_ns")) / 2) for s in used]
     g_ref = pts[0][0]
     slope = 1.0
     span = max(p[0] for p in pts) - min(p[0] for p in pts)
@@ -62,8 +82,6 @@ def fit(samples: Sequence[Any]) -> ClockMap:
         if var > 0 and abs(cov / var - 1.0) <= MAX_SKEW:
             slope = cov / var
     best_half_rtt = min(p[2] for p in pts)
-    # offsets from the tightest samples (within 2x the best round trip)
-    tight = [p for p in pts if p[2] <= 2 * best_half_rtt + 1000]
-    h_ref = median(p[1] - slope * (p[0] - g_ref) for p in tight)
+    h_ref = median(p[1] - slope * (p[0] - g_ref) for p in pts)
     resid = max(abs(p[1] - (h_ref + slope * (p[0] - g_ref))) for p in pts)
-    return ClockMap(slope, g_ref, int(h_ref), int(best_half_rtt + resid), len(pts))
+    return ClockMap(slope, g_ref, int(h_ref), int(best_half_rtt + resid), len(samples), len(pts))

@@ -119,6 +119,11 @@ KVM_MR_FLAGS_ONLY = 3
 #: group as left over: far longer than any run holds its tracer (the tracer
 #: lives from the migration's start to its cancel, minutes at most)
 STALE_GROUP_S = 6 * 3600
+#: the group (and instance) of the probes a virtual host keeps armed for its whole
+#: life (:func:`arm_for_host_lifetime`); the stale-group sweep never matches it
+KEEP_GROUP = "migstall_keep"
+#: per-CPU ring buffer of that instance, KiB: it never records (tracing_on stays 0)
+KEEP_BUFFER_KB = 4
 #: event group prefix; a group is ``migstall_<unix seconds>_<6 hex>``.  tracefs
 #: allows letters, digits and ``_`` in group names, at most 63 characters
 GROUP_PREFIX = "migstall_"
@@ -360,8 +365,11 @@ class KvmTracer:
     When the host has no tracefs or we are not root there, :meth:`available` is
     False and every method is a no-op (the columns stay empty)."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, *, keep: bool = False) -> None:
+        """``keep``: set up :data:`KEEP_GROUP` and leave it armed on exit (see
+        :func:`arm_for_host_lifetime`)."""
         self.host = host
+        self.keep = keep
         self.tracefs: Optional[str] = None
         self.group = ""            # set on enter, from the host's clock (group_name)
         self.functions: List[str] = []
@@ -432,9 +440,10 @@ class KvmTracer:
             uname = self.host.run(["uname", "-rm"], timeout=TRACE_CMD_TIMEOUT).text.split()
             fetch = change_fetcharg(*uname[:2]) if len(uname) >= 2 else ""
             specs = [f"{f}@{fetch}" if f == "kvm_set_memslot" and fetch else f for f in funcs]
-            self.group = group_name(self._host_time())
+            self.group = KEEP_GROUP if self.keep else group_name(self._host_time())
             self._active = True   # from here on, teardown must run
-            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB),
+            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group,
+                                 str(KEEP_BUFFER_KB if self.keep else BUFFER_KB),
                                  str(STALE_GROUP_S), *specs],
                                 check=False, timeout=TRACE_CMD_TIMEOUT)
             errors: List[str] = []
@@ -471,8 +480,12 @@ class KvmTracer:
                 log.warning("kvm trace on %s: setup steps failed: %s", self.host.name, "; ".join(errors))
             if self.anchor not in self.functions:
                 self.anchor = None
-            log.info("kvm trace on %s: probes %s, tracepoints %s, anchor %s, clock %s", self.host.name,
-                     self.functions, self.tracepoints, self.anchor, self.clock)
+            if self.keep:     # armed for good; the instance never records
+                self.host.run(["sh", "-c", 'echo 0 > "$1"', "sh", f"{self.tracefs}/instances/{self.group}/tracing_on"],
+                              timeout=TRACE_CMD_TIMEOUT)
+                self._active = False
+            log.info("kvm trace on %s: probes %s, tracepoints %s, anchor %s, clock %s%s", self.host.name,
+                     self.functions, self.tracepoints, self.anchor, self.clock, " (kept armed)" if self.keep else "")
         except BaseException:
             self._teardown()
             raise
@@ -528,3 +541,22 @@ class KvmTracer:
                     counts[m.group("event")] += 1
             breakdown["_tracepoints"] = dict(counts)  # type: ignore[assignment]
         return KvmTiming(enable, disable, breakdown, params, raw)
+
+
+def arm_for_host_lifetime(host: Host) -> List[str]:
+    """Arm the kprobes of every run once, on a quiet host, and keep them armed.
+
+    Arming and disarming a kprobe patches kernel text (``text_poke_bp``: a
+    transient ``int3``, then IPIs to every CPU).  In the virtual host that is
+    what hung L1 under QEMU 7.2's multi-threaded TCG (README "The virtual
+    host"): the other L1 vCPU kept running a stale translation with the
+    ``int3`` and never answered the patching CPU's IPI.  With
+    :data:`KEEP_GROUP`'s probes enabled for L1's life, a run's own probes on the
+    same functions join armed kprobes (the kernel aggregates probes at one
+    address), so enabling, disabling and removing them patches nothing.  The
+    keeper's instance never records (``tracing_on`` 0).  Returns the probed
+    functions ([] without tracefs)."""
+    tracer = KvmTracer(host, keep=True)
+    with tracer:
+        return list(tracer.functions)
+

@@ -9,33 +9,45 @@ Input: the source QEMU's ``-D`` log with the ``log`` trace backend and
 ``sec.usec`` is QEMU's wall clock (gettimeofday), the same clock as QMP event
 timestamps.
 
+Every duration here is on that one clock: the anchors are QEMU's own QMP
+event timestamps (``MIGRATION {status: setup}``, ``MIGRATION_PASS``,
+``MIGRATION {status: cancelling|cancelled}``), never the time at which the
+harness sent a command (on a remote or virtual host that is another machine's
+clock).
+
 Definitions (README "What it measures" repeats them; ``*_source`` names the
 one used):
 
 ``dirty_log_start_ms``
   * ``trace:global_dirty_changed->kvm_set_user_memory`` (KVM): from the first
-    ``global_dirty_changed`` after ``migrate`` whose bitmask has the migration
-    bit (0x1), i.e. the entry of ``memory_global_dirty_log_start()``, to the last
-    ``kvm_set_user_memory`` with ``flags & 0x1`` (``KVM_MEM_LOG_DIRTY_PAGES``)
-    before the first ``migration_bitmap_sync_start`` that follows (each fires
-    when one memslot ioctl has returned);
+    ``global_dirty_changed`` at or after ``MIGRATION setup`` whose bitmask has
+    the migration bit (0x1), i.e. the entry of
+    ``memory_global_dirty_log_start()``, to the last ``kvm_set_user_memory``
+    with ``flags & 0x1`` (``KVM_MEM_LOG_DIRTY_PAGES``) before the first
+    ``migration_bitmap_sync_start`` that follows (each fires when one memslot
+    ioctl has returned);
   * ``trace:global_dirty_changed->migration_bitmap_sync_start`` (TCG, which has
-    no memslot ioctls, or no such lines): to the first
-    ``migration_bitmap_sync_start`` after ``global_dirty_changed``; dirty-log
-    start is over by then (``ram_init_bitmaps``);
-  * ``qmp:migrate->MIGRATION_PASS1`` (QEMU without ``global_dirty_changed``,
-    before 6.1): from the host sending QMP ``migrate`` to the QMP timestamp of
-    ``MIGRATION_PASS`` 1, an upper bound that includes the rest of setup.
+    no memslot ioctls): to the first ``migration_bitmap_sync_start`` after
+    ``global_dirty_changed``; dirty-log start is over by then
+    (``ram_init_bitmaps``);
+  * ``qmp:MIGRATION(setup)->MIGRATION_PASS1``: only for a QEMU without the
+    ``global_dirty_changed`` trace event (before 6.1): from the QMP timestamp of
+    ``MIGRATION setup`` to that of ``MIGRATION_PASS`` 1, an upper bound that
+    includes the rest of setup.
+
+  With a QEMU that has the trace events there is no fallback: lines that exist
+  but cannot be matched raise :class:`~harness.errors.MeasurementError`, which
+  fails the row with the reason.
 
 ``dirty_log_stop_ms`` (cancel only)
   * ``trace:global_dirty_changed->kvm_set_user_memory``: from the first
-    ``global_dirty_changed`` without the migration bit after ``migrate_cancel``
-    (entry of ``memory_global_dirty_log_stop()``) to the last
+    ``global_dirty_changed`` without the migration bit at or after ``MIGRATION
+    cancelling`` (entry of ``memory_global_dirty_log_stop()``) to the last
     ``kvm_set_user_memory`` without ``flags & 0x1`` before ``MIGRATION cancelled``;
   * ``trace:global_dirty_changed->MIGRATION(cancelled)`` (TCG): to the QMP
     timestamp of ``MIGRATION {status: cancelled}``, emitted by
     ``migrate_fd_cleanup`` right after the cleanup that stops dirty logging;
-  * ``qmp:migrate_cancel->MIGRATION(cancelled)``: fallback without the trace event.
+  * ``qmp:MIGRATION(cancelling)->MIGRATION(cancelled)``: a QEMU without the event.
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
+
+from harness.errors import MeasurementError
 
 _LINE = re.compile(r"^(\d+)@(\d+)\.(\d{1,9}):([A-Za-z0-9_]+)\s?(.*)$")
 _FLAGS = re.compile(r"flags[=\s]+(0x[0-9a-fA-F]+|\d+)")
@@ -93,39 +107,71 @@ def _span(start: int, end: int, source: str, lines: Sequence[TraceLine] = ()) ->
     return Span(max(0.0, (end - start) / 1e6), source, start, end, [l.raw for l in lines])
 
 
-def dirty_log_start(lines: Sequence[TraceLine], *, migrate_sent_ns: int,
-                    pass1_ns: Optional[int]) -> Optional[Span]:
-    """See the module docstring.  All times on the QEMU host's wall clock."""
-    t0 = next((l for l in lines if l.event == "global_dirty_changed" and l.t_ns >= migrate_sent_ns - 1_000_000
-               and (l.int_arg(_BITMASK) or 0) & GLOBAL_DIRTY_MIGRATION), None)
-    if t0 is not None:
-        sync = next((l for l in lines if l.event == "migration_bitmap_sync_start" and l.t_ns >= t0.t_ns), None)
-        limit = sync.t_ns if sync else (pass1_ns if pass1_ns else None)
-        slots = [l for l in lines if l.event == "kvm_set_user_memory" and l.t_ns >= t0.t_ns
-                 and (limit is None or l.t_ns <= limit)
-                 and (l.int_arg(_FLAGS) or 0) & KVM_MEM_LOG_DIRTY_PAGES]
-        if slots:
-            return _span(t0.t_ns, slots[-1].t_ns, "trace:global_dirty_changed->kvm_set_user_memory",
-                         [t0, *slots] + ([sync] if sync else []))
-        if sync is not None:
-            return _span(t0.t_ns, sync.t_ns, "trace:global_dirty_changed->migration_bitmap_sync_start", [t0, sync])
-    if pass1_ns is not None:
-        return _span(migrate_sent_ns, pass1_ns, "qmp:migrate->MIGRATION_PASS1")
-    return None
+def _migration_bit(line: TraceLine) -> bool:
+    return bool((line.int_arg(_BITMASK) or 0) & GLOBAL_DIRTY_MIGRATION)
 
 
-def dirty_log_stop(lines: Sequence[TraceLine], *, cancel_sent_ns: int,
-                   cancelled_ns: Optional[int]) -> Optional[Span]:
-    t0 = next((l for l in lines if l.event == "global_dirty_changed" and l.t_ns >= cancel_sent_ns - 1_000_000
-               and not (l.int_arg(_BITMASK) or 0) & GLOBAL_DIRTY_MIGRATION), None)
-    if t0 is not None:
-        slots = [l for l in lines if l.event == "kvm_set_user_memory" and l.t_ns >= t0.t_ns
-                 and (cancelled_ns is None or l.t_ns <= cancelled_ns)
-                 and not (l.int_arg(_FLAGS) or 0) & KVM_MEM_LOG_DIRTY_PAGES]
-        if slots:
-            return _span(t0.t_ns, slots[-1].t_ns, "trace:global_dirty_changed->kvm_set_user_memory", [t0, *slots])
-        if cancelled_ns is not None:
-            return _span(t0.t_ns, cancelled_ns, "trace:global_dirty_changed->MIGRATION(cancelled)", [t0])
-    if cancelled_ns is not None:
-        return _span(cancel_sent_ns, cancelled_ns, "qmp:migrate_cancel->MIGRATION(cancelled)")
-    return None
+def _logging(line: TraceLine) -> bool:
+    return bool((line.int_arg(_FLAGS) or 0) & KVM_MEM_LOG_DIRTY_PAGES)
+
+
+def _at(ns: int) -> str:
+    return f"{ns / 1e9:.6f}"
+
+
+def dirty_log_start(lines: Sequence[TraceLine], *, setup_ns: int, pass1_ns: Optional[int],
+                    traced: bool, memslots: bool) -> Span:
+    """See the module docstring.  ``setup_ns``/``pass1_ns``: QMP timestamps of
+    ``MIGRATION setup`` and ``MIGRATION_PASS`` 1.  ``traced``: QEMU has (and we
+    enabled) ``global_dirty_changed``; ``memslots``: the accelerator has memslot
+    ioctls (KVM) and ``kvm_set_user_memory`` is enabled, so they must be seen.
+    Raises MeasurementError when the lines cannot be matched."""
+    if not traced:
+        if pass1_ns is None:
+            raise MeasurementError("no MIGRATION_PASS 1 event: dirty-log start cannot be bounded")
+        return _span(setup_ns, pass1_ns, "qmp:MIGRATION(setup)->MIGRATION_PASS1")
+    starts = [l for l in lines if l.event == "global_dirty_changed" and _migration_bit(l)]
+    t0 = next((l for l in starts if l.t_ns >= setup_ns), None)
+    if t0 is None:
+        seen = f"; the log has {len(starts)} at {', '.join(_at(l.t_ns) for l in starts[:3])}" if starts else \
+            "; the log has none"
+        raise MeasurementError(f"no global_dirty_changed with the migration bit at or after MIGRATION setup "
+                               f"({_at(setup_ns)}){seen}")
+    if pass1_ns is not None and t0.t_ns > pass1_ns:
+        raise MeasurementError(f"global_dirty_changed ({_at(t0.t_ns)}) comes after MIGRATION_PASS 1 "
+                               f"({_at(pass1_ns)}): not this migration's dirty-log start")
+    sync = next((l for l in lines if l.event == "migration_bitmap_sync_start" and l.t_ns >= t0.t_ns), None)
+    limit = sync.t_ns if sync else pass1_ns
+    slots = [l for l in lines if l.event == "kvm_set_user_memory" and l.t_ns >= t0.t_ns
+             and (limit is None or l.t_ns <= limit) and _logging(l)]
+    if slots:
+        return _span(t0.t_ns, slots[-1].t_ns, "trace:global_dirty_changed->kvm_set_user_memory",
+                     [t0, *slots] + ([sync] if sync else []))
+    if memslots:
+        raise MeasurementError(f"no kvm_set_user_memory with KVM_MEM_LOG_DIRTY_PAGES between global_dirty_changed "
+                               f"({_at(t0.t_ns)}) and the first bitmap sync"
+                               + (f" ({_at(sync.t_ns)})" if sync else " (none seen)"))
+    if sync is None:
+        raise MeasurementError(f"no migration_bitmap_sync_start after global_dirty_changed ({_at(t0.t_ns)})")
+    return _span(t0.t_ns, sync.t_ns, "trace:global_dirty_changed->migration_bitmap_sync_start", [t0, sync])
+
+
+def dirty_log_stop(lines: Sequence[TraceLine], *, cancelling_ns: int, cancelled_ns: int,
+                   traced: bool, memslots: bool) -> Span:
+    """See the module docstring; the QMP timestamps of ``MIGRATION cancelling``
+    and ``cancelled`` bound the search."""
+    if not traced:
+        return _span(cancelling_ns, cancelled_ns, "qmp:MIGRATION(cancelling)->MIGRATION(cancelled)")
+    t0 = next((l for l in lines if l.event == "global_dirty_changed" and l.t_ns >= cancelling_ns
+               and l.t_ns <= cancelled_ns and not _migration_bit(l)), None)
+    if t0 is None:
+        raise MeasurementError(f"no global_dirty_changed without the migration bit between MIGRATION cancelling "
+                               f"({_at(cancelling_ns)}) and cancelled ({_at(cancelled_ns)})")
+    slots = [l for l in lines if l.event == "kvm_set_user_memory" and t0.t_ns <= l.t_ns <= cancelled_ns
+             and not _logging(l)]
+    if slots:
+        return _span(t0.t_ns, slots[-1].t_ns, "trace:global_dirty_changed->kvm_set_user_memory", [t0, *slots])
+    if memslots:
+        raise MeasurementError(f"no kvm_set_user_memory clearing KVM_MEM_LOG_DIRTY_PAGES between "
+                               f"global_dirty_changed ({_at(t0.t_ns)}) and MIGRATION cancelled ({_at(cancelled_ns)})")
+    return _span(t0.t_ns, cancelled_ns, "trace:global_dirty_changed->MIGRATION(cancelled)", [t0])

@@ -31,6 +31,15 @@ and requires the destination QEMU's lines to show the same mode:
 
 A run whose log does not prove its mode fails with :class:`MigrationError`.
 Under TCG there is no KVM, so only ``default`` is accepted (UserError otherwise).
+
+Test only, the negative control of the memory verification
+(:mod:`harness.measure.verify`): ``setup(..., drop_dirty=N)`` makes the shim
+clear every N-th set bit of what ``KVM_GET_DIRTY_LOG`` returns (see
+``guests/legacy-shim/shim.c``), so a migration under it loses dirty pages that
+the guest keeps writing, and the verification must find them.  It needs KVM and
+a bitmap mode (``default`` or ``legacy``; the dirty ring never calls
+``KVM_GET_DIRTY_LOG``).  The shim logs ``drop_dirty slot=... dropped=...``
+lines and totals on its exit line.  Never use it for a measurement.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ MODES = ("default", "legacy", "ring")
 #: dirty ring entries when the scenario gives none (power of two, >= 1024 on x86)
 DEFAULT_RING_SIZE = 4096
 SHIM_LOG = "dirtylog-shim.log"
+#: environment variable of the shim's drop_dirty (test only, see the module docstring)
+DROP_DIRTY_ENV = "MIGSTALL_SHIM_DROP_DIRTY"
 
 CAP_MANUAL_PROTECT2 = 168
 CAP_DIRTY_LOG_RING = 192
@@ -71,14 +82,31 @@ def validate(mode: str, accel: str) -> None:
                         f"'default' or run with --accel kvm on a KVM host (or --host virtual)")
 
 
-def setup(mode: str, dirty_ring: int, accel: str, host: Host, runtime_dir: str) -> ModeSetup:
+def setup(mode: str, dirty_ring: int, accel: str, host: Host, runtime_dir: str, *,
+          drop_dirty: int = 0) -> ModeSetup:
     """What QEMU needs for ``mode`` on ``host``.  Raises UserError for combinations
-    that cannot work (e.g. legacy/ring under tcg)."""
+    that cannot work (e.g. legacy/ring under tcg).
+
+    ``drop_dirty`` (TEST ONLY, the verification's negative control): N >= 1 makes
+    the shim clear every N-th dirty bit KVM_GET_DIRTY_LOG returns, so the
+    migration loses dirty pages (see the module docstring); 0, the default, is off."""
     validate(mode, accel)
+    if drop_dirty < 0 or int(drop_dirty) != drop_dirty:
+        raise UserError(f"drop_dirty {drop_dirty!r}: use 0 (off) or N >= 1 (clear every N-th dirty bit)")
+    if drop_dirty and accel != "kvm":
+        raise UserError("drop_dirty needs KVM (it edits KVM_GET_DIRTY_LOG bitmaps); this run uses "
+                        f"{accel}: run with --accel kvm on a KVM host (or --host virtual)")
+    if drop_dirty and mode == "ring":
+        raise UserError("drop_dirty has no effect with dirty_log_mode 'ring' (the dirty ring does not use "
+                        "KVM_GET_DIRTY_LOG); use 'default' or 'legacy'")
     if accel != "kvm":
         return ModeSetup()
     shim = host.stage(ctools.dirtylog_shim())
     env = {"LD_PRELOAD": shim, "MIGSTALL_SHIM_LOG": f"{runtime_dir}/{SHIM_LOG}"}
+    if drop_dirty:
+        env[DROP_DIRTY_ENV] = str(int(drop_dirty))
+        log.warning("dirty-log shim: dropping every %d-th dirty bit of KVM_GET_DIRTY_LOG (test only: "
+                    "this migration loses dirty pages on purpose)", int(drop_dirty))
     if mode == "legacy":
         env["MIGSTALL_SHIM_HIDE_MANUAL"] = "1"
         return ModeSetup(env=env, trace_events=("kvm_clear_dirty_log",))
@@ -98,6 +126,8 @@ _HID_RE = re.compile(r"^hid KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 fd=\d+ kernel_answ
 _ENABLE_RE = re.compile(r"^enable_cap cap=(\d+) args0=(\S+) fd=\d+ ret=(-?\d+)")
 _FIRST_CLEAR_RE = re.compile(r"^first clear_dirty_log ")
 _EXIT_RE = re.compile(r"^exit get_dirty_log=\d+ clear_dirty_log=(\d+)")
+_DROP_RE = re.compile(r"^drop_dirty slot=\S+ fd=\d+ set=\d+ dropped=(\d+)")
+_DROP_EXIT_RE = re.compile(r"^exit .* drop_dirty_dropped=(\d+)")
 
 MANUAL_ENABLE = 0x1          # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 MANUAL_INITIALLY_SET = 0x2   # KVM_DIRTY_LOG_INITIALLY_SET
@@ -191,6 +221,16 @@ def _select(text: str, pid: Optional[int]) -> ShimView:
     if pid is None:
         return _view(None, [rest.strip() for _, rest in _LINE_RE.findall(text)])
     return shim_views(text).get(pid, ShimView(pid))
+
+
+def dropped_dirty_bits(text: str, pid: Optional[int] = None) -> int:
+    """How many dirty bits the shim's drop_dirty cleared, from its log text (of
+    process ``pid``, or all): the exit line's total once the process has exited,
+    else at least the sum of its ``drop_dirty`` lines (the first calls only)."""
+    lines = [rest.strip() for p, rest in _LINE_RE.findall(text) if pid is None or int(p) == pid]
+    logged = sum(int(m.group(1)) for line in lines if (m := _DROP_RE.match(line)))
+    at_exit = sum(int(m.group(1)) for line in lines if (m := _DROP_EXIT_RE.match(line)))
+    return max(logged, at_exit)
 
 
 def read_shim_log(host: Host, runtime_dir: str) -> str:

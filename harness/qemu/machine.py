@@ -10,6 +10,9 @@ API (stable; other modules and commands build on it)::
                                  match=lambda e: e["data"]["status"] == "completed")
         vm.pid, vm.command_line, vm.log_path, vm.events, vm.path("probe.sock")
         await vm.shutdown()                          # optional; __aexit__ does it
+    if vm.exit_reason == "died":                     # after shutdown
+        vm.death_note("the source QEMU")             # "... was killed by signal 9 (SIGKILL); its log ends: ..."
+        vm.exit_info()                               # the same, as a dict for the sidecar
 
 Phases (as in QEMU's own QEMUMachine): ``launch`` (create/choose the runtime
 dir, start ``qemu -daemonize``: it returns once QEMU is initialised and its
@@ -25,10 +28,25 @@ Every QEMU gets ``-name migstall-<name>``, ``-daemonize -pidfile``,
 full command line (shlex-joined, with the environment prefix) is logged and
 written at the top of the copied log, so it can be re-run by hand.
 
+Why a QEMU ended: nobody can waitpid() a daemonized QEMU, so every QEMU runs
+under ``migstall-reaper <runtime dir>/<name>.exit -- [prefix] qemu ...``
+(``guests/reaper/reaper.c``, staged to the host; it goes before ``prefix``,
+e.g. the THP wrapper).  The reaper is QEMU's subreaper: it reaps it at once
+and writes ``pid N: exited 1`` or ``pid N: killed by signal 9 (SIGKILL)``
+there.  At post-shutdown, before the runtime dir goes, a QEMU that has exited
+gets :attr:`VM.exit_status` (waiting at most ``DEFAULT_EXIT_STATUS_TIMEOUT`` for
+the file); one that died without being asked to quit (``exit_reason ==
+"died"``) also gets :attr:`VM.log_tail` (the last non-trace lines of its ``-D``
+log, where QEMU's error messages go once it has daemonized) and
+:attr:`VM.kernel_log` (:meth:`Host.kernel_log_tail` since the host uptime read
+at launch: OOM kills, segfaults, KVM warnings on an SSH or virtual host).
+:meth:`VM.death_note` makes one line of them for an error message.
+
 Timeouts (seconds, overridable per VM and per call):
 ``DEFAULT_QMP_TIMEOUT`` for each QMP command, ``DEFAULT_LAUNCH_TIMEOUT`` for
 ``qemu -daemonize`` to return, ``DEFAULT_QUIT_TIMEOUT`` for the process to exit
-after ``quit``.
+after ``quit``, ``DEFAULT_EXIT_STATUS_TIMEOUT`` for the reaper's status file
+once QEMU has exited.
 """
 
 from __future__ import annotations
@@ -37,17 +55,20 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from qemu.qmp import QMPClient
 from qemu.qmp.events import EventListener
 from qemu.qmp.protocol import Runstate
 
+from harness import ctools
 from harness.errors import HostError, QEMUError
 from harness.hosts.base import Host
+from harness.hosts.kernel_log import strip_stamp
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +80,20 @@ DEFAULT_LAUNCH_TIMEOUT = 60.0
 DEFAULT_QUIT_TIMEOUT = 15.0
 #: seconds to connect to the QMP socket and negotiate
 DEFAULT_CONNECT_TIMEOUT = 15.0
+#: seconds to wait for the reaper's status file once QEMU has exited: the reaper
+#: writes it right after reaping QEMU, so this only covers a loaded host's scheduling
+DEFAULT_EXIT_STATUS_TIMEOUT = 5.0
+#: how often that wait looks for the file, seconds
+EXIT_STATUS_POLL_S = 0.05
+#: non-trace lines of the -D log kept in :attr:`VM.log_tail`
+LOG_TAIL_LINES = 8
+#: interesting host kernel log lines kept in :attr:`VM.kernel_log`
+KERNEL_LOG_LINES = 20
+#: lines of each quoted in the one-line :meth:`VM.death_note`
+NOTE_LOG_LINES = 3
+NOTE_KERNEL_LINES = 3
+#: characters of one quoted line in the death note
+NOTE_LINE_CHARS = 200
 
 ArgsT = Union[Sequence[str], Callable[[str], Sequence[str]]]
 EventT = Dict[str, Any]
@@ -70,6 +105,55 @@ def event_time_ns(event: Mapping[str, Any]) -> int:
     """The QMP ``timestamp`` of an event (QEMU host wall clock) in ns."""
     ts = event.get("timestamp") or {}
     return int(ts.get("seconds", 0)) * 1_000_000_000 + int(ts.get("microseconds", 0)) * 1000
+
+
+# -- why a QEMU ended ---------------------------------------------------------------------
+_REAPER_LINE = re.compile(r"^pid (\d+): (.+)$")
+#: a trace line of the log backend: ``12345@1795588999.697039:event_name ...``
+_TRACE_LINE = re.compile(r"^\d+@\d+\.\d+:\w")
+#: ``-msg timestamp=on`` prefix: ``2024-05-01T10:00:00.123456Z ``
+_MSG_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z\s+")
+
+
+def parse_exit_status(text: str) -> Tuple[Optional[int], str]:
+    """The reaper's status file -> (pid, ``exited 1`` / ``killed by signal 9 (SIGKILL)``);
+    (None, "") if empty."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    m = _REAPER_LINE.match(line)
+    return (int(m.group(1)), m.group(2).strip()) if m else (None, line)
+
+
+def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> List[str]:
+    """The last ``lines`` non-empty lines of a QEMU ``-D`` log that are not trace lines."""
+    kept = [ln.rstrip() for ln in text.splitlines() if ln.strip() and not _TRACE_LINE.match(ln)]
+    return kept[-lines:] if lines > 0 else []
+
+
+def _clip(line: str) -> str:
+    line = " ".join(line.split())
+    return line if len(line) <= NOTE_LINE_CHARS else line[:NOTE_LINE_CHARS - 3] + "..."
+
+
+def format_death_note(what: str, status: str, log_lines: Sequence[str] = (),
+                      kernel_lines: Sequence[str] = ()) -> str:
+    """One line: how ``what`` ended (a reaper status), the last lines of its log,
+    the host kernel's last interesting lines (time stamps dropped)."""
+    if status.startswith("exited "):
+        head = f"{what} exited with status {status[len('exited '):]}"
+    elif status.startswith("killed by "):
+        head = f"{what} was {status}"
+    elif status:
+        head = f"{what} ended: {status}"
+    else:
+        head = f"{what} had exited unexpectedly (no exit status recorded)"
+    parts = [head]
+    tail = [_clip(_MSG_STAMP.sub("", ln)) for ln in list(log_lines)[-NOTE_LOG_LINES:]]
+    if tail:
+        parts.append("its log ends: " + " | ".join(tail))
+    kern = [_clip(strip_stamp(ln)) for ln in list(kernel_lines)[-NOTE_KERNEL_LINES:]]
+    if kern:
+        parts.append("host kernel: " + " | ".join(kern))
+    return "; ".join(parts)
 
 
 class VM:
@@ -84,14 +168,16 @@ class VM:
                  collect: Sequence[str] = (),
                  qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
                  launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
-                 quit_timeout: float = DEFAULT_QUIT_TIMEOUT) -> None:
+                 quit_timeout: float = DEFAULT_QUIT_TIMEOUT,
+                 exit_status_timeout: float = DEFAULT_EXIT_STATUS_TIMEOUT) -> None:
         """``args`` are the machine-specific QEMU arguments, or a function of
         the runtime dir returning them.  ``prefix`` goes before the QEMU
-        binary (e.g. a THP-disabling exec wrapper).  ``env`` is added to the
-        environment of QEMU (e.g. ``LD_PRELOAD``).  ``collect`` names more files
-        in the runtime dir (e.g. the guest console log) copied to ``log_dir``
-        as ``<name>-<file>`` at post-shutdown; :attr:`collected` maps their host
-        paths to the copies."""
+        binary (e.g. a THP-disabling exec wrapper), after the reaper.  ``env``
+        is added to the environment of QEMU (e.g. ``LD_PRELOAD``).  ``collect``
+        names more files in the runtime dir (e.g. the guest console log)
+        copied to ``log_dir`` as ``<name>-<file>`` at post-shutdown;
+        :attr:`collected` maps their host paths to the copies.
+        ``exit_status_timeout``: see ``DEFAULT_EXIT_STATUS_TIMEOUT``."""
         self.host = host
         self.name = name
         self.qemu = qemu
@@ -104,6 +190,7 @@ class VM:
         self.qmp_timeout = qmp_timeout
         self.launch_timeout = launch_timeout
         self.quit_timeout = quit_timeout
+        self.exit_status_timeout = exit_status_timeout
         self._given_rundir = runtime_dir
         self.runtime_dir: Optional[str] = runtime_dir
         self._stack = contextlib.ExitStack()
@@ -118,6 +205,12 @@ class VM:
         self.local_log: Optional[Path] = None   # the copied -D log, after shutdown
         self.log_text: str = ""                 # its content, after shutdown
         self.exit_reason: str = ""             # "quit" | "died" (exited on its own) | "killed"
+        # after shutdown (see the module docstring):
+        self.exit_status: str = ""             # "exited 1" | "killed by signal 9 (SIGKILL)" | "" unknown
+        self.exit_pid: Optional[int] = None     # the pid the reaper reported it for
+        self.log_tail: List[str] = []           # when it died: last non-trace lines of the -D log
+        self.kernel_log: List[str] = []         # when it died: the host's interesting kernel lines
+        self.launch_uptime_s: Optional[float] = None   # host uptime just before launch
 
     # -- paths --------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -132,6 +225,11 @@ class VM:
         return self.path(f"{self.name}.log")
 
     @property
+    def exit_status_path(self) -> str:
+        """Where the reaper writes how QEMU ended."""
+        return self.path(f"{self.name}.exit")
+
+    @property
     def command_line(self) -> str:
         envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         cmd = shlex.join(self.argv)
@@ -142,6 +240,10 @@ class VM:
         try:
             await self.launch()
         except BaseException:
+            if self.pid is not None and not self.exit_reason:
+                with contextlib.suppress(Exception):
+                    if not self.host.pid_alive(self.pid):
+                        self.exit_reason = "died"   # it started, then exited during the launch
             await self._cleanup()
             raise
         return self
@@ -149,9 +251,9 @@ class VM:
     async def __aexit__(self, *exc: Any) -> None:
         await self.shutdown()
 
-    def _build_argv(self) -> List[str]:
+    def _build_argv(self, reaper: str) -> List[str]:
         args = self._args(self.runtime_dir) if callable(self._args) else self._args
-        return [*self.prefix, self.qemu,
+        return [reaper, self.exit_status_path, "--", *self.prefix, self.qemu,
                 "-name", f"migstall-{self.name},debug-threads=on",
                 "-daemonize", "-pidfile", self.path(f"{self.name}.pid"),
                 "-D", self.log_path, "-msg", "timestamp=on",
@@ -164,7 +266,8 @@ class VM:
         """launch + post-launch."""
         if self.runtime_dir is None:
             self.runtime_dir = self._stack.enter_context(self.host.runtime_dir(f"migstall-{self.name}-"))
-        self.argv = self._build_argv()
+        reaper, self.launch_uptime_s = await asyncio.to_thread(self._prepare_host)
+        self.argv = self._build_argv(reaper)
         log.info("VM %s: %s", self.name, self.command_line)
         fut = asyncio.ensure_future(asyncio.to_thread(self.host.run, self.argv, timeout=self.launch_timeout,
                                                       check=False, env=self.env or None))
@@ -182,13 +285,25 @@ class VM:
         if res.returncode != 0:
             err = (res.stderr or res.stdout).decode(errors="replace").strip()
             self._read_pid_quietly()
-            raise QEMUError(f"QEMU {self.name} failed to start (exit {res.returncode}): "
-                            f"{err.splitlines()[-1] if err else 'no output'}", self.log_path)
+            # once daemonizing, QEMU reports errors in its -D log, not on stderr
+            detail = err.splitlines()[-1] if err else self._log_note() or "no output"
+            raise QEMUError(f"QEMU {self.name} failed to start (exit {res.returncode}): {detail}", self.log_path)
         self._read_pid_quietly()
         if self.pid is None:
             raise QEMUError(f"QEMU {self.name} started but wrote no pidfile", self.log_path)
         log.info("VM %s: pid %d", self.name, self.pid)
         await self._connect_qmp()
+
+    def _prepare_host(self) -> Tuple[str, Optional[float]]:
+        """The reaper staged on the host, and the host's uptime (the kernel log's clock)."""
+        return self.host.stage(ctools.reaper()), self.host.uptime_s()
+
+    def _log_note(self) -> str:
+        """The last lines of the -D log on the host, one line (for a launch error); "" if none."""
+        with contextlib.suppress(Exception):
+            text = self.host.read_bytes(self.log_path).decode(errors="replace")
+            return " | ".join(_clip(_MSG_STAMP.sub("", ln)) for ln in log_tail(text, NOTE_LOG_LINES))
+        return ""
 
     def _read_pid_quietly(self) -> None:
         with contextlib.suppress(Exception):
@@ -237,7 +352,7 @@ class VM:
         """Run a QMP command; QEMUError on error, disconnect or timeout."""
         if self.qmp is None or self.qmp.runstate != Runstate.RUNNING:
             raise QEMUError(f"QEMU {self.name}: QMP is not connected ({command}); "
-                            f"{self._death_note()}", self.log_path)
+                            f"{self._process_note()}", self.log_path)
         t = self.qmp_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(self.qmp.execute(command, dict(args) if args else None), t)
@@ -246,10 +361,10 @@ class VM:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise QEMUError(f"QEMU {self.name}: QMP {command} failed: {exc}; {self._death_note()}",
+            raise QEMUError(f"QEMU {self.name}: QMP {command} failed: {exc}; {self._process_note()}",
                             self.log_path) from exc
 
-    def _death_note(self) -> str:
+    def _process_note(self) -> str:
         if self.pid is not None and not self.host.pid_alive(self.pid):
             return "QEMU process has exited"
         return "QEMU process is alive"
@@ -277,7 +392,7 @@ class VM:
                 return ev
             if self._dead or self.qmp is None:
                 raise QEMUError(f"QEMU {self.name}: QMP closed while waiting for {name}; "
-                                f"{self._death_note()}", self.log_path)
+                                f"{self._process_note()}", self.log_path)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QEMUError(f"QEMU {self.name}: no {name} event within {timeout:g}s", self.log_path)
@@ -296,17 +411,38 @@ class VM:
             if self.pid is not None and not self.exit_reason and not self.host.pid_alive(self.pid):
                 self.exit_reason = "died"        # before we asked it to quit
                 log.warning("VM %s: pid %d had already exited", self.name, self.pid)
+            asked = False
             if self.qmp is not None and self.qmp.runstate == Runstate.RUNNING:
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(self.qmp.execute("quit"), min(self.qmp_timeout, 10))
+                    asked = True
                     self.exit_reason = self.exit_reason or "quit"
+                except Exception as exc:      # a QEMU that is exiting (or gone) cannot answer
+                    log.debug("VM %s: quit got no answer: %s", self.name, exc or type(exc).__name__)
             if self.pid is not None:
                 exited = await asyncio.to_thread(self.host.wait_pid_exit, self.pid, self.quit_timeout)
                 if not exited:
                     log.warning("VM %s: pid %d did not exit after quit; killing", self.name, self.pid)
                     self.exit_reason = self.exit_reason or "killed"
+                elif not asked and not self.exit_reason:
+                    # exited without being asked: its QMP socket closes before /proc shows it gone,
+                    # so the check above can still see it alive
+                    self.exit_reason = "died"
+                    log.warning("VM %s: pid %d exited on its own", self.name, self.pid)
         finally:
             await self._cleanup()
+
+    def death_note(self, what: Optional[str] = None) -> str:
+        """One line on how QEMU ended, for an error message: ``"<what> was killed
+        by signal 9 (SIGKILL); its log ends: ...; host kernel: ..."``.  ``what``
+        defaults to ``"QEMU <name>"``.  Complete after :meth:`shutdown`."""
+        return format_death_note(what or f"QEMU {self.name}", self.exit_status, self.log_tail, self.kernel_log)
+
+    def exit_info(self) -> Dict[str, Any]:
+        """How QEMU ended, JSON-able (for the sidecar); complete after :meth:`shutdown`."""
+        return {"exit_reason": self.exit_reason, "exit_status": self.exit_status, "exit_pid": self.exit_pid,
+                "pid": self.pid, "log_tail": list(self.log_tail), "host_kernel_log": list(self.kernel_log),
+                "host_uptime_at_launch_s": self.launch_uptime_s}
 
     async def kill(self) -> None:
         """Stop the process at once (fault injection, emergency)."""
@@ -327,11 +463,51 @@ class VM:
                 with contextlib.suppress(BaseException):
                     await task
             self._tasks.clear()
-            self._fetch_log()
+            try:
+                await asyncio.to_thread(self._post_mortem)
+            finally:
+                self._fetch_log()
+                if self.exit_reason == "died":
+                    self.log_tail = log_tail(self.log_text)
+                    log.warning("VM %s: %s", self.name, self.death_note())
         finally:
             self._stack.close()
             if self._given_rundir is None:
                 self.runtime_dir = None
+
+    def _post_mortem(self) -> None:
+        """Read how an exited QEMU ended (the runtime dir still exists); never raises."""
+        if self.pid is None or self.runtime_dir is None or not self.argv:
+            return
+        try:
+            if self.host.pid_alive(self.pid):
+                return                      # stop_pid could not end it: nothing to read
+            self._read_exit_status(self.exit_status_timeout)
+            if self.exit_reason == "died":
+                self.kernel_log = self.host.kernel_log_tail(since_s=self.launch_uptime_s, lines=KERNEL_LOG_LINES)
+        except Exception as exc:            # diagnostics only
+            log.warning("VM %s: cannot tell how QEMU ended: %s", self.name, exc)
+
+    def _read_exit_status(self, timeout: float) -> None:
+        """Wait at most ``timeout`` s for the reaper's status file (polled every
+        :data:`EXIT_STATUS_POLL_S`: on a remote host there is no event to wait on)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = ""
+            with contextlib.suppress(Exception):    # not there yet
+                text = self.host.read_bytes(self.exit_status_path).decode(errors="replace")
+            pid, status = parse_exit_status(text)
+            if status:
+                self.exit_pid, self.exit_status = pid, status
+                if pid is not None and pid != self.pid:
+                    log.warning("VM %s: the reaper reported pid %d, QEMU's pidfile says %s",
+                                self.name, pid, self.pid)
+                return
+            if time.monotonic() >= deadline:
+                log.warning("VM %s: no exit status from the reaper within %gs (%s)",
+                            self.name, timeout, self.exit_status_path)
+                return
+            time.sleep(EXIT_STATUS_POLL_S)
 
     def _fetch_log(self) -> None:
         if self.runtime_dir is None:

@@ -60,9 +60,14 @@ async def prepare_destination(dst: VM) -> str:
     return uri
 
 
-async def start(src: VM, uri: str) -> int:
-    """Send ``migrate``; return the local wall time (ns) just before sending it."""
+async def start(src: VM, uri: str, auto_converge: bool = False) -> int:
+    """Send ``migrate``; return the local wall time (ns) just before sending it.
+    ``auto_converge``: QEMU throttles the vCPUs when precopy does not converge
+    (used when the guest keeps writing until the end, as with ``verify``)."""
     await set_events(src)
+    if auto_converge:
+        await src.cmd("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "auto-converge", "state": True}]})
     await src.cmd("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
     sent = time.time_ns()
     try:

@@ -1,0 +1,66 @@
+"""The interesting tail of a host's kernel log (``dmesg``), for error messages.
+
+When a QEMU dies on a virtual or SSH host, the reason is often in that host's
+kernel log: the OOM killer, a segfault, a KVM warning, an oops.
+:func:`interesting_tail` keeps the lines that say so, after a boot-time mark.
+
+Lines are matched by content, not by syslog level (busybox ``dmesg`` in the
+virtual host has neither ``--level`` nor ``--since``).  Time: a line's
+``[  123.456789]`` prefix is seconds since boot (the printk clock), compared
+with ``since_s``, a reading of ``/proc/uptime`` taken before the event (the
+two clocks agree to well under a second without suspend).  Lines without the
+prefix (continuations, or a kernel without ``CONFIG_PRINTK_TIME``) go with the
+last line that had one; in a log with no prefix at all every line counts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+#: printk's time prefix, ``[  123.456789] `` (seconds since boot)
+_STAMP = re.compile(r"^\s*\[\s*(\d+(?:\.\d+)?)\]\s?")
+#: what makes a kernel line worth showing next to a dead QEMU
+_INTERESTING = re.compile(
+    r"out of memory|oom[-_ ]?kill|oom_reaper|killed process|invoked oom"
+    r"|segfault|general protection|\btraps?:|\bkvm|call trace|\boops\b"
+    r"|\bWARNING:|\bBUG:|cut here|\bhung_task|blocked for more than|soft lockup|hard lockup",
+    re.IGNORECASE)
+#: lines returned by default
+DEFAULT_KERNEL_LOG_LINES = 20
+
+
+def interesting(line: str) -> bool:
+    """Whether a kernel log line (with or without its time prefix) is worth showing."""
+    return bool(_INTERESTING.search(line))
+
+
+def interesting_tail(text: str, since_s: Optional[float] = None,
+                     lines: int = DEFAULT_KERNEL_LOG_LINES) -> List[str]:
+    """The last ``lines`` interesting lines of ``dmesg`` output ``text``, time
+    prefix kept, only those stamped at or after ``since_s`` seconds since boot
+    when it is given (see the module docstring)."""
+    rows = [line.rstrip() for line in text.splitlines() if line.strip()]
+    stamped = any(_STAMP.match(line) for line in rows)
+    keep = since_s is None or not stamped
+    out: List[str] = []
+    for line in rows:
+        m = _STAMP.match(line)
+        if m and since_s is not None:
+            keep = float(m.group(1)) >= since_s
+        if keep and interesting(line):
+            out.append(line)
+    return out[-lines:] if lines > 0 else []
+
+
+def strip_stamp(line: str) -> str:
+    """``[  123.456] Out of memory: ...`` -> ``Out of memory: ...``."""
+    return _STAMP.sub("", line, count=1).strip()
+
+
+def parse_uptime(text: str) -> Optional[float]:
+    """Seconds since boot from ``/proc/uptime`` text; None if unreadable."""
+    try:
+        return float(text.split()[0])
+    except (IndexError, ValueError):
+        return None
