@@ -41,6 +41,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 from harness import ctools
 from harness.errors import HostError, UserError
 from harness.guest.cpio import Entry, file_entry, write_cpio
+from harness.measure import kvm_trace
 from harness.paths import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,8 @@ if [ -f /etc/migstall/modules ]; then
   done < /etc/migstall/modules
 fi
 [ -c /dev/kvm ] || fail "no /dev/kvm (is the CPU model exposing svm/vmx?)"
+stage tracing
+@KEEPER@
 # Live code patching can hang L1 under multi-threaded TCG (a stale translation of
 # text_poke_bp's transient int3 traps forever; see guests/kvm-pin/kvm-pin.c).
 # Hold one idle VM so L2 launches and exits never flip KVM's static keys, and
@@ -322,7 +325,7 @@ def _entries(kernel: L1Kernel, qemu: str) -> List[Entry]:
     if mod_lines:
         entries.append(Entry("etc/migstall/modules", 0o644, data="".join(mod_lines).encode()))
     entries += [
-        Entry("etc/init.d/rcS", 0o755, data=RCS.encode()),
+        Entry("etc/init.d/rcS", 0o755, data=RCS.replace("@KEEPER@\n", kvm_trace.keeper_init_script()).encode()),
         Entry("etc/inittab", 0o644, data=INITTAB.encode()),
         Entry("etc/ssh/sshd_config", 0o644, data=SSHD_CONFIG.encode()),
         Entry("etc/passwd", 0o644, data=PASSWD.encode()),

@@ -543,20 +543,34 @@ class KvmTracer:
         return KvmTiming(enable, disable, breakdown, params, raw)
 
 
-def arm_for_host_lifetime(host: Host) -> List[str]:
-    """Arm the kprobes of every run once, on a quiet host, and keep them armed.
+def keeper_init_script(tracefs: str = TRACEFS_CANDIDATES[0]) -> str:
+    """Shell lines for a virtual host's init (L1's rcS, run after the KVM modules
+    are loaded and before any KVM VM exists): arm the probes of every run once,
+    in :data:`KEEP_GROUP`, and keep them armed for L1's life.
 
     Arming and disarming a kprobe patches kernel text (``text_poke_bp``: a
-    transient ``int3``, then IPIs to every CPU).  In the virtual host that is
-    what hung L1 under QEMU 7.2's multi-threaded TCG (README "The virtual
-    host"): the other L1 vCPU kept running a stale translation with the
-    ``int3`` and never answered the patching CPU's IPI.  With
-    :data:`KEEP_GROUP`'s probes enabled for L1's life, a run's own probes on the
-    same functions join armed kprobes (the kernel aggregates probes at one
-    address), so enabling, disabling and removing them patches nothing.  The
-    keeper's instance never records (``tracing_on`` 0).  Returns the probed
-    functions ([] without tracefs)."""
-    tracer = KvmTracer(host, keep=True)
-    with tracer:
-        return list(tracer.functions)
-
+    transient ``int3``, then IPIs to every CPU).  In the virtual host that hung
+    L1 for good under QEMU 7.2's multi-threaded TCG (README "The virtual
+    host"): the other L1 vCPU kept executing a stale translation with the
+    ``int3`` and never answered the patching CPU's IPI.  Armed here, at the
+    quietest moment of L1's life (no VM, no sshd, no L2), the probes make every
+    later run's own probes on the same functions join armed kprobes (the kernel
+    aggregates probes at one address): enabling, disabling and removing those
+    patches nothing.  The keeper's instance never records (``tracing_on`` 0)."""
+    specs = " ".join(f"{f}@{change_fetcharg('6.1', 'x86_64')}" if f == "kvm_set_memslot" else f
+                     for f in CANDIDATES)
+    return f"""T={tracefs}; G={KEEP_GROUP}
+if [ -w "$T/kprobe_events" ]; then
+  for spec in {specs}; do
+    f=${{spec%%@*}}; a=""; [ "$f" != "$spec" ] && a=" ${{spec#*@}}"
+    grep -qE "^$f( |$)" "$T/available_filter_functions" || continue
+    {{ echo "p:$G/${{f}}__e $f$a" >> "$T/kprobe_events" 2>/dev/null || echo "p:$G/${{f}}__e $f" >> "$T/kprobe_events"; }} &&
+      echo "r:$G/${{f}}__r $f" >> "$T/kprobe_events"
+  done
+  if [ -d "$T/events/$G" ] && mkdir "$T/instances/$G"; then
+    echo 0 > "$T/instances/$G/tracing_on"; echo {KEEP_BUFFER_KB} > "$T/instances/$G/buffer_size_kb"
+    echo 1 > "$T/instances/$G/events/$G/enable"
+    for e in "$T"/events/kvm/kvm_migstall_*; do [ -d "$e" ] && echo 1 > "$T/instances/$G/events/kvm/${{e##*/}}/enable"; done
+  fi
+fi
+"""
