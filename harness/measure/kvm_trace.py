@@ -120,7 +120,7 @@ KVM_MR_FLAGS_ONLY = 3
 #: lives from the migration's start to its cancel, minutes at most)
 STALE_GROUP_S = 6 * 3600
 #: the group (and instance) of the probes a virtual host keeps armed for its whole
-#: life (:func:`arm_for_host_lifetime`); the stale-group sweep never matches it
+#: life (:func:`keeper_init_script`); the stale-group sweep never matches it
 KEEP_GROUP = "migstall_keep"
 #: per-CPU ring buffer of that instance, KiB: it never records (tracing_on stays 0)
 KEEP_BUFFER_KB = 4
@@ -365,11 +365,8 @@ class KvmTracer:
     When the host has no tracefs or we are not root there, :meth:`available` is
     False and every method is a no-op (the columns stay empty)."""
 
-    def __init__(self, host: Host, *, keep: bool = False) -> None:
-        """``keep``: set up :data:`KEEP_GROUP` and leave it armed on exit (see
-        :func:`arm_for_host_lifetime`)."""
+    def __init__(self, host: Host) -> None:
         self.host = host
-        self.keep = keep
         self.tracefs: Optional[str] = None
         self.group = ""            # set on enter, from the host's clock (group_name)
         self.functions: List[str] = []
@@ -440,10 +437,9 @@ class KvmTracer:
             uname = self.host.run(["uname", "-rm"], timeout=TRACE_CMD_TIMEOUT).text.split()
             fetch = change_fetcharg(*uname[:2]) if len(uname) >= 2 else ""
             specs = [f"{f}@{fetch}" if f == "kvm_set_memslot" and fetch else f for f in funcs]
-            self.group = KEEP_GROUP if self.keep else group_name(self._host_time())
+            self.group = group_name(self._host_time())
             self._active = True   # from here on, teardown must run
-            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group,
-                                 str(KEEP_BUFFER_KB if self.keep else BUFFER_KB),
+            res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB),
                                  str(STALE_GROUP_S), *specs],
                                 check=False, timeout=TRACE_CMD_TIMEOUT)
             errors: List[str] = []
@@ -480,12 +476,8 @@ class KvmTracer:
                 log.warning("kvm trace on %s: setup steps failed: %s", self.host.name, "; ".join(errors))
             if self.anchor not in self.functions:
                 self.anchor = None
-            if self.keep:     # armed for good; the instance never records
-                self.host.run(["sh", "-c", 'echo 0 > "$1"', "sh", f"{self.tracefs}/instances/{self.group}/tracing_on"],
-                              timeout=TRACE_CMD_TIMEOUT)
-                self._active = False
-            log.info("kvm trace on %s: probes %s, tracepoints %s, anchor %s, clock %s%s", self.host.name,
-                     self.functions, self.tracepoints, self.anchor, self.clock, " (kept armed)" if self.keep else "")
+            log.info("kvm trace on %s: probes %s, tracepoints %s, anchor %s, clock %s", self.host.name,
+                     self.functions, self.tracepoints, self.anchor, self.clock)
         except BaseException:
             self._teardown()
             raise
