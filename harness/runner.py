@@ -327,23 +327,10 @@ class _Run:
                 self.t["cancelled"] = event_time_ns(end)
                 q = q_active
                 self.records = list(await chan.dump(DUMP_TIMEOUT))
-            elif self.verifying:
-                # the loops keep writing through precopy; their records migrate with the guest
-                await migration.release(src)
-                task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
-                end = await migration.wait_end(src, sc.migration_timeout_s)
-                if end["data"]["status"] != "completed":
-                    raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
-                self.t["completed"] = event_time_ns(end)
-                q = await migration.query_completed(src)
-                task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
-                await self._verify(src, dst)
-                await dst.cmd("cont")
-                dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"), log_path=dst.path("console.log"))
-                stack.push_async_callback(_aclose, dchan)
-                self.records = list(await dchan.dump(DUMP_TIMEOUT))
             else:
-                self.records = list(await chan.dump(DUMP_TIMEOUT))
+                if not self.verifying:
+                    self.records = list(await chan.dump(DUMP_TIMEOUT))
+                # with verify the loops keep writing through precopy; their records migrate with the guest
                 await migration.release(src)
                 task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
                 end = await migration.wait_end(src, sc.migration_timeout_s)
@@ -351,6 +338,14 @@ class _Run:
                     raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
                 self.t["completed"] = event_time_ns(end)
                 q = await migration.query_completed(src)
+                if self.verifying:
+                    task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
+                    await self._verify(src, dst)
+                    await dst.cmd("cont")
+                    dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"),
+                                                       log_path=dst.path("console.log"))
+                    stack.push_async_callback(_aclose, dchan)
+                    self.records = list(await dchan.dump(DUMP_TIMEOUT))
         self.side["query_migrate"] = q
         mt = migration.times(q)
         self.row["setup_time_ms"] = mt.setup_time_ms if mt.setup_time_ms is not None else \

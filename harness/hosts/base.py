@@ -63,10 +63,22 @@ class HostStream(abc.ABC):
 
     sock: socket.socket
     argv: tuple
+    _closed: bool = False
 
-    @abc.abstractmethod
     def close(self) -> None:
         """Idempotent; never raises."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._wait_exit()
+
+    @abc.abstractmethod
+    def _wait_exit(self) -> None:
+        """After the socket closed: wait for the process to exit (it reads end of
+        file), at most DEFAULT_STREAM_CLOSE_TIMEOUT, then kill it.  Never raises."""
 
     @abc.abstractmethod
     def stderr_text(self) -> str:

@@ -26,7 +26,6 @@ class _LocalStream(HostStream):
     def __init__(self, argv: tuple, sock: socket.socket, proc: "subprocess.Popen[bytes]") -> None:
         self.argv, self.sock, self.proc = argv, sock, proc
         self._err = b""
-        self._closed = False
 
     def stderr_text(self) -> str:
         if self.proc.poll() is not None and self.proc.stderr is not None and not self.proc.stderr.closed:
@@ -34,13 +33,7 @@ class _LocalStream(HostStream):
             self.proc.stderr.close()
         return self._err.decode(errors="replace")
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+    def _wait_exit(self) -> None:
         try:
             self.proc.wait(DEFAULT_STREAM_CLOSE_TIMEOUT)
         except subprocess.TimeoutExpired:

@@ -204,7 +204,6 @@ class _SSHStream(HostStream):
                  pgid: Optional[int], pump: _Pump) -> None:
         self.host, self.argv, self.sock, self.chan, self.pgid, self.pump = host, argv, sock, chan, pgid, pump
         self._err = bytearray()
-        self._closed = False
 
     def stderr_text(self) -> str:
         with contextlib.suppress(Exception):
@@ -212,13 +211,7 @@ class _SSHStream(HostStream):
                 self._err += self.chan.recv_stderr(_CHUNK)
         return bytes(self._err).decode(errors="replace")
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+    def _wait_exit(self) -> None:
         # the pump sees end of file and closes the channel; sshd then closes the process's stdin
         self.pump.thread.join(DEFAULT_STREAM_CLOSE_TIMEOUT)
         self.pump.close()
