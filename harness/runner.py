@@ -132,14 +132,7 @@ def base_row(ctx: RunContext, scenario: Scenario, run_id: str, accel: str = "") 
 def _accel_args(accel: str, scenario: Scenario, mode: dirtylog.ModeSetup) -> List[str]:
     if accel == "kvm":
         return ["-accel", ",".join(["kvm", *mode.accel_opts]), "-cpu", scenario.cpu_model or "host"]
-    # QEMU 7.2's multi-threaded TCG loses dirty pages: with --verify it left 14-21
-    # pages of a 512 MiB guest different after every migration (the same pages
-    # near the top of RAM again and again), single-threaded TCG none (README
-    # "Migrated memory verified").  A vCPU thread that writes through its fast-path
-    # TLB entry while the migration thread clears the dirty bitmap and re-arms the
-    # TLBs is not seen.  So verified TCG runs use one TCG thread.
-    thread = "single" if scenario.verify else "multi"
-    return ["-accel", f"tcg,thread={thread}", "-cpu", scenario.cpu_model or "max"]
+    return ["-accel", "tcg,thread=multi", "-cpu", scenario.cpu_model or "max"]
 
 
 class _Run:

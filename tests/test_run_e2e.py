@@ -24,11 +24,11 @@ def _num(row, key):
     return float(row[key])
 
 
-def test_run_complete_verified_writes_ok_row(tmp_path):
+def test_run_complete_writes_ok_row(tmp_path):
     out = tmp_path / "e2e.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "run", "--name", "e2e", "--accel", "tcg", "--mem", "512M",
-         "--touch", "200", "--baseline-s", "0.5", "--verify", "--out", str(out)],
+         "--touch", "200", "--baseline-s", "0.5", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert str(out) in proc.stdout
@@ -45,11 +45,8 @@ def test_run_complete_verified_writes_ok_row(tmp_path):
     assert row["stall_pio_max_us"] != "" and row["stall_write_max_us"] != ""
     assert row["stall_cpu_max_us"] == ""         # no vCPU ran the cpu loop
     assert row["baseline_stall_max_us"] != ""
-    # --verify: the write loops kept writing through precopy, the paused destination's RAM
-    # equals the stopped source's page by page, and the records came from the destination
-    assert int(row["verify_pages"]) == 512 * 256 - 96 and row["verify_mismatch_pages"] == "0"
+    assert row["verify_pages"] == ""             # not asked for
     side = json.loads(Path(row["sidecar"]).read_text())
-    assert side["verify"]["mismatch_pages"] == 0 and side["verify"]["src_seconds"] > 0
     assert set(side["commands"]) == {"src", "dst"} and "-incoming defer" in side["commands"]["dst"]
     assert any(e["event"] == "MIGRATION_PASS" for e in side["events"]["src"])
     assert any("global_dirty_changed" in line for line in side["trace_lines"])
