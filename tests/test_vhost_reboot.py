@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from harness.hosts.local import LocalHost
 from harness.hosts.virtual import VirtualHost
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
@@ -19,12 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or sh
                                 reason="needs qemu-system-x86 and openssh-server")
 
 
-def _alive(pid) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def _alive(pid: int) -> bool:
+    return LocalHost().pid_alive(pid)      # a zombie counts as gone
 
 
 def test_l1_cmdline_and_reboot():
