@@ -568,10 +568,9 @@ def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def scenarios_from_args(args: argparse.Namespace, host: Any) -> List[Scenario]:
-    """The validated scenario list for ``run`` (``--scenario FILE`` or flags).
-
-    Raises UserError (KVMUnusable included) before anything is started."""
+def static_scenarios(args: argparse.Namespace) -> List[Scenario]:
+    """The scenario list for ``run`` (``--scenario FILE`` or flags), checked for
+    everything that does not depend on the host.  Raises UserError."""
     flags = _flag_values(args)
     if getattr(args, "scenario", None):
         scenarios = load_scenarios(args.scenario, overrides=flags)
@@ -579,7 +578,19 @@ def scenarios_from_args(args: argparse.Namespace, host: Any) -> List[Scenario]:
         scenarios = _expand(flags, "", tuple(flags), "")
     for s in scenarios:
         check_static(s)
+    return scenarios
+
+
+def validate_for_host(scenarios: Sequence[Scenario], host: Any) -> List[Scenario]:
+    """Validate ``scenarios`` against ``host``'s facts (UserError, KVMUnusable included)."""
     facts = gather_host_facts(host, scenarios)
     for s in scenarios:
         validate(s, facts)
-    return scenarios
+    return list(scenarios)
+
+
+def scenarios_from_args(args: argparse.Namespace, host: Any) -> List[Scenario]:
+    """The validated scenario list for ``run`` (``--scenario FILE`` or flags).
+
+    Raises UserError (KVMUnusable included) before anything is started."""
+    return validate_for_host(static_scenarios(args), host)

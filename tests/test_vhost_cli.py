@@ -47,13 +47,17 @@ def _l1_processes():
 
 
 def test_cli_run_host_virtual_legacy(tmp_path):
-    """`migstall run --host virtual:KERNEL` boots its own L1 and stops it."""
+    """`migstall run --host virtual:KERNEL --scenario F` boots its own L1 with the
+    scenario's ``l1_cmdline`` (kvm.tdp_mmu=0: the legacy MMU) and stops it."""
     before = {pid for pid, _ in _l1_processes()}
     out = tmp_path / "one.csv"
+    scenario = tmp_path / "legacy-mmu.toml"
+    scenario.write_text('[defaults]\naccel = "kvm"\nvcpus = 1\nloops = ["write"]\nbaseline_s = 0.5\n'
+                        '[[scenario]]\nname = "legacy-mmu"\nmem = "512M"\ntouch = 128\n'
+                        'dirty_log_mode = "legacy"\nl1_cmdline = "kvm.tdp_mmu=0"\n')
     spec = "virtual" if _l1_kernel() == "debian" else f"virtual:{_l1_kernel()}"
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", spec, "--accel", "kvm",
-                           "--dirty-log-mode", "legacy", "--mem", "512M", "--vcpus", "1", "--touch", "128",
-                           "--baseline-s", "0.5", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", spec, "--scenario", str(scenario),
+                           "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -62,6 +66,8 @@ def test_cli_run_host_virtual_legacy(tmp_path):
     assert row["status"] == "ok", row["error"]
     assert row["accel"] == "kvm" and row["host"].startswith("virtual")
     assert float(row["kvm_enable_ms"]) > 0
+    # the scenario's l1_cmdline reached L1's kernel (test_vhost_reboot, slow, covers reboots)
+    assert "kvm.tdp_mmu=N" in row["kvm_params"].split(";"), row["kvm_params"]
     if "MIGSTALL_TEST_L1_KERNEL" not in os.environ:
         assert "-migstall-patched-" in row["host_kernel"], row["host_kernel"]
         with open(row["sidecar"]) as fh:

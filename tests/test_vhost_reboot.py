@@ -3,6 +3,9 @@
 In a module of its own, so that its L1 never runs beside test_vhost.py's
 module-wide one: two L1s under TCG share the 2 cores, and a boot then took
 over 240 s (issue 16).
+
+Slow (`make test-slow`): two L1 boots, about 56 s.  `make test` checks that a
+scenario's ``l1_cmdline`` reaches L1 in test_vhost_cli.py.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import pytest
 from harness.hosts.local import LocalHost
 from harness.hosts.virtual import VirtualHost
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
                                 and not os.path.exists("/usr/sbin/sshd"),
-                                reason="needs qemu-system-x86 and openssh-server")
+                                reason="needs qemu-system-x86 and openssh-server")]
 
 
 def _alive(pid: int) -> bool:

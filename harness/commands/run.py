@@ -75,15 +75,18 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns=TABLE_COLUMNS) -> st
 def execute(args: argparse.Namespace, scenarios_loader=None) -> List[Dict[str, Any]]:
     """Shared by ``run`` and ``demo``: validate, then run.  Returns the rows."""
     from harness import runner
-    from harness.scenario import scenarios_from_args
+    from harness.scenario import static_scenarios, validate_for_host
 
     parse_host_spec(args.host)
     out = Path(args.out) if args.out else default_out()
     results.check_writable(out)
     args.out = str(out)
     prog = for_terminal()
-    with open_host(args.host, progress=prog) as host:
-        scenarios = scenarios_loader(args, host) if scenarios_loader else scenarios_from_args(args, host)
+    static = None if scenarios_loader else static_scenarios(args)   # bad input fails before a boot
+    # a virtual host boots once, with the first scenario's l1_cmdline (the runner reboots on a change)
+    first_cmdline = static[0].l1_cmdline if static else ""
+    with open_host(args.host, progress=prog, l1_cmdline=first_cmdline) as host:
+        scenarios = scenarios_loader(args, host) if scenarios_loader else validate_for_host(static or [], host)
         doctor = None
         try:
             from harness.doctor import doctor as doctor_report
