@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -360,12 +361,18 @@ class _Run:
         completed migration, the destination by -S) and compare page by page
         (:mod:`harness.measure.verify`); a difference fails the run."""
         ranges = verify.guest_ram_ranges(self.sc.mem_mib)
-        res = await verify.verify_migration(src, dst, ranges)
+        # MIGSTALL_VERIFY_DUMP=1: both sides' versions of the differing pages go
+        # into the run's log dir (verify-pages/<gpa>.src|.dst), for diagnosis
+        dump = self.log_dir / "verify-pages" if os.environ.get("MIGSTALL_VERIFY_DUMP", "") not in ("", "0") else None
+        res = await verify.verify_migration(src, dst, ranges, dump_dir=dump)
         self.row["verify_pages"] = res.pages
         self.row["verify_mismatch_pages"] = res.mismatch_pages
         self.side["verify"] = {"ranges": [dataclasses.asdict(r) for r in ranges], **res.as_dict()}
         if not res.ok:
-            raise MeasurementError(res.error_text())
+            qinfo = getattr(self, "qemu_info", None)
+            cause = verify.known_cause(self.row.get("accel"), qinfo.version_tuple if qinfo else ())
+            self.side["verify"]["known_cause"] = cause
+            raise MeasurementError(res.error_text() + (f" ({cause})" if cause else ""))
 
     def _stall_columns(self) -> None:
         cm = clockmod.fit(self.marks)

@@ -346,6 +346,58 @@ def test_compare_rejects_wrong_lengths():
         verify.compare(RANGES, bytes(928 * 8), bytes(927 * 8))
 
 
+def _page(words) -> bytearray:
+    """A 4 KiB page of u64 words: ``words`` maps word index -> value, the rest 0."""
+    page = bytearray(PAGE)
+    for i, v in words.items():
+        page[i * 8:i * 8 + 8] = v.to_bytes(8, "little")
+    return page
+
+
+def test_diff_page_data_words():
+    """Issue 9 as seen under TCG: a kernel counter the source advanced after the page was sent."""
+    src = _page({0x828 // 8: 0xFFFEE1E0, 3: 7})
+    dst = _page({0x828 // 8: 0xFFFEE1A1, 3: 7})
+    d = verify.diff_page(0x1045000, bytes(src), bytes(dst))
+    assert d["gpa"] == "0x1045000" and d["words"] == 1 and d["kind"] == "data"
+    assert d["first_words"] == [{"offset": "0x828", "src": "0x00000000fffee1e0", "dst": "0x00000000fffee1a1"}]
+    assert d["src_only_bits"] == f"{0xFFFEE1E0 & ~0xFFFEE1A1:#x}"
+    assert d["dst_only_bits"] == f"{0xFFFEE1A1 & ~0xFFFEE1E0:#x}"
+
+
+def test_diff_page_pte_accessed_dirty_only():
+    """Present page-table entries that differ only in bits 5 (A) and 6 (D)."""
+    pte = 0x0000000012345067 & ~0x60        # present, rw, user; A/D clear
+    src = _page({0: pte | 0x60, 1: pte | 0x20, 2: 0x8000000000000001})
+    dst = _page({0: pte, 1: pte, 2: 0x8000000000000001})
+    d = verify.diff_page(0x1000, bytes(src), bytes(dst))
+    assert d["kind"] == "pte-accessed-dirty" and d["words"] == 2
+    assert d["src_only_bits"] == "0x60" and d["dst_only_bits"] == "0x0"
+    # an A bit on a non-present entry is not a PTE update
+    d = verify.diff_page(0x1000, bytes(_page({0: 0x20})), bytes(_page({})))
+    assert d["kind"] == "data"
+    # equal pages, and at most max_words listed
+    assert verify.diff_page(0, bytes(PAGE), bytes(PAGE))["words"] == 0
+    many = verify.diff_page(0, bytes(_page({i: i + 1 for i in range(20)})), bytes(PAGE), max_words=3)
+    assert many["words"] == 20 and len(many["first_words"]) == 3
+
+
+def test_verify_result_page_diffs_in_the_sidecar():
+    res = verify.VerifyResult(10, 1, ({"gpa": "0x1000", "range": "r", "src_hash": "0x1", "dst_hash": "0x2"},))
+    assert "page_diffs" not in res.as_dict()
+    import dataclasses
+    res = dataclasses.replace(res, page_diffs=({"gpa": "0x1000", "words": 1, "kind": "data"},))
+    assert res.as_dict()["page_diffs"] == [{"gpa": "0x1000", "words": 1, "kind": "data"}]
+
+
+def test_known_cause_tcg_before_qemu_9():
+    assert "QEMU < 9.0" in verify.known_cause("tcg", (7, 2, 22))
+    assert "03bfc2188f06" in verify.known_cause("tcg", (8, 2, 0))
+    assert verify.known_cause("tcg", (9, 0, 0)) is None
+    assert verify.known_cause("kvm", (7, 2, 22)) is None
+    assert verify.known_cause("tcg", ()) is None
+
+
 # -- the dirty-log shim's drop_dirty (no KVM needed) ---------------------------------------------
 FAKE_KVM = r"""
 #define _GNU_SOURCE
@@ -495,7 +547,7 @@ def test_hash_guest_ram_real_qemu(tmp_path):
             verify.check_ranges(ranges, await verify.qemu_ram_ranges(va))
             h1 = await verify.hash_guest_ram(va, ranges)
             h2 = await verify.hash_guest_ram(va, ranges, timeout=60)
-            res = await verify.verify_migration(va, vb, ranges)
+            res = await verify.verify_migration(va, vb, ranges, dump_dir=tmp_path / "pages")
             return h1, h2, res
 
     h1, h2, res = asyncio.run(main())
@@ -508,6 +560,16 @@ def test_hash_guest_ram_real_qemu(tmp_path):
         ("0x1000", "ram-below-640k"), ("0x2345000", "ram-below-4g")]
     assert res.error_text() == "migrated memory differs: 2 pages (first at GPA 0x1000)"
     assert res.src_seconds is not None and res.dst_seconds is not None
+    # both differing pages read back from each side: exactly the flipped bit, and the files
+    word = lambda data, off: f"{int.from_bytes(data[off & ~7:(off & ~7) + 8], 'little'):#018x}"  # noqa: E731
+    assert [(d["gpa"], d["words"], d["kind"]) for d in res.page_diffs] == [
+        ("0x1000", 1, "data"), ("0x2345000", 1, "data")]
+    assert res.page_diffs[0]["first_words"] == [{"offset": "0x230", "src": word(image, 0x1234),
+                                                 "dst": word(changed, 0x1234)}]
+    assert res.page_diffs[1]["first_words"][0]["offset"] == "0x678"
+    assert (tmp_path / "pages" / "0x1000.src").read_bytes() == image[0x1000:0x2000]
+    assert (tmp_path / "pages" / "0x2345000.dst").read_bytes() == bytes(changed[0x2345000:0x2346000])
+    assert res.as_dict()["page_diffs"][1]["gpa"] == "0x2345000"
     assert not _ramhashers()
 
 

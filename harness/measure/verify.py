@@ -50,6 +50,15 @@ PCI hole) would reach the HyperTransport window at 0xfd00000000, i.e. for
 guests of roughly 950 GiB and more: pass ``above_4g_start`` then, or use
 :func:`qemu_ram_ranges`/:func:`check_ranges`, which read QEMU's own map.
 
+On a difference (:func:`verify_migration`) the first :data:`MAX_EXAMINED`
+differing pages are read back from both paused sides (QMP ``pmemsave`` of 4 KiB
+into a file) and compared word by word (:func:`diff_page`: how many u64 words
+differ, which bits, whether only x86 PTE accessed/dirty bits) into
+:attr:`VerifyResult.page_diffs`, the sidecar's ``verify.page_diffs``; with
+``dump_dir`` both versions are kept as files (``MIGSTALL_VERIFY_DUMP=1`` on a
+run: the run's log dir, ``verify-pages/``).  :func:`known_cause` names a setup
+where differences are expected: TCG with QEMU < 9.0 (issue 9, a QEMU bug).
+
 Timeouts (seconds): :data:`DEFAULT_START_TIMEOUT` for the hasher to start and
 open the FIFO; hashing one side within :func:`hash_timeout_s` (``HASH_TIMEOUT_BASE_S``
 + ``HASH_TIMEOUT_PER_GIB_S`` per GiB hashed, see there for the measurement);
@@ -63,10 +72,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from harness import ctools
@@ -106,6 +117,11 @@ UNBLOCK_TIMEOUT = 15.0
 READY_LINE = b"RAMHASH\n"
 #: mismatches listed in a VerifyResult
 MAX_LISTED = 64
+#: of those, how many are read back from both sides and compared word by word
+#: (:func:`examine_pages`); 2 QMP pmemsave of 4 KiB each
+MAX_EXAMINED = 64
+#: the accessed (bit 5) and dirty (bit 6) bits of an x86 page-table entry
+PTE_ACCESSED_DIRTY = 0x60
 
 
 def hash_timeout_s(nbytes: int) -> float:
@@ -342,6 +358,8 @@ class VerifyResult:
     first_mismatches: Tuple[Dict[str, str], ...] = ()
     src_seconds: Optional[float] = None
     dst_seconds: Optional[float] = None
+    #: :func:`diff_page` of the first mismatching pages, read back from both sides
+    page_diffs: Tuple[Dict[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -368,10 +386,13 @@ class VerifyResult:
     def as_dict(self) -> Dict[str, Any]:
         """JSON-able, for the sidecar."""
         spg = self.seconds_per_gib()
-        return {"pages": self.pages, "mismatch_pages": self.mismatch_pages,
-                "first_mismatches": [dict(m) for m in self.first_mismatches],
-                "src_seconds": self.src_seconds, "dst_seconds": self.dst_seconds,
-                "seconds_per_gib": None if spg is None else round(spg, 4)}
+        out = {"pages": self.pages, "mismatch_pages": self.mismatch_pages,
+               "first_mismatches": [dict(m) for m in self.first_mismatches],
+               "src_seconds": self.src_seconds, "dst_seconds": self.dst_seconds,
+               "seconds_per_gib": None if spg is None else round(spg, 4)}
+        if self.page_diffs:
+            out["page_diffs"] = [dict(d) for d in self.page_diffs]
+        return out
 
 
 HashesT = Union[bytes, RamHashes]
@@ -407,18 +428,112 @@ def compare(ranges: Sequence[RamRange], src_hashes: HashesT, dst_hashes: HashesT
     return VerifyResult(pages, int(bad.size), tuple(listed), **times)
 
 
+# -- known causes ---------------------------------------------------------------------------
+#: the first QEMU release whose TCG keeps dirty tracking intact across bitmap syncs
+#: (upstream 03bfc2188f06 "physmem: Fix migration dirty bitmap coherency with TCG
+#: memory access", in 9.0; not in the 7.2.x stable series up to 7.2.22)
+TCG_DIRTY_SYNC_FIXED_IN = (9, 0, 0)
+
+
+def known_cause(accel: Optional[str], qemu_version: Sequence[int]) -> Optional[str]:
+    """Why a difference is expected in this setup, or None.  Under TCG, QEMU
+    before 9.0 loses guest writes during migration (issue 9, README "Migrated
+    memory verified"): the fast path of ``cpu_physical_memory_sync_dirty_bitmap()``
+    (``include/exec/ram_addr.h``) clears the migration dirty bits of a RAM block
+    without ``tlb_reset_dirty_range_all()``, so a vCPU's TLB entry for a page it
+    had already dirtied stays writable without the notdirty slow path, and its
+    later stores never mark the page dirty again: the page is not re-sent and
+    the destination keeps an older copy.  ``qemu_version``: (major, minor,
+    micro), () when unknown."""
+    if accel == "tcg" and qemu_version and tuple(qemu_version[:3]) < TCG_DIRTY_SYNC_FIXED_IN:
+        return ("expected under TCG with QEMU < 9.0: its dirty-bitmap sync leaves vCPU TLB entries that "
+                "no longer mark pages dirty, so guest writes after a sync are lost (QEMU bug, fixed "
+                "upstream by 03bfc2188f06; see README)")
+    return None
+
+
+# -- what differs in a page ---------------------------------------------------------------
+async def read_page(vm: VM, gpa: int) -> bytes:
+    """The 4 KiB page at ``gpa`` of the paused ``vm`` (QMP ``pmemsave`` into a
+    file in the VM's runtime dir, read back and removed)."""
+    path = vm.path(f"page-{gpa:x}.bin")
+    try:
+        await vm.cmd("pmemsave", {"val": gpa, "size": PAGE, "filename": path})
+        data = await asyncio.to_thread(vm.host.read_bytes, path)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(vm.host.run, ["rm", "-f", path], check=False)
+    if len(data) != PAGE:
+        raise QEMUError(f"QEMU {vm.name}: pmemsave of the page at {gpa:#x} gave {len(data)} bytes", vm.log_path)
+    return data
+
+
+def diff_page(gpa: int, src: bytes, dst: bytes, max_words: int = 8) -> Dict[str, Any]:
+    """What differs between two versions of one page, per little-endian u64
+    word: ``words`` (how many differ), ``src_only_bits``/``dst_only_bits`` (OR
+    over those words of the bits set on one side only), ``kind`` and the first
+    ``max_words`` words (``offset``, ``src``, ``dst``).  ``kind`` is
+    ``pte-accessed-dirty`` when every differing word differs only in bits 5/6
+    (x86 PTE accessed/dirty) and is a present entry on both sides, else ``data``."""
+    import numpy as np
+
+    a = np.frombuffer(src, dtype="<u8")
+    b = np.frombuffer(dst, dtype="<u8")
+    idx = np.flatnonzero(a != b)
+    xa, xb = a[idx], b[idx]
+    src_only = int(np.bitwise_or.reduce(xa & ~xb)) if idx.size else 0
+    dst_only = int(np.bitwise_or.reduce(xb & ~xa)) if idx.size else 0
+    ad_only = bool(idx.size) and not ((src_only | dst_only) & ~PTE_ACCESSED_DIRTY) \
+        and bool(np.all(xa & 1)) and bool(np.all(xb & 1))
+    return {"gpa": f"{gpa:#x}", "words": int(idx.size), "kind": "pte-accessed-dirty" if ad_only else "data",
+            "src_only_bits": f"{src_only:#x}", "dst_only_bits": f"{dst_only:#x}",
+            "first_words": [{"offset": f"{int(i) * 8:#x}", "src": f"{int(a[i]):#018x}", "dst": f"{int(b[i]):#018x}"}
+                            for i in idx[:max_words].tolist()]}
+
+
+async def examine_pages(src: VM, dst: VM, gpas: Sequence[int],
+                        dump_dir: Optional[Path] = None) -> Tuple[Dict[str, Any], ...]:
+    """:func:`diff_page` of each page at ``gpas``, read from both paused sides.
+    ``dump_dir``: also write both versions there (``<gpa>.src``, ``<gpa>.dst``)."""
+    out = []
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+    for gpa in gpas:
+        a = await read_page(src, gpa)
+        b = await read_page(dst, gpa)
+        if dump_dir is not None:
+            (dump_dir / f"{gpa:#x}.src").write_bytes(a)
+            (dump_dir / f"{gpa:#x}.dst").write_bytes(b)
+        out.append(diff_page(gpa, a, b))
+    return tuple(out)
+
+
 async def verify_migration(src: VM, dst: VM, ranges: Sequence[RamRange],
-                           timeout: Optional[float] = None) -> VerifyResult:
+                           timeout: Optional[float] = None, *, examine: int = MAX_EXAMINED,
+                           dump_dir: Optional[Path] = None) -> VerifyResult:
     """Hash ``ranges`` on the paused source, then on the paused destination (one
     after the other, so each side's time is its own and the two QEMUs do not
     compete for the host's CPUs), and compare.  ``timeout`` per side, default
-    :func:`hash_timeout_s`."""
+    :func:`hash_timeout_s`.  On a difference the first ``examine`` mismatching
+    pages are read back from both sides (:func:`examine_pages`, also written to
+    ``dump_dir`` if given) into :attr:`VerifyResult.page_diffs`; a failure to
+    read them is logged and leaves the result as it is."""
     src_h = await hash_guest_ram(src, ranges, timeout)
     dst_h = await hash_guest_ram(dst, ranges, timeout)
     result = compare(ranges, src_h, dst_h)
     if result.ok:
         log.info("verify: %d pages equal (source %.2f s, destination %.2f s)", result.pages,
                  src_h.seconds, dst_h.seconds)
-    else:
-        log.warning("verify: %s; first: %s", result.error_text(), result.first_mismatches[:3])
+        return result
+    log.warning("verify: %s; first: %s", result.error_text(), result.first_mismatches[:3])
+    gpas = [int(m["gpa"], 16) for m in result.first_mismatches[:max(0, examine)]]
+    if gpas:
+        try:
+            diffs = await examine_pages(src, dst, gpas, dump_dir)
+        except (QEMUError, HostError, OSError) as exc:
+            log.warning("verify: could not read the differing pages back: %s", exc)
+        else:
+            result = dataclasses.replace(result, page_diffs=diffs)
+            kinds = {k: sum(d["kind"] == k for d in diffs) for k in sorted({d["kind"] for d in diffs})}
+            log.warning("verify: of %d differing pages read back: %s", len(diffs), kinds)
     return result
