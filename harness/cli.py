@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import List, NoReturn, Optional
 
@@ -56,6 +57,10 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,6 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    # SIGTERM (a CI job cancelled, `kill`) takes Ctrl-C's path: every QEMU, SSH
+    # session and L1 VM is stopped by its context manager and the row is written
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         return int(args.func(args) or 0)
     except MigstallError as exc:
@@ -74,3 +82,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)   # main() may run inside another program

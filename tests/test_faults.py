@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from harness import procs, results, runner
 from harness.hosts.local import LocalHost
@@ -58,7 +59,9 @@ def test_guest_never_ready_times_out(tmp_path, guest_image):
     assert not _mine(row["run_id"])
 
 
-def test_sigint_cleans_up_and_writes_failed_row(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_cleans_up_and_writes_failed_row(tmp_path, sig):
+    """Ctrl-C, and SIGTERM the same way: everything stopped, the row written."""
     out = tmp_path / "int.csv"
     env = dict(os.environ, CI="true")
     proc = subprocess.Popen(
@@ -71,7 +74,7 @@ def test_sigint_cleans_up_and_writes_failed_row(tmp_path):
         for line in proc.stderr:
             if "-src: pid" in line or time.monotonic() > deadline:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:

@@ -32,6 +32,11 @@ pytestmark = pytest.mark.skipif(not Path("/usr/src/linux-source-6.1.tar.xz").is_
                                 reason="linux-source-6.1 is not installed (scripts/setup-host installs it)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _after_prebuild(kernel_prebuild):
+    """The session's background build of the test series' kernels is done (conftest.py)."""
+
+
 def migstall(*args: str, timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, "CI": "true"})

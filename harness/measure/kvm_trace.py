@@ -86,6 +86,8 @@ WALKS = (
     "kvm_mmu_slot_largepage_remove_write_access", "kvm_mmu_slot_set_dirty",
     "kvm_mmu_slot_try_split_huge_pages", "kvm_mmu_zap_collapsible_sptes",
     "kvm_tdp_mmu_wrprot_slot", "kvm_tdp_mmu_clear_dirty_slot",
+    # patches/fast-write-protect-6.1: the roots write-protected at enable
+    "kvm_mmu_write_protect_all",
 )
 #: functions probed when available_filter_functions lists them
 CANDIDATES = (
@@ -100,6 +102,8 @@ CANDIDATES = (
     "vmx_slot_enable_log_dirty", "vmx_slot_disable_log_dirty",
     "kvm_mmu_slot_largepage_remove_write_access", "kvm_mmu_slot_set_dirty",
     "kvm_mmu_write_protect_all_pages",
+    # patches/fast-write-protect-6.1 (the 6.1 forward-port)
+    "kvm_mmu_write_protect_all",
     # dirty log harvesting
     "kvm_vm_ioctl_clear_dirty_log", "kvm_vm_ioctl_get_dirty_log",
 )
