@@ -5,8 +5,8 @@ sshd or dropbear that migstall started may still be running.
 
 The test series' kernels (stock and patched, tiny config) are built in the
 background from the start of the session, at ``nice 19``, when a selected test
-needs them (test_kernel_build.py, test_vhost_cli.py).  Those modules run after
-the others, before test_vhost.py, and ``kernel_prebuild`` waits for that build.  A cold stock build is about 900
+needs them (test_kernel_build.py, test_vhost_cli.py).  Those modules run last,
+and ``kernel_prebuild`` waits for that build.  A cold stock build is about 900
 CPU-seconds (7-8 minutes on 2 idle cores); at nice 19 it takes only the CPU the
 other tests leave idle, so a cold `make test` overlaps most of it with them
 instead of adding it.  ``MIGSTALL_TEST_PREBUILD=0`` turns this off.
@@ -37,19 +37,9 @@ _prebuild: Optional[subprocess.Popen] = None
 _prebuild_log: Optional[Path] = None
 
 
-#: the modules whose module-wide L1 runs longest: after the build, so that no
-#: build competes with them (a cold run that overlapped the build with them
-#: took 258 s for the sweep instead of 156 s, and 1205 s in all)
-L1_MODULES = ("test_vhost.py", "test_vhost_reboot.py")
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """The other tests first (they overlap the background build), then the
-    kernel-using modules, then the long virtual-host modules; stable sort."""
-    def rank(item) -> int:
-        name = Path(str(item.fspath)).name
-        return 2 if name in L1_MODULES else 1 if name in KERNEL_MODULES else 0
-    items.sort(key=rank)
+    """Kernel-using modules last (stable sort: the rest keep their order)."""
+    items.sort(key=lambda it: Path(str(it.fspath)).name in KERNEL_MODULES)
 
 
 def pytest_collection_finish(session):
