@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from typing import List, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional
 
 from harness import __version__
 from harness.errors import MigstallError
@@ -57,8 +57,16 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _terminate_as_interrupt(signum: int, frame: object) -> None:
-    os.kill(os.getpid(), signal.SIGINT)
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM -> whatever handles SIGINT now (asyncio's runner cancels the main
+    task; Python's default raises KeyboardInterrupt).  Where SIGINT is ignored
+    (a background job of a non-interactive shell, nohup) raise KeyboardInterrupt
+    here: re-sending SIGINT would do nothing then."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -18,10 +18,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from harness.errors import UserError
 from harness.paths import file_lock
+
+if TYPE_CHECKING:  # pandas is imported where frames are made: ``migstall run`` never pays for it
+    import pandas as pd
+
+log = logging.getLogger(__name__)
 
 # Identify a row; never grouped on, never compared.
 ID_COLUMNS = ("run_id", "started_at", "repeat", "sidecar")
@@ -57,6 +64,16 @@ COLUMNS = ID_COLUMNS[:2] + ("host", "host_kernel", "kernel_variant", "series_id"
 assert sorted(COLUMNS) == sorted(
     set(ID_COLUMNS + VARIANT_COLUMNS + SCENARIO_COLUMNS + INFO_COLUMNS + METRIC_COLUMNS + STATUS_COLUMNS)
 ), "column groups and COLUMNS disagree"
+
+# Columns that hold numbers: floats in :func:`load`'s frame, NaN where the CSV is empty.
+NUMERIC_COLUMNS = METRIC_COLUMNS + ("repeat", "touched_mib", "prefault_ms", "verify_pages", "verify_mismatch_pages")
+# Text columns with few distinct values: categoricals in :func:`load`'s frame.  The scenario
+# keys are ordered categoricals (numbers by value: 512 < 1024); a key column whose values
+# are all numbers has numeric categories (``df.guest_mem_mib == 512``).
+CATEGORY_COLUMNS = VARIANT_COLUMNS + SCENARIO_COLUMNS + (
+    "dirty_log_start_source", "dirty_log_stop_source", "kvm_params", "status")
+# Not a CSV column: the file each row of :func:`load`'s frame came from.
+SOURCE_COLUMN = "source"
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -185,3 +202,242 @@ def failed_row(base: Mapping[str, Any], error: BaseException | str, sidecar: Opt
     row = {k: v for k, v in base.items() if k not in METRIC_COLUMNS}
     row.update(status=STATUS_FAILED, error=msg, sidecar=sidecar)
     return row
+
+
+# --- results as a pandas DataFrame -------------------------------------------------
+
+_REQUIRED = ("run_id", "status")
+#: scenario keys that are numbers; their categories are numbers when every value is one
+NUMERIC_KEY_COLUMNS = ("guest_mem_mib", "vcpus", "page_size_kib", "dirty_ring")
+PathSpec = Union[str, "os.PathLike[str]"]
+
+
+def _bad(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: {why}; pass a results CSV written by 'migstall run' (or a directory of them)")
+
+
+def _scan(path: Path) -> Tuple[List[str], bool]:
+    """Check that ``path`` is a results CSV: its header, and the field count of every record.
+
+    The CSV records its schema in its header line: a file written by an older schema
+    has fewer columns (``append_rows`` extends it), a newer one may have more; columns
+    are matched by name.  Returns the header and whether a record of blank fields was
+    seen (such records are skipped, as they always were)."""
+    with open(path, "rb") as fh:
+        text = fh.read().decode("utf-8")
+    first = text.split("\n", 1)[0]
+    simple = not any(ch in text for ch in ('"', "\r", "\x00"))   # then a record is a line
+    header = next(csv.reader([first]), None) if simple else next(csv.reader(io.StringIO(text, newline="")), None)
+    if not header:
+        raise _bad(path, "empty file, not a migstall results CSV")
+    header = [h.strip() for h in header]
+    missing = [c for c in _REQUIRED if c not in header]
+    if missing:
+        raise _bad(path, f"not a migstall results CSV (no {'/'.join(missing)} column)")
+    if not any(c in header for c in METRIC_COLUMNS):
+        raise _bad(path, "not a migstall results CSV (no metric column)")
+    n, blank = len(header), False
+    if simple:            # no quoting: count commas (the csv module takes 5x as long on 12,000 rows)
+        for lineno, line in enumerate(text.split("\n")[1:], start=2):
+            commas = line.count(",")
+            if commas == n - 1 and line[:1] not in (",", " ", "\t", ""):
+                continue
+            if not line.replace(",", "").strip():
+                blank = blank or bool(line)     # an empty line is skipped by pandas too
+                continue
+            if commas != n - 1:
+                raise _bad(path, f"line {lineno} has {commas + 1} fields, the header {n}")
+        return header, blank
+    reader = csv.reader(io.StringIO(text, newline=""))
+    next(reader)
+    for lineno, fields in enumerate(reader, start=2):
+        if len(fields) == n and fields[0].strip():
+            continue
+        if not fields or not any(f.strip() for f in fields):
+            blank = blank or bool(fields)
+            continue
+        if len(fields) != n:
+            raise _bad(path, f"line {lineno} has {len(fields)} fields, the header {n}")
+    return header, blank
+
+
+def _read_raw(path: Path) -> "pd.DataFrame":
+    """One results CSV, strictly (UserError on anything that is not one), as text and floats."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        header, blank = _scan(path)
+        text = {c: str for c in header if c not in NUMERIC_COLUMNS}
+        opts = dict(header=0, names=header, encoding="utf-8", keep_default_na=False, na_values=[""],
+                    skip_blank_lines=True)
+        if blank:      # records of blank fields: build from the csv module's parse, which skips them
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [f for f in list(csv.reader(fh))[1:] if f and any(x.strip() for x in f)]
+            df = pd.DataFrame(rows, columns=header, dtype=object).replace("", math.nan)
+        else:
+            try:
+                df = pd.read_csv(path, dtype={**text, **{c: "float64" for c in header if c in NUMERIC_COLUMNS}},
+                                 **opts)
+            except ValueError:          # a number column holds text: read it as text, coerced below
+                df = pd.read_csv(path, dtype=str, **opts)
+    except UserError:
+        raise
+    except IsADirectoryError as exc:
+        raise _bad(path, "is a directory") from exc
+    except FileNotFoundError as exc:
+        raise UserError(f"{path}: no such file; give an existing results CSV or directory") from exc
+    except PermissionError as exc:
+        raise UserError(f"{path}: permission denied; make it readable or copy it somewhere readable") from exc
+    except UnicodeDecodeError as exc:
+        raise _bad(path, "not text (not UTF-8)") from exc
+    except (OSError, csv.Error, ValueError) as exc:   # pandas' ParserError is a ValueError
+        raise _bad(path, f"unreadable ({getattr(exc, 'strerror', None) or exc})") from exc
+    absent = [c for c in COLUMNS if c not in df.columns]
+    if absent:
+        log.debug("%s: written by an older schema, without %s", path, ", ".join(absent))
+    df[SOURCE_COLUMN] = str(path)
+    return df
+
+
+def results_csvs(directory: Path) -> List[Path]:
+    """Candidate CSVs below ``directory``, sorted; hidden files and sidecar dirs skipped."""
+    found = []
+    for p in sorted(Path(directory).rglob("*.csv")):
+        rel = p.relative_to(directory)
+        if any(part.startswith(".") or part.endswith(".sidecars") for part in rel.parts):
+            continue
+        if p.is_file():
+            found.append(p)
+    return found
+
+
+def _natural_key(v: Any) -> Tuple[int, float, str]:
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def key_text(value: Any) -> str:
+    """A scenario-key value of the frame as the CSV writes it (``512``, ``legacy``, ``""`` when empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return str(int(value)) if value.is_integer() else repr(value)
+    if hasattr(value, "item") and not isinstance(value, str):     # numpy scalars
+        return key_text(value.item())
+    return str(value)
+
+
+def _categorical(values: "pd.Series", *, numeric: bool, ordered: bool) -> "pd.Series":
+    import pandas as pd
+
+    cat = values.astype("category")
+    raw = list(cat.cat.categories)
+    stripped = [str(c).strip() for c in raw]
+    if stripped != [str(c) for c in raw] or "" in stripped:       # " x" and "x" are one value; "" is empty
+        cat = values.astype(object).map(dict(zip(raw, stripped))).replace("", None).astype("category")
+    cats = list(cat.cat.categories)
+    if numeric and cats:
+        nums = pd.to_numeric(pd.Series(cats, dtype=object), errors="coerce")
+        if nums.notna().all() and nums.nunique() == len(cats):
+            if all(float(x).is_integer() for x in nums):
+                nums = nums.astype("int64")
+            cat = cat.cat.rename_categories(list(nums))
+            cats = list(cat.cat.categories)
+    if ordered:
+        cat = cat.cat.reorder_categories(sorted(cats, key=_natural_key), ordered=True)
+    return cat
+
+
+def _typed(df: "pd.DataFrame") -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+
+    for c in NUMERIC_COLUMNS:
+        if df[c].dtype != np.float64:
+            df[c] = pd.to_numeric(df[c].astype(object).map(lambda v: v.strip() if isinstance(v, str) else v),
+                                  errors="coerce").astype("float64")
+    for c in CATEGORY_COLUMNS:
+        df[c] = _categorical(df[c], numeric=c in NUMERIC_KEY_COLUMNS, ordered=c in SCENARIO_COLUMNS)
+    df[SOURCE_COLUMN] = df[SOURCE_COLUMN].astype("category")
+    try:
+        df["started_at"] = pd.to_datetime(df["started_at"], format="ISO8601", utc=True, errors="coerce")
+    except (TypeError, ValueError):       # pandas < 2 has no format="ISO8601"
+        df["started_at"] = pd.to_datetime(df["started_at"], utc=True, errors="coerce")
+    text = "str" if int(pd.__version__.split(".")[0]) >= 3 else object    # both keep NaN for empty
+    for c in df.columns:
+        if c not in NUMERIC_COLUMNS and c not in CATEGORY_COLUMNS and c not in (SOURCE_COLUMN, "started_at"):
+            df[c] = df[c].astype(text)
+    return df
+
+
+def load(paths: Union[PathSpec, Sequence[PathSpec]]) -> "pd.DataFrame":
+    """Results CSVs and/or results directories -> one typed ``pandas.DataFrame``.
+
+    One row per run, in file order; every column of :data:`COLUMNS` (a file written by
+    an older schema gets the columns it lacks, empty), then any other column the files
+    have, then ``source`` (the CSV each row came from).  Types: :data:`NUMERIC_COLUMNS`
+    are float64 with NaN for empty; the scenario keys are ordered categoricals (numbers
+    by value; ``guest_mem_mib``, ``vcpus``, ``page_size_kib`` and ``dirty_ring`` have
+    numeric categories); the variant, source and status columns are categoricals;
+    ``started_at`` is a UTC datetime; the rest is text; empty is missing everywhere.
+    ``df.attrs["sources"]`` lists the files read.
+
+    A directory is searched recursively for results CSVs (other CSVs there, e.g. a
+    comparison CSV, are skipped).  Bad input is a one-line :class:`UserError`: a
+    missing or unreadable path, a file that is not a results CSV, a directory
+    without any, no rows at all.
+    """
+    specs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    frames, sources = [], []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            try:
+                candidates = results_csvs(path)
+            except PermissionError as exc:
+                raise UserError(f"{path}: permission denied; make it readable") from exc
+            found = 0
+            for p in candidates:
+                try:
+                    frames.append(_read_raw(p))
+                except UserError as exc:
+                    log.debug("skipping %s: %s", p, exc)
+                    continue
+                sources.append(p)
+                found += 1
+            if not found:
+                raise UserError(f"{path}: directory holds no migstall results CSV; "
+                                "give a results CSV or a directory of them")
+        else:
+            frames.append(_read_raw(path))
+            sources.append(path)
+    if not frames or not sum(len(f) for f in frames):
+        raise UserError(f"{', '.join(str(s) for s in specs)}: no result rows; run 'migstall run' first")
+    df = _combine([f for f in frames if len(f)])
+    df.attrs["sources"] = [str(s) for s in sources]
+    return df
+
+
+def read(path: PathSpec) -> "pd.DataFrame":
+    """One results CSV as :func:`load` types it (no rows is not an error here)."""
+    df = _combine([_read_raw(Path(path))])
+    df.attrs["sources"] = [str(path)]
+    return df
+
+
+def _combine(frames: List["pd.DataFrame"]) -> "pd.DataFrame":
+    """Raw frames -> one frame with every column of :data:`COLUMNS` (older schemas gain
+    the columns they lack, empty), then other columns, then ``source``; typed."""
+    import pandas as pd
+
+    extra: List[str] = []
+    for f in frames:
+        extra += [c for c in f.columns if c not in COLUMNS and c != SOURCE_COLUMN and c not in extra]
+    order = list(COLUMNS) + extra + [SOURCE_COLUMN]
+    df = pd.concat([f.reindex(columns=order) for f in frames], ignore_index=True)
+    return _typed(df)

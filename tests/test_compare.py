@@ -195,3 +195,81 @@ def test_failed_row_without_run_facts_joins_its_scenario(tmp_path):
     (sc,) = cmp.scenarios
     assert (sc.base_failed, sc.new_failed, sc.base_ok, sc.new_ok) == (1, 1, 3, 3)
     assert cmp.only_base == cmp.only_new == ()
+
+
+def _old_bootstrap_ratio_ci(base, new, resamples=stats.BOOTSTRAP_RESAMPLES, seed=stats.BOOTSTRAP_SEED):
+    """The implementation before scipy.stats.bootstrap (the golden outputs were made with it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, n = np.asarray(base, dtype=float), np.asarray(new, dtype=float)
+    mb = np.median(rng.choice(b, size=(resamples, b.size), replace=True), axis=1)
+    mn = np.median(rng.choice(n, size=(resamples, n.size), replace=True), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = mn / mb
+    ratios = ratios[np.isfinite(ratios)]
+    if ratios.size < resamples // 2:
+        return None, None
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+@pytest.mark.parametrize("nb,nn", [(5, 5), (2, 7), (1, 6), (6, 1), (1, 1), (40, 100), (3, 3)])
+def test_bootstrap_through_scipy_draws_what_it_always_drew(nb, nn):
+    import numpy as np
+
+    rng = np.random.default_rng(nb * 100 + nn)
+    base = np.round(rng.uniform(50, 70, nb), 3).tolist()
+    new = np.round(rng.uniform(4, 8, nn), 3).tolist()
+    assert stats.bootstrap_ratio_ci(base, new) == _old_bootstrap_ratio_ci(base, new)
+    zero = [0.0] * nb
+    assert stats.bootstrap_ratio_ci(zero, new) == _old_bootstrap_ratio_ci(zero, new) == (None, None)
+
+
+@pytest.mark.parametrize("nb,nn", [(2000, 2000), (101, 350), (1001, 6)])
+def test_large_sample_bootstrap_has_the_resampling_distribution(nb, nn):
+    """Above RESAMPLE_MAX_N the resample medians come from the order statistics' exact
+    distribution; the CI agrees with brute-force resampling within Monte Carlo error."""
+    import numpy as np
+
+    rng = np.random.default_rng(nb + nn)
+    base = np.round(rng.lognormal(3.0, 0.3, nb), 1)        # rounded: ties, as real columns have
+    new = np.round(rng.lognormal(2.5, 0.4, nn), 1)
+    lo, hi = stats.bootstrap_ratio_ci(base, new)
+    assert (lo, hi) == stats.bootstrap_ratio_ci(base, new)   # deterministic
+    brute = [_old_bootstrap_ratio_ci(base, new, resamples=4000, seed=s) for s in (1, 2)]
+    width = hi - lo
+    for blo, bhi in brute:
+        assert abs(blo - lo) < 0.15 * width and abs(bhi - hi) < 0.15 * width, (lo, hi, blo, bhi)
+    mlo, mhi = stats.bootstrap_median_ci(base)
+    assert mlo <= np.median(base) <= mhi
+
+
+def test_summary_from_groupby_matches_numpy():
+    import numpy as np
+
+    cmp = stats.compare(load.load(str(FIX / "stock.csv")), load.load(str(FIX / "patched.csv")))
+    for _, m in cmp.rows():
+        for s in (m.base, m.new):
+            ref = stats.Sample.of(s.values)
+            assert (s.n, s.median, s.min, s.max) == (ref.n, ref.median, ref.min, ref.max)
+            assert np.isclose(s.q1, ref.q1, rtol=1e-12) and np.isclose(s.q3, ref.q3, rtol=1e-12)
+
+
+def test_large_comparison_is_quick_and_deterministic(tmp_path):
+    """6 sizes x 150 repeats a side through the whole pipeline (the benchmark's generator)."""
+    import time
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import compare_large
+    finally:
+        sys.path.pop(0)
+    stock, patched = compare_large.generate(tmp_path, 150)
+    t = time.perf_counter()
+    cmp = stats.compare(load.load(str(stock)), load.load(str(patched)))
+    elapsed = time.perf_counter() - t
+    assert len(cmp.scenarios) == 6 and all(s.base_ok + s.base_failed == 150 for s in cmp.scenarios)
+    by = {(s.label, m.metric): m for s, m in cmp.rows()}
+    assert all(by[(s.label, "dirty_log_start_ms")].verdict == "improved" for s in cmp.scenarios)
+    assert table.to_csv(stats.compare(load.load(str(stock)), load.load(str(patched)))) == table.to_csv(cmp)
+    assert elapsed < 20, elapsed          # generous: the machine is shared; the benchmark measures

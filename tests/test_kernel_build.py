@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,56 @@ def test_boot_each_kernel_and_read_release_and_tracepoints(builds):
             assert not any(present for _, present in events), res.events
             assert res.migstall_events == ()
             assert all(v == "MISSING" for _, v in res.markers)
+
+
+def test_both_variants_from_a_message_id_through_b4(builds, tmp_path):
+    """The test series fetched by its Message-ID with the real b4 from a
+    lore-shaped server on 127.0.0.1 (test_b4_fetch.lore_server), through a
+    private git config without an identity.  The series is the messages as
+    posted, so its hash is the local mbox's and both kernels are the ones the
+    local manifest built (cache hits); the second build does not even run b4."""
+    if shutil.which("b4") is None:
+        pytest.skip("b4 is not installed (apt-get install b4)")
+    from test_b4_fetch import TEST_MBOX, TEST_MSGID, b4_env, lore_server, msgid_manifest, private_gitconfig
+
+    from harness.kernel.series import load_series, message_id_cache
+
+    local = load_series(load_manifest(TEST_SERIES).series)
+    manifest = msgid_manifest(tmp_path)
+    fetched = message_id_cache(TEST_MSGID)           # this cache's entry for the Message-ID: b4 must run
+    shutil.rmtree(fetched, ignore_errors=True)
+    try:
+        with lore_server({TEST_MSGID: TEST_MBOX.read_bytes()}) as lore:
+            env = b4_env(private_gitconfig(tmp_path, lore.midmask))
+            env["MIGSTALL_CACHE"] = str(paths.cache_dir())   # the prebuild's cache
+            runs = []
+            for _ in range(2):
+                proc = subprocess.run([sys.executable, "-m", "harness", "kernel", "build", "--manifest",
+                                       str(manifest), "--variant", "both", "--config", "tiny", "--json"],
+                                      capture_output=True, text=True, timeout=BUILD_TIMEOUT, cwd=REPO, env=env)
+                assert proc.returncode == 0, proc.stderr
+                runs.append((json.loads(proc.stdout), list(lore.requests)))
+        (first, asked_first), (second, asked_second) = runs
+        assert [r for r in asked_first if r.endswith("/t.mbox.gz")], asked_first
+        assert asked_second == asked_first, "the second build took the series from the cache, b4 did not run"
+        assert "Total patches: 2" in (fetched / "b4.log").read_text()
+        for out in (first, second):
+            assert [b["variant"] for b in out] == ["stock", "patched"]
+            for b in out:
+                v = b["variant"]
+                meta = json.loads(Path(b["metadata"]).read_text())
+                assert meta["series"]["count"] == 2
+                assert meta["series"]["sha256"] == local.sha256
+                assert b["release"] == builds[v]["release"]
+                assert b["release"].endswith(f"-migstall-{v}-{local.hash8}")
+                assert b["bzimage"] == builds[v]["bzimage"]
+        # the local manifest built them (in this session or before): both builds are cache hits
+        assert all(b["cached"] for b in first + second)
+        series = load_series(load_manifest(manifest).series)
+        assert (series.kind, series.origin, series.count) == ("message_id", TEST_MSGID, 2)
+        assert series.sha256 == local.sha256 and series.mbox.read_bytes() == TEST_MBOX.read_bytes()
+    finally:
+        shutil.rmtree(fetched, ignore_errors=True)
 
 
 def test_build_failure_exits_2_with_the_log_and_keeps_the_stock_objects(builds):

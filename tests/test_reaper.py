@@ -284,6 +284,13 @@ def test_format_death_note():
     assert format_death_note("QEMU x", "") == "QEMU x had exited unexpectedly (no exit status recorded)"
     long = format_death_note("q", "exited 1", ["x" * 1000])
     assert len(long) < 300 and long.endswith("...")
+    # a guest that reset itself under -no-reboot: QEMU exits 0 after SHUTDOWN
+    reset = {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-reset"}}
+    assert format_death_note("QEMU x", "exited 0", ["Broken pipe"], shutdown=reset) == (
+        "QEMU x exited with status 0 after QMP SHUTDOWN guest-reset: the guest reset itself "
+        "(a triple fault, or a guest panic with panic=-1); its log ends: Broken pipe")
+    host = {"event": "SHUTDOWN", "data": {"guest": False, "reason": "host-qmp-quit"}}
+    assert format_death_note("QEMU x", "exited 0", shutdown=host) == "QEMU x exited with status 0 after QMP SHUTDOWN host-qmp-quit"
 
 
 def test_vm_death_note_and_exit_info():
@@ -362,7 +369,7 @@ def test_quit_qemu_exits_0_and_bad_device_names_its_error(tmp_path):
 
     ok, bad, exc = asyncio.run(scenario())
     assert ok.exit_reason == "quit" and ok.exit_status == "exited 0" and ok.exit_pid == ok.pid
-    assert ok.death_note() == "QEMU reapertest-ok exited with status 0"
+    assert ok.death_note() == "QEMU reapertest-ok exited with status 0 after QMP SHUTDOWN host-qmp-quit"
     assert "failed to start (exit 1)" in str(exc)
     assert "no-such-device-model" in str(exc)    # from its -D log: QEMU's stderr is there
     if bad.exit_reason == "died":             # its pidfile was written before the error
@@ -399,3 +406,46 @@ def test_sigkilled_qemu_over_ssh_says_so(tmp_path):
     assert vm.exit_reason == "died" and vm.exit_pid == vm.pid
     assert vm.death_note().startswith("QEMU reapertest-ssh was killed by signal 9 (SIGKILL)"), vm.death_note()
     assert _gone(vm.pid)
+
+
+def test_console_note_names_the_panic(tmp_path):
+    from harness.hosts.kernel_log import console_note
+
+    log = tmp_path / "console.log"
+    log.write_text("[    1.0] booting\n"
+                   "[  102.7] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+                   "[  103.0] BUG: kernel NULL pointer dereference, address: 0000000000000008\n"
+                   "[  103.1] RIP: 0010:update_curr+0x1c/0x1f0\n"
+                   "[  103.2] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    note = console_note(log, "virtual:debian")
+    assert note == (f"virtual:debian stopped answering; its console ({log}) ends: "
+                    "rcu: INFO: rcu_preempt detected stalls on CPUs/tasks: | "
+                    "BUG: kernel NULL pointer dereference, address: 0000000000000008 | "
+                    "Kernel panic - not syncing: Fatal exception in interrupt")
+    quiet = tmp_path / "quiet.log"
+    quiet.write_text("migstall-init: sshd up\n")
+    assert console_note(quiet, "l1").endswith("ends: migstall-init: sshd up")
+    assert console_note(tmp_path / "missing.log", "l1") == ""
+
+
+def test_ssh_host_lost_note_only_when_the_connection_is_gone(tmp_path):
+    from harness.hosts.ssh import SSHHost
+
+    log = tmp_path / "console.log"
+    log.write_text("[  5.0] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [sh:325]\n")
+    host = SSHHost("127.0.0.1", port=1, name="virtual", connect=False)
+    assert host.lost_note() == ""                          # no console known
+    host.console_path = str(log)
+    assert host.lost_note().endswith("ends: watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [sh:325]")
+
+
+def test_keep_console(tmp_path, monkeypatch):
+    from harness.hosts import virtual
+
+    monkeypatch.setenv("MIGSTALL_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    assert virtual.keep_console(work) is None
+    (work / "console.log").write_text("Kernel panic\n")
+    kept = virtual.keep_console(work)
+    assert kept is not None and kept.read_text() == "Kernel panic\n" and kept.parent.name == "logs"

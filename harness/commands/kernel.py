@@ -25,6 +25,12 @@ def register(sub: "argparse._SubParsersAction") -> None:
     b.add_argument("--builder", choices=("auto", "tuxmake", "make"), default="auto",
                    help="tuxmake (default when installed) or plain make")
     b.add_argument("-j", "--jobs", type=int, default=None, help="parallel jobs (default: nproc)")
+    b.add_argument("--lore-url", default=None, metavar="URL",
+                   help="public inbox b4 fetches a [series] message_id from, e.g. a lore mirror "
+                        "(default: the manifest's lore_url, else b4.midmask from git config, "
+                        "else https://lore.kernel.org/all)")
+    b.add_argument("--fetch-timeout", type=float, default=None, metavar="S",
+                   help="timeout of fetching a series by Message-ID with b4, seconds (default: 300)")
     b.add_argument("--json", action="store_true", help="print the builds as a JSON list")
     b.set_defaults(func=_build)
 
@@ -35,15 +41,21 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from harness.errors import UserError
     from harness.kernel.build import build_kernels
-    from harness.kernel.manifest import load_manifest
+    from harness.kernel.manifest import check_lore_url, load_manifest
+    from harness.kernel.series import B4_TIMEOUT
     from harness.kernel.source import parse_source_option
 
+    lore_url = check_lore_url(args.lore_url, "--lore-url") if args.lore_url is not None else None
+    timeout = B4_TIMEOUT if args.fetch_timeout is None else args.fetch_timeout
+    if not 0 < timeout < float("inf"):
+        raise UserError(f"--fetch-timeout {args.fetch_timeout} must be a positive number of seconds; fix it")
     manifest = load_manifest(args.manifest)
     source = parse_source_option(args.source) if args.source else None
     variants = ("stock", "patched") if args.variant == "both" else (args.variant,)
     builds = build_kernels(manifest, variants, args.config, progress_mod.for_terminal(), source=source,
-                           builder=args.builder, jobs=args.jobs)
+                           builder=args.builder, jobs=args.jobs, lore_url=lore_url, fetch_timeout=timeout)
     if args.json:
         print(json.dumps([b.as_json() for b in builds], indent=1))
     else:

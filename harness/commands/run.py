@@ -1,4 +1,5 @@
-"""``migstall run``: run scenarios, append one CSV row per run, print a table.
+"""``migstall run``: run scenarios, append one CSV row per run, print a table
+(:mod:`harness.runtable`, with rich).
 
 ``--scenario FILE`` (a TOML matrix) or flags for one run (see
 ``harness.scenario.add_scenario_arguments``).  Everything is validated, and
@@ -11,24 +12,16 @@ import argparse
 import asyncio
 import datetime as _dt
 import logging
+import os
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from harness import results
 from harness.hosts.factory import HOST_HELP, open_host, parse_host_spec
 from harness.progress import for_terminal
 
 log = logging.getLogger(__name__)
-
-TABLE_COLUMNS = (
-    ("scenario", "scenario"), ("repeat", "rep"), ("accel", "accel"), ("guest_mem_mib", "mem"),
-    ("backing", "backing"), ("page_size_kib", "pageK"), ("touched_mib", "touched"),
-    ("dirty_log_start_ms", "dl_start_ms"), ("setup_time_ms", "setup_ms"), ("first_pass_ms", "pass1_ms"),
-    ("kvm_enable_ms", "kvm_en_ms"), ("stall_pio_max_us", "pio_max_us"), ("stall_write_max_us", "write_max_us"),
-    ("baseline_stall_max_us", "base_max_us"), ("total_time_ms", "total_ms"), ("downtime_ms", "down_ms"),
-    ("dirty_log_stop_ms", "dl_stop_ms"), ("status", "status"),
-)
-
 
 def default_out() -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -54,22 +47,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _cell(v: Any) -> str:
-    s = "" if v is None else str(v)
-    return s if s else "-"
+def plain_output() -> bool:
+    """Plain tables (no colour, no box lines) when stdout is not a terminal or ``CI`` is set,
+    as :func:`harness.progress.for_terminal` is silent then."""
+    return bool(os.environ.get("CI")) or not sys.stdout.isatty()
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns=TABLE_COLUMNS) -> str:
-    norm = [{k: results._fmt(r.get(k)) for k, _ in columns} for r in rows]
-    heads = [h for _, h in columns]
-    widths = [max(len(h), *(len(_cell(n[k])) for n in norm)) if norm else len(h) for (k, _), h in zip(columns, heads)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
-    for n in norm:
-        lines.append("  ".join(_cell(n[k]).rjust(w) for (k, _), w in zip(columns, widths)))
-    for r in rows:
-        if r.get("status") != results.STATUS_OK:
-            lines.append(f"{r.get('run_id')}: {r.get('error')}")
-    return "\n".join(lines)
+def print_rows(rows: Sequence[Mapping[str, Any]], title: Optional[str] = None) -> None:
+    """Print the runs' table (:mod:`harness.runtable`) and the errors of failed runs."""
+    from rich.console import Console
+
+    from harness import runtable
+
+    if plain_output():               # no colour, no box lines, no trailing blanks: for logs and pipes
+        sys.stdout.write(runtable.to_text(rows, title=title))
+        sys.stdout.flush()
+        return
+    runtable.print_to(Console(highlight=False), rows, title=title)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The table as plain text (no colour)."""
+    from harness import runtable
+
+    return runtable.to_text(rows)
 
 
 def execute(args: argparse.Namespace, scenarios_loader=None) -> List[Dict[str, Any]]:
@@ -101,6 +102,6 @@ def execute(args: argparse.Namespace, scenarios_loader=None) -> List[Dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     rows = execute(args)
-    print(format_table(rows))
+    print_rows(rows)
     print(f"results: {args.out}")
     return 0 if all(r.get("status") == results.STATUS_OK for r in rows) else 1

@@ -21,11 +21,17 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from harness.errors import UserError
-from harness.hosts.virtual import DEFAULT_L1_MEM_MIB, VirtualHost, running_state, stop_running, vhost_dir
 from harness.progress import for_terminal
+
+# harness.hosts.virtual (and with it paramiko) is imported by the subcommands
+# only: every migstall command builds this parser
 
 
 def _up(args: argparse.Namespace) -> int:
+    from harness.hosts.virtual import DEFAULT_L1_MEM_MIB, VirtualHost, running_state, vhost_dir
+
+    if args.mem is None:
+        args.mem = DEFAULT_L1_MEM_MIB
     if running_state() is not None:
         raise UserError("a virtual host is already up; use it (--host vhost) or stop it with 'migstall vhost down'")
     if args.mem < 1024:
@@ -55,6 +61,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    from harness.hosts.virtual import stop_running, vhost_dir
+
     if not (vhost_dir() / "state.json").exists():
         print("no virtual host is up")
         return 0
@@ -70,6 +78,8 @@ def ssh_argv(st: Dict[str, Any], command: List[str]) -> List[str]:
 
 
 def _ssh(args: argparse.Namespace) -> int:
+    from harness.hosts.virtual import running_state
+
     st = running_state()
     if st is None:
         raise UserError("no virtual host is up; start one with 'migstall vhost up'")
@@ -86,6 +96,8 @@ def _ssh(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from harness.hosts.virtual import running_state
+
     st = running_state()
     if st is None:
         print("no virtual host is up")
@@ -100,7 +112,7 @@ def register(sub: Any) -> None:
     vs = p.add_subparsers(dest="vhost_cmd", metavar="ACTION", required=True)
     up = vs.add_parser("up", help="boot L1 and keep it running")
     up.add_argument("--kernel", default="debian", help="'debian' (default) or a bzImage with CONFIG_KVM=y")
-    up.add_argument("--mem", type=int, default=DEFAULT_L1_MEM_MIB, help="L1 memory, MiB (default %(default)s)")
+    up.add_argument("--mem", type=int, default=None, help="L1 memory, MiB (default 3072: DEFAULT_L1_MEM_MIB)")
     up.add_argument("--l1-cmdline", default="", help="extra L1 kernel arguments, e.g. kvm.tdp_mmu=0")
     up.set_defaults(func=_up)
     down = vs.add_parser("down", help="stop the running L1")

@@ -1,6 +1,6 @@
 """Compare results CSVs: statistics, verdicts, tables, plots, the HTML report and the gate.
 
-* :mod:`harness.compare.load`   CSVs / results dirs -> rows grouped by scenario
+* :mod:`harness.compare.load`   :func:`harness.results.load` frames grouped by scenario
 * :mod:`harness.compare.stats`  per-metric statistics and the verdict rule
 * :mod:`harness.compare.table`  terminal (rich), markdown and CSV renderings
 * :mod:`harness.compare.plots`  matplotlib (Agg) figures as PNG bytes

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from harness.compare import gate as gate_mod
-from harness.compare import load, report, stats, table
+from harness.compare import load, stats, table
 from harness.errors import UserError
 from harness import results
 from harness.results import atomic_write_text
@@ -66,6 +66,8 @@ def run(base_specs: Sequence[str], new_specs: Sequence[str], *, baseline: Option
         atomic_write_text(Path(csv_out), table.to_csv(cmp))
         written.append(Path(csv_out))
     if report_dir is not None:
+        from harness.compare import report      # matplotlib: imported only when a report is asked for
+
         written.append(report.write_report(
             Path(report_dir), cmp, base, new, gate_failures=failures, gate_specs=[str(g) for g in gates],
             baseline=(bcmp, baseline_rs, new) if bcmp is not None else None, title=title))

@@ -1,6 +1,8 @@
 """Load results CSVs (files or results directories) for comparison.
 
-The column groups come from :mod:`harness.results` and nowhere else:
+Reading is :func:`harness.results.load` (one typed ``pandas.DataFrame``); this
+module groups its rows.  The column groups come from :mod:`harness.results` and
+nowhere else:
 
 * scenario key  = :data:`results.SCENARIO_COLUMNS` (rows with equal values are
   repeats of one scenario; ``repeat``, ids and metrics are not part of it);
@@ -14,36 +16,52 @@ metric column), a directory without any results CSV.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from harness import results
 from harness.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 ScenarioKey = Tuple[Tuple[str, str], ...]
 Variant = Tuple[str, str, str]
 
-_REQUIRED = ("run_id", "status")
+
+def cell_text(value: Any) -> str:
+    """A value of the frame as text, as the CSV has it ("" for empty)."""
+    if value is None:
+        return ""
+    if hasattr(value, "isoformat"):                      # pandas Timestamp (NaT is a float-like NA)
+        try:
+            return "" if value != value else value.isoformat()
+        except (TypeError, ValueError):
+            return ""
+    try:
+        if value != value:                               # NaN, NaT, pd.NA
+            return ""
+    except (TypeError, ValueError):
+        return ""
+    return results.key_text(value)
 
 
 @dataclass(frozen=True)
 class Run:
-    """One row of a results CSV, with the file it came from."""
+    """One row of a results CSV, with the file it came from (a view of a frame row)."""
 
     source: Path
-    values: Tuple[Tuple[str, str], ...]
+    values: Mapping[str, Any]
 
     def get(self, column: str) -> str:
-        for k, v in self.values:
-            if k == column:
-                return v
-        return ""
+        return cell_text(self.values.get(column))
 
     @property
     def run_id(self) -> str:
@@ -65,132 +83,149 @@ class Run:
         """The metric as a float, None when empty/unparsable/not finite or the run failed."""
         if not self.ok:
             return None
-        raw = self.get(name).strip()
-        if not raw:
+        value = self.values.get(name)
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return None
+        if value is None or isinstance(value, bool):
             return None
         try:
-            value = float(raw)
-        except ValueError:
+            value = float(value)
+        except (TypeError, ValueError):
             return None
         return value if math.isfinite(value) else None
 
     def sidecar_file(self) -> Optional[Path]:
         """Where this run's sidecar JSON is: the ``sidecar`` column (absolute, or
         relative to the CSV's directory), else :func:`results.sidecar_path`."""
-        col = self.get("sidecar").strip()
-        candidates: List[Path] = []
-        if col:
-            p = Path(col)
-            candidates += [p] if p.is_absolute() else [self.source.parent / p, p]
-        if self.run_id:
-            candidates.append(results.sidecar_path(self.source, self.run_id))
-        for c in candidates:
-            if c.is_file():
-                return c
-        return None
+        return sidecar_file(self.source, self.get("sidecar").strip(), self.run_id)
 
 
-@dataclass(frozen=True)
+def sidecar_file(source: Path, column: str, run_id: str) -> Optional[Path]:
+    candidates: List[Path] = []
+    if column:
+        p = Path(column)
+        candidates += [p] if p.is_absolute() else [Path(source).parent / p, p]
+    if run_id:
+        candidates.append(results.sidecar_path(Path(source), run_id))
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def runs_of(frame: "pd.DataFrame") -> Tuple[Run, ...]:
+    """The rows of a frame as :class:`Run` views (for code that walks runs one by one)."""
+    cols = list(frame.columns)
+    src = cols.index(results.SOURCE_COLUMN) if results.SOURCE_COLUMN in cols else None
+    return tuple(Run(Path(str(t[src])) if src is not None else Path("."), dict(zip(cols, t)))
+                 for t in frame.itertuples(index=False, name=None))
+
+
+def _key_of(raw: Sequence[Any]) -> ScenarioKey:
+    return tuple((c, cell_text(v).strip()) for c, v in zip(results.SCENARIO_COLUMNS, raw))
+
+
+@dataclass(frozen=True, eq=False)
 class ResultSet:
-    """All rows of one side of a comparison (BASE or NEW)."""
+    """All rows of one side of a comparison (BASE or NEW), as a typed frame."""
 
     label: str
     sources: Tuple[Path, ...]
-    runs: Tuple[Run, ...]
+    frame: "pd.DataFrame" = field(repr=False)
 
-    def by_scenario(self) -> Dict[ScenarioKey, List[Run]]:
-        """Rows grouped by scenario key.  A failed row often lacks what only a
-        successful run learns (qemu_version, page_size_kib, resolved accel): it
-        joins the one group of ok rows that agrees on every column it does have,
-        so that it is counted with its scenario."""
-        groups: Dict[ScenarioKey, List[Run]] = {}
-        failed: List[Run] = []
-        for run in self.runs:
-            if run.ok:
-                groups.setdefault(run.scenario_key, []).append(run)
-            else:
-                failed.append(run)
-        for run in failed:
-            key = run.scenario_key
+    @cached_property
+    def runs(self) -> Tuple[Run, ...]:
+        return runs_of(self.frame)
+
+    @cached_property
+    def ok_mask(self) -> "np.ndarray":
+        return (self.frame["status"] == results.STATUS_OK).to_numpy(dtype=bool)
+
+    @cached_property
+    def groups(self) -> Dict[ScenarioKey, "np.ndarray"]:
+        """Row positions per scenario key (ok rows first, then failed, each in file order).
+
+        A failed row often lacks what only a successful run learns (qemu_version,
+        page_size_kib, resolved accel): it joins the one group of ok rows that agrees
+        on every column it does have, so that it is counted with its scenario."""
+        import numpy as np
+
+        gb = self.frame.groupby(list(results.SCENARIO_COLUMNS), observed=True, dropna=False, sort=False)
+        ok = self.ok_mask
+        ok_pos: Dict[ScenarioKey, np.ndarray] = {}
+        failed: List[Tuple[int, ScenarioKey, np.ndarray]] = []
+        for raw, pos in gb.indices.items():
+            key = _key_of(raw if isinstance(raw, tuple) else (raw,))
+            pos = np.sort(pos)
+            good, bad = pos[ok[pos]], pos[~ok[pos]]
+            if good.size:
+                ok_pos[key] = np.concatenate([ok_pos[key], good]) if key in ok_pos else good
+            if bad.size:
+                failed.append((int(bad[0]), key, bad))
+        groups: Dict[ScenarioKey, List[np.ndarray]] = {k: [v] for k, v in ok_pos.items()}
+        for _, key, bad in sorted(failed, key=lambda t: t[0]):
             if key not in groups:
                 have = [(c, v) for c, v in key if v]
                 matches = [k for k in groups if all(dict(k).get(c) == v for c, v in have)]
                 if len(matches) == 1:
                     key = matches[0]
-            groups.setdefault(key, []).append(run)
-        return groups
+            groups.setdefault(key, []).append(bad)
+        return {k: np.concatenate(v) for k, v in groups.items()}
+
+    @cached_property
+    def variant_codes(self) -> Tuple["np.ndarray", Tuple[Variant, ...]]:
+        """Per row, the index of its variant in the tuple of distinct variants."""
+        import numpy as np
+        import pandas as pd
+
+        sub = self.frame[list(results.VARIANT_COLUMNS)]
+        codes, uniques = pd.MultiIndex.from_frame(sub.astype(object)).factorize()
+        variants = tuple(tuple(cell_text(v).strip() for v in u) for u in uniques)
+        return np.asarray(codes), variants  # type: ignore[return-value]
+
+    def variants_at(self, positions: "np.ndarray") -> List[Variant]:
+        """The distinct variants of the rows at ``positions``."""
+        import numpy as np
+
+        codes, variants = self.variant_codes
+        return [variants[c] for c in np.unique(codes[positions])]
+
+    def by_scenario(self) -> Dict[ScenarioKey, "pd.DataFrame"]:
+        """The rows of each scenario (see :attr:`groups`)."""
+        return {k: self.frame.iloc[pos] for k, pos in self.groups.items()}
 
     def filter_variant(self, kernel_variant: Optional[str]) -> "ResultSet":
         if not kernel_variant:
             return self
-        runs = tuple(r for r in self.runs if r.get("kernel_variant") == kernel_variant)
-        if not runs:
-            have = sorted({r.get("kernel_variant") for r in self.runs})
+        col = self.frame["kernel_variant"]
+        keep = (col == kernel_variant).to_numpy(dtype=bool)
+        if not keep.any():
+            have = sorted({cell_text(v) for v in col.unique()})
             raise UserError(f"{self.label}: no rows with kernel_variant={kernel_variant!r} "
                             f"(present: {', '.join(repr(h) for h in have) or 'none'}); pick one of those")
-        return ResultSet(f"{self.label} [{kernel_variant}]", self.sources, runs)
-
-
-def _bad(path: Path, why: str) -> UserError:
-    return UserError(f"{path}: {why}; pass a results CSV written by 'migstall run' (or a directory of them)")
+        return ResultSet(f"{self.label} [{kernel_variant}]", self.sources,
+                         self.frame[keep].reset_index(drop=True))
 
 
 def read_csv(path: Path) -> List[Run]:
     """Read one results CSV strictly (UserError on anything that is not one)."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if not header:
-                raise _bad(path, "empty file, not a migstall results CSV")
-            header = [h.strip() for h in header]
-            missing = [c for c in _REQUIRED if c not in header]
-            if missing:
-                raise _bad(path, f"not a migstall results CSV (no {'/'.join(missing)} column)")
-            if not any(c in header for c in results.METRIC_COLUMNS):
-                raise _bad(path, "not a migstall results CSV (no metric column)")
-            rows: List[Run] = []
-            for lineno, fields in enumerate(reader, start=2):
-                if not fields or not any(f.strip() for f in fields):
-                    continue
-                if len(fields) != len(header):
-                    raise _bad(path, f"line {lineno} has {len(fields)} fields, the header {len(header)}")
-                rows.append(Run(path, tuple(zip(header, fields))))
-    except UserError:
-        raise
-    except IsADirectoryError as exc:
-        raise _bad(path, "is a directory") from exc
-    except FileNotFoundError as exc:
-        raise UserError(f"{path}: no such file; give an existing results CSV or directory") from exc
-    except PermissionError as exc:
-        raise UserError(f"{path}: permission denied; make it readable or copy it somewhere readable") from exc
-    except UnicodeDecodeError as exc:
-        raise _bad(path, "not text (not UTF-8)") from exc
-    except (OSError, csv.Error) as exc:
-        raise _bad(path, f"unreadable ({getattr(exc, 'strerror', None) or exc})") from exc
-    return rows
-
-
-def _is_results_csv(path: Path) -> bool:
-    try:
-        read_csv(path)
-    except UserError as exc:
-        log.debug("skipping %s: %s", path, exc)
-        return False
-    return True
+    return list(runs_of(results.read(Path(path))))
 
 
 def csvs_in_dir(directory: Path) -> List[Path]:
     """Results CSVs below ``directory`` (sorted; hidden files, sidecar dirs and
     CSVs that are not results, e.g. a comparison CSV, are skipped)."""
     found = []
-    for p in sorted(directory.rglob("*.csv")):
-        rel = p.relative_to(directory)
-        if any(part.startswith(".") or part.endswith(".sidecars") for part in rel.parts):
+    for p in results.results_csvs(Path(directory)):
+        try:
+            results._scan(p)
+        except (UserError, OSError, UnicodeDecodeError, ValueError) as exc:
+            log.debug("skipping %s: %s", p, exc)
             continue
-        if p.is_file() and _is_results_csv(p):
-            found.append(p)
+        found.append(p)
     return found
 
 
@@ -198,25 +233,9 @@ def load(specs: Sequence[str] | str, label: Optional[str] = None) -> ResultSet:
     """Load CSV files and/or results directories into one :class:`ResultSet`."""
     if isinstance(specs, (str, Path)):
         specs = [str(specs)]
-    sources: List[Path] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            try:
-                found = csvs_in_dir(path)
-            except PermissionError as exc:
-                raise UserError(f"{path}: permission denied; make it readable") from exc
-            if not found:
-                raise UserError(f"{path}: directory holds no migstall results CSV; give a results CSV or a directory of them")
-            sources += found
-        else:
-            sources.append(path)
-    runs: List[Run] = []
-    for src in sources:
-        runs += read_csv(src)
-    if not runs:
-        raise UserError(f"{', '.join(str(s) for s in specs)}: no result rows; run 'migstall run' first")
-    return ResultSet(label or " ".join(str(s) for s in specs), tuple(sources), tuple(runs))
+    frame = results.load([str(s) for s in specs])
+    sources = tuple(Path(s) for s in frame.attrs.get("sources", ()))
+    return ResultSet(label or " ".join(str(s) for s in specs), sources, frame)
 
 
 def variant_label(variants: Iterable[Variant]) -> str:
@@ -229,6 +248,12 @@ def variant_label(variants: Iterable[Variant]) -> str:
         parts = [p for p in (kernel_variant, h8, host_kernel) if p]
         labels.append(" ".join(parts) or "(unnamed)")
     return " + ".join(labels) or "(none)"
+
+
+def variants_of(frame: "pd.DataFrame") -> List[Variant]:
+    """The distinct variants of a frame's rows."""
+    sub = frame[list(results.VARIANT_COLUMNS)].drop_duplicates()
+    return [tuple(cell_text(v).strip() for v in t) for t in sub.itertuples(index=False, name=None)]  # type: ignore[misc]
 
 
 def key_dict(key: ScenarioKey) -> Mapping[str, str]:

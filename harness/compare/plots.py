@@ -278,13 +278,26 @@ def fit_points(runs: Sequence[Run]) -> List[Tuple[float, float]]:
     return sorted(pts)
 
 
+def fit_points_frame(rows: Any) -> List[Tuple[float, float]]:
+    """:func:`fit_points` of a results frame's rows (ok rows with both numbers)."""
+    if rows is None or not len(rows):
+        return []
+    ok = rows[rows["status"] == "ok"]
+    import pandas as pd
+
+    mib = pd.to_numeric(ok["guest_mem_mib"].astype(object), errors="coerce").to_numpy(dtype=float)
+    y = ok["dirty_log_start_ms"].to_numpy(dtype=float)
+    keep = np.isfinite(mib) & np.isfinite(y) & (mib > 0)
+    return sorted(zip((mib[keep] / 1024.0).tolist(), y[keep].tolist()))
+
+
 def fit_figure(cmp: Comparison) -> Tuple[Optional[bytes], List[Fit]]:
     """Log-log plot: measured points, the fits, their 2 TiB extrapolation with CI, and the
     original report's reference figures.  Uses the runs of the compared scenarios."""
-    base_runs = [r for sc in cmp.scenarios for r in sc.base_runs]
-    new_runs = [r for sc in cmp.scenarios for r in sc.new_runs]
-    sides = (("base", base_runs, BASE_COLOR), ("new", new_runs, NEW_COLOR))
-    data = [(name, fit_points(runs), color) for name, runs, color in sides]
+    sides = (("base", [sc.base_rows for sc in cmp.scenarios], BASE_COLOR),
+             ("new", [sc.new_rows for sc in cmp.scenarios], NEW_COLOR))
+    data = [(name, sorted(p for rows in frames for p in fit_points_frame(rows)), color)
+            for name, frames, color in sides]
     if not any(pts for _, pts, _ in data):
         return None, []
     fits: List[Fit] = []

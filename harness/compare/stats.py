@@ -4,12 +4,21 @@ For every metric (all of :data:`results.METRIC_COLUMNS`; lower is better) of
 every scenario present on both sides:
 
 * ``n``, median, IQR (25th..75th percentile, linear interpolation), min, max
-  of the values of the ``status=ok`` rows (failed rows are counted, never used);
+  of the values of the ``status=ok`` rows (failed rows are counted, never used),
+  from one ``groupby`` over the scenario keys of :func:`harness.results.load`'s frame;
 * ``pct_change`` = 100 * (median_new - median_base) / median_base;
-* a bootstrap 95% CI of ``ratio = median_new / median_base``: both samples
-  resampled with replacement ``BOOTSTRAP_RESAMPLES`` times, percentiles 2.5 and
-  97.5 of the resampled ratios; the generator is seeded with
-  ``BOOTSTRAP_SEED`` for every metric, so output is deterministic;
+* a percentile bootstrap 95% CI of ``ratio = median_new / median_base``: both
+  samples resampled with replacement ``BOOTSTRAP_RESAMPLES`` times, percentiles
+  2.5 and 97.5 of the resampled ratios; the generator is seeded with
+  ``BOOTSTRAP_SEED`` for every metric, so output is deterministic.  When both
+  samples have at most ``RESAMPLE_MAX_N`` values the resamples are drawn by
+  ``scipy.stats.bootstrap``; above that, drawing n values per resample costs
+  O(resamples x n) per metric (2000 x 2000 for a 2000-repeat sweep), so each
+  resample's median is drawn directly from its exact distribution: the k-th
+  smallest of n values drawn with replacement from the sorted sample x is
+  ``x[floor(n * U)]`` with ``U ~ Beta(k, n + 1 - k)`` (and the (k+1)-th, for an
+  even n, ``U + (1 - U) * Beta(1, n - k)``): the same bootstrap distribution,
+  O(resamples) per metric;
 * the two-sided Mann-Whitney U p-value (``scipy.stats.mannwhitneyu``);
 * the verdict, LKP's rule (a change counts only when the two ranges separate
   and the change passes a threshold):
@@ -24,19 +33,28 @@ every scenario present on both sides:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from harness import results
-from harness.compare.load import ResultSet, Run, ScenarioKey, variant_label
+from harness.compare.load import ResultSet, Run, ScenarioKey, runs_of, variant_label
 from harness.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20190117          # the series' posting date; any fixed value will do
+#: up to this many values per side the bootstrap resamples the values (scipy.stats.bootstrap)
+RESAMPLE_MAX_N = 100
 DEFAULT_THRESHOLD_PCT = 10.0
 MIN_N = 2
 
@@ -51,34 +69,31 @@ SHORT = {
 
 @dataclass(frozen=True)
 class Sample:
+    """The values of one metric on one side, with their summary (None when empty)."""
+
     values: Tuple[float, ...]
+    median: Optional[float] = None
+    q1: Optional[float] = None
+    q3: Optional[float] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        """``Sample(values)`` alone computes the summary (compare passes the groupby's)."""
+        if self.values and self.median is None:
+            v = np.asarray(self.values, dtype=float)
+            q1, q3 = np.percentile(v, [25, 75])
+            for name, value in (("median", np.median(v)), ("q1", q1), ("q3", q3), ("min", v.min()),
+                                ("max", v.max())):
+                object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Sample":
+        return cls(tuple(float(x) for x in values))
 
     @property
     def n(self) -> int:
         return len(self.values)
-
-    def _pct(self, q: float) -> Optional[float]:
-        return float(np.percentile(self.values, q)) if self.values else None
-
-    @property
-    def median(self) -> Optional[float]:
-        return float(np.median(self.values)) if self.values else None
-
-    @property
-    def q1(self) -> Optional[float]:
-        return self._pct(25)
-
-    @property
-    def q3(self) -> Optional[float]:
-        return self._pct(75)
-
-    @property
-    def min(self) -> Optional[float]:
-        return min(self.values) if self.values else None
-
-    @property
-    def max(self) -> Optional[float]:
-        return max(self.values) if self.values else None
 
 
 @dataclass(frozen=True)
@@ -106,8 +121,27 @@ class ScenarioComparison:
     new_ok: int
     new_failed: int
     metrics: Tuple[MetricComparison, ...]
-    base_runs: Tuple[Run, ...]
-    new_runs: Tuple[Run, ...]
+    base_set: Optional[ResultSet] = field(default=None, repr=False, compare=False)
+    base_index: Tuple[int, ...] = field(default=(), repr=False, compare=False)
+    new_set: Optional[ResultSet] = field(default=None, repr=False, compare=False)
+    new_index: Tuple[int, ...] = field(default=(), repr=False, compare=False)
+
+    @cached_property
+    def base_rows(self) -> "pd.DataFrame":
+        """This scenario's BASE rows (ok first, then failed)."""
+        return self.base_set.frame.iloc[list(self.base_index)] if self.base_set is not None else None
+
+    @cached_property
+    def new_rows(self) -> "pd.DataFrame":
+        return self.new_set.frame.iloc[list(self.new_index)] if self.new_set is not None else None
+
+    @cached_property
+    def base_runs(self) -> Tuple[Run, ...]:
+        return runs_of(self.base_rows) if self.base_set is not None else ()
+
+    @cached_property
+    def new_runs(self) -> Tuple[Run, ...]:
+        return runs_of(self.new_rows) if self.new_set is not None else ()
 
 
 @dataclass(frozen=True)
@@ -126,19 +160,77 @@ class Comparison:
         return sum(1 for _, m in self.rows() if m.verdict == verdict)
 
 
+def _scipy_bootstrap(data: Tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray], resamples: int,
+                     seed: int) -> np.ndarray:
+    """The bootstrap distribution of ``statistic`` from ``scipy.stats.bootstrap`` (one batch,
+    so the draws are ``resamples x n`` indices per sample, in the order of ``data``)."""
+    from scipy.stats import bootstrap
+
+    kwargs = dict(n_resamples=resamples, method="percentile", vectorized=True, paired=False, batch=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # a degenerate distribution is handled by the caller
+        try:
+            res = bootstrap(data, statistic, rng=np.random.default_rng(seed), **kwargs)
+        except TypeError:                      # scipy < 1.15 calls the generator random_state
+            res = bootstrap(data, statistic, random_state=np.random.default_rng(seed), **kwargs)
+    return np.asarray(res.bootstrap_distribution, dtype=float)
+
+
+def _median_draws(sorted_values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Medians of ``resamples`` bootstrap resamples of a sorted sample, drawn from their exact
+    distribution through the order statistics of uniforms (O(resamples), not O(resamples x n))."""
+    n = sorted_values.size
+    if n == 1:
+        return np.full(resamples, sorted_values[0])
+    k = (n + 1) // 2                                        # 1-based rank of the (lower) middle value
+    u = rng.beta(k, n + 1 - k, size=resamples)             # U_(k) of n uniforms
+    lo = sorted_values[np.minimum((u * n).astype(np.int64), n - 1)]
+    if n % 2:
+        return lo
+    u2 = u + (1.0 - u) * rng.beta(1, n - k, size=resamples)   # U_(k+1) given U_(k)
+    hi = sorted_values[np.minimum((u2 * n).astype(np.int64), n - 1)]
+    return (lo + hi) / 2.0
+
+
+def _median_of(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(x, axis=axis)
+
+
+def _ratio_of_medians(base: np.ndarray, new: np.ndarray, axis: int = -1) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.median(new, axis=axis) / np.median(base, axis=axis)
+
+
+def _bootstrap_medians(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    return _median_draws(np.sort(values), resamples, rng)
+
+
 def bootstrap_ratio_ci(base: Sequence[float], new: Sequence[float], *,
                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                        level: float = 0.95) -> Tuple[Optional[float], Optional[float]]:
-    """Percentile bootstrap CI of median(new)/median(base)."""
-    if not base or not new:
-        return None, None
-    rng = np.random.default_rng(seed)
+    """Percentile bootstrap CI of median(new)/median(base) (see the module docstring)."""
     b = np.asarray(base, dtype=float)
     n = np.asarray(new, dtype=float)
-    mb = np.median(rng.choice(b, size=(resamples, b.size), replace=True), axis=1)
-    mn = np.median(rng.choice(n, size=(resamples, n.size), replace=True), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = mn / mb
+    if not b.size or not n.size:
+        return None, None
+    if max(b.size, n.size) <= RESAMPLE_MAX_N:
+        if b.size >= 2 and n.size >= 2:
+            ratios = _scipy_bootstrap((b, n), _ratio_of_medians, resamples, seed)
+        elif b.size >= 2:            # a single value resamples to itself (and draws nothing)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = n[0] / _scipy_bootstrap((b,), _median_of, resamples, seed)
+        elif n.size >= 2:
+            ratios = _scipy_bootstrap((n,), _median_of, resamples, seed) / b[0] if b[0] else \
+                np.full(resamples, np.nan)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = np.full(resamples, n[0] / b[0] if b[0] else np.nan)
+    else:
+        rng = np.random.default_rng(seed)
+        mb = _bootstrap_medians(b, resamples, rng)
+        mn = _bootstrap_medians(n, resamples, rng)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = mn / mb
     ratios = ratios[np.isfinite(ratios)]
     if ratios.size < resamples // 2:          # base median is mostly 0: ratio undefined
         return None, None
@@ -149,25 +241,31 @@ def bootstrap_ratio_ci(base: Sequence[float], new: Sequence[float], *,
 def bootstrap_median_ci(values: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> Tuple[Optional[float], Optional[float]]:
     """Percentile bootstrap CI of one sample's median (used by the plots)."""
-    if not values:
-        return None, None
-    rng = np.random.default_rng(seed)
     v = np.asarray(values, dtype=float)
-    meds = np.median(rng.choice(v, size=(resamples, v.size), replace=True), axis=1)
+    if not v.size:
+        return None, None
+    if v.size == 1:
+        return float(v[0]), float(v[0])
+    if v.size <= RESAMPLE_MAX_N:
+        meds = _scipy_bootstrap((v,), _median_of, resamples, seed)
+    else:
+        meds = _bootstrap_medians(v, resamples, np.random.default_rng(seed))
     alpha = (1 - level) / 2 * 100
     return float(np.percentile(meds, alpha)), float(np.percentile(meds, 100 - alpha))
 
 
 def mann_whitney_p(base: Sequence[float], new: Sequence[float]) -> Optional[float]:
-    if not base or not new:
+    b, n = np.asarray(base, dtype=float), np.asarray(new, dtype=float)
+    if not b.size or not n.size:
         return None
-    if len(set(base) | set(new)) == 1:
+    both = np.concatenate([b, n])
+    if (both == both[0]).all():
         return 1.0                     # all equal: no evidence of any difference
     from scipy.stats import mannwhitneyu
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = float(mannwhitneyu(new, base, alternative="two-sided").pvalue)
+        p = float(mannwhitneyu(n, b, alternative="two-sided").pvalue)
     return p if math.isfinite(p) else None
 
 
@@ -185,9 +283,11 @@ def verdict(base: Sample, new: Sample, pct_change: Optional[float], separated: b
     return "improved" if change < 0 else "regressed"
 
 
-def compare_metric(metric: str, base_values: Sequence[float], new_values: Sequence[float],
+def compare_metric(metric: str, base_values: Union[Sample, Sequence[float]],
+                   new_values: Union[Sample, Sequence[float]],
                    threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> MetricComparison:
-    base, new = Sample(tuple(base_values)), Sample(tuple(new_values))
+    base = base_values if isinstance(base_values, Sample) else Sample.of(base_values)
+    new = new_values if isinstance(new_values, Sample) else Sample.of(new_values)
     pct = ratio = None
     if base.n and new.n and base.median:
         ratio = new.median / base.median
@@ -227,13 +327,63 @@ def _natural(key: ScenarioKey):
     return out
 
 
-def _count_label(label: str, runs: Sequence[Run]) -> str:
-    failed = sum(not r.ok for r in runs)
-    return f"{label} ({len(runs)} runs, {failed} failed)"
+def _count_label(label: str, rs: ResultSet, positions: np.ndarray) -> str:
+    failed = int((~rs.ok_mask[positions]).sum())
+    return f"{label} ({len(positions)} runs, {failed} failed)"
 
 
-def _values(runs: Sequence[Run], metric: str) -> List[float]:
-    return [v for v in (r.metric(metric) for r in runs) if v is not None]
+#: per (scenario group, metric): n, median, q1, q3, min, max
+_Summary = Dict[Tuple[int, str], Tuple[int, float, float, float, float, float]]
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One side's ok rows of the compared metrics, grouped by scenario, with their summary."""
+
+    gid: Dict[ScenarioKey, int]
+    summary: _Summary
+    values: Dict[Tuple[int, str], np.ndarray]
+
+    def sample(self, key: ScenarioKey, metric: str) -> Sample:
+        g = self.gid[key]
+        st = self.summary.get((g, metric))
+        if st is None:
+            return Sample(())
+        _, med, q1, q3, lo, hi = st
+        return Sample(tuple(self.values[(g, metric)].tolist()), med, q1, q3, lo, hi)
+
+
+def _side(rs: ResultSet, wanted: Sequence[str]) -> _Side:
+    """Group the ok rows by scenario key; summarize every metric with one groupby."""
+    gid_of_row = np.full(len(rs.frame), -1, dtype=np.int64)
+    gid: Dict[ScenarioKey, int] = {}
+    for i, (key, pos) in enumerate(rs.groups.items()):
+        gid[key] = i
+        gid_of_row[pos] = i
+    ok = rs.frame.loc[rs.ok_mask, list(wanted)].astype("float64")
+    ok = ok.where(np.isfinite(ok.to_numpy()), np.nan)    # inf is not a measurement
+    ok["_g"] = gid_of_row[rs.ok_mask]
+    grouped = ok.groupby("_g", sort=True)[list(wanted)]
+    count, median = grouped.count(), grouped.median()
+    lo, hi = grouped.min(), grouped.max()
+    quart = grouped.quantile([0.25, 0.75])
+    q1 = quart.xs(0.25, level=1).reindex(count.index)
+    q3 = quart.xs(0.75, level=1).reindex(count.index)
+    summary: _Summary = {}
+    values: Dict[Tuple[int, str], np.ndarray] = {}
+    groups = np.asarray(count.index)
+    order = np.argsort(ok["_g"].to_numpy(), kind="stable")
+    bounds = np.searchsorted(ok["_g"].to_numpy()[order], np.append(groups, groups.max() + 1 if groups.size else 0))
+    for j, m in enumerate(wanted):
+        col = ok[m].to_numpy()[order]
+        cnt, med, a, b, c, d = (t[m].to_numpy() for t in (count, median, q1, q3, lo, hi))
+        for i, g in enumerate(groups):
+            if cnt[i]:
+                summary[(int(g), m)] = (int(cnt[i]), float(med[i]), float(a[i]), float(b[i]),
+                                        float(c[i]), float(d[i]))
+                v = col[bounds[i]:bounds[i + 1]]
+                values[(int(g), m)] = v[~np.isnan(v)]
+    return _Side(gid, summary, values)
 
 
 def compare(base: ResultSet, new: ResultSet, *, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
@@ -246,7 +396,7 @@ def compare(base: ResultSet, new: ResultSet, *, threshold_pct: float = DEFAULT_T
     if not (0 < threshold_pct < 1000):
         raise UserError(f"--threshold {threshold_pct:g} is out of range; give a percentage such as 10")
     wanted = tuple(metrics) if metrics else results.METRIC_COLUMNS
-    b_groups, n_groups = base.by_scenario(), new.by_scenario()
+    b_groups, n_groups = base.groups, new.groups
     all_keys = sorted(set(b_groups) | set(n_groups), key=_natural)
     labels = scenario_labels(all_keys)
     common = [k for k in all_keys if k in b_groups and k in n_groups]
@@ -255,26 +405,29 @@ def compare(base: ResultSet, new: ResultSet, *, threshold_pct: float = DEFAULT_T
             f"no common scenario between {base.label} and {new.label} "
             f"(BASE has {len(b_groups)}, NEW has {len(n_groups)}; scenario keys: "
             f"{', '.join(c for c in results.SCENARIO_COLUMNS)}); compare results of the same scenarios")
+    b_side, n_side = _side(base, wanted), _side(new, wanted)
     scenarios = []
     for key in common:
-        b_runs, n_runs = b_groups[key], n_groups[key]
+        b_pos, n_pos = b_groups[key], n_groups[key]
+        b_ok, n_ok = int(base.ok_mask[b_pos].sum()), int(new.ok_mask[n_pos].sum())
         mets = []
         for m in wanted:
-            bv, nv = _values(b_runs, m), _values(n_runs, m)
-            if not bv and not nv:
+            bs, ns = b_side.sample(key, m), n_side.sample(key, m)
+            if not bs.n and not ns.n:
                 continue                  # not measured on either side (e.g. kvm_* under TCG)
-            mets.append(compare_metric(m, bv, nv, threshold_pct))
+            mets.append(compare_metric(m, bs, ns, threshold_pct))
         scenarios.append(ScenarioComparison(
             key=key, label=labels[key],
-            base_variant=variant_label(r.variant for r in b_runs),
-            new_variant=variant_label(r.variant for r in n_runs),
-            base_ok=sum(r.ok for r in b_runs), base_failed=sum(not r.ok for r in b_runs),
-            new_ok=sum(r.ok for r in n_runs), new_failed=sum(not r.ok for r in n_runs),
-            metrics=tuple(mets), base_runs=tuple(b_runs), new_runs=tuple(n_runs),
+            base_variant=variant_label(base.variants_at(b_pos)),
+            new_variant=variant_label(new.variants_at(n_pos)),
+            base_ok=b_ok, base_failed=len(b_pos) - b_ok, new_ok=n_ok, new_failed=len(n_pos) - n_ok,
+            metrics=tuple(mets), base_set=base, base_index=tuple(b_pos.tolist()),
+            new_set=new, new_index=tuple(n_pos.tolist()),
         ))
+    log.debug("compared %d scenarios, %d metrics", len(scenarios), sum(len(s.metrics) for s in scenarios))
     return Comparison(
         base_label=base.label, new_label=new.label, threshold_pct=threshold_pct,
         scenarios=tuple(scenarios),
-        only_base=tuple(_count_label(labels[k], b_groups[k]) for k in all_keys if k not in n_groups),
-        only_new=tuple(_count_label(labels[k], n_groups[k]) for k in all_keys if k not in b_groups),
+        only_base=tuple(_count_label(labels[k], base, b_groups[k]) for k in all_keys if k not in n_groups),
+        only_new=tuple(_count_label(labels[k], new, n_groups[k]) for k in all_keys if k not in b_groups),
     )

@@ -200,6 +200,13 @@ class Host(abc.ABC):
         bounded by :data:`DEFAULT_KERNEL_LOG_TIMEOUT`."""
         return []
 
+    def lost_note(self) -> str:
+        """Words on why this host stopped answering, for a failed row: "" while
+        it answers, or where nothing is known.  A VM host (the virtual host)
+        names the last interesting lines of its serial console (panics, Oopses,
+        lockups) from :attr:`console_path`, which is readable when the VM is not."""
+        return ""
+
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
         """Release connections.  Idempotent."""

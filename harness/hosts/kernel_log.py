@@ -15,7 +15,9 @@ last line that had one; in a log with no prefix at all every line counts.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import List, Optional
 
 #: printk's time prefix, ``[  123.456789] `` (seconds since boot)
@@ -24,7 +26,8 @@ _STAMP = re.compile(r"^\s*\[\s*(\d+(?:\.\d+)?)\]\s?")
 _INTERESTING = re.compile(
     r"out of memory|oom[-_ ]?kill|oom_reaper|killed process|invoked oom"
     r"|segfault|general protection|\btraps?:|\bkvm|call trace|\boops\b"
-    r"|\bWARNING:|\bBUG:|cut here|\bhung_task|blocked for more than|soft lockup|hard lockup",
+    r"|\bWARNING:|\bBUG:|cut here|\bhung_task|blocked for more than|soft lockup|hard lockup"
+    r"|kernel panic|detected stalls",
     re.IGNORECASE)
 #: lines returned by default
 DEFAULT_KERNEL_LOG_LINES = 20
@@ -51,6 +54,34 @@ def interesting_tail(text: str, since_s: Optional[float] = None,
         if keep and interesting(line):
             out.append(line)
     return out[-lines:] if lines > 0 else []
+
+
+#: how much of the end of a console log :func:`console_note` reads, bytes
+CONSOLE_TAIL_BYTES = 64 * 1024
+#: interesting console lines :func:`console_note` names
+CONSOLE_NOTE_LINES = 3
+
+
+def console_note(path: Path, name: str, lines: int = CONSOLE_NOTE_LINES) -> str:
+    """``"<name> stopped answering; its console ends: ... | ..."``: the last
+    ``lines`` interesting lines of the serial console log at ``path`` (a VM
+    that ran a kernel), time stamps dropped; its last line if none is
+    interesting; "" if the log cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - CONSOLE_TAIL_BYTES))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    picked = [strip_stamp(ln) for ln in interesting_tail(text, lines=lines)]
+    if not picked:
+        rest = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        picked = rest[-1:]
+    if not picked:
+        return f"{name} stopped answering; its console ({path}) is empty"
+    clipped = [ln if len(ln) <= 200 else ln[:197] + "..." for ln in picked]
+    return f"{name} stopped answering; its console ({path}) ends: " + " | ".join(clipped)
 
 
 def strip_stamp(line: str) -> str:

@@ -56,7 +56,7 @@ from paramiko.message import Message
 from harness.errors import CommandTimeout, HostError, HostKeyMismatch, SSHError, UserError
 from harness.hosts.base import (DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KERNEL_LOG_TIMEOUT,
                                 DEFAULT_STREAM_CLOSE_TIMEOUT, CommandResult, Host, HostStream)
-from harness.hosts.kernel_log import interesting_tail
+from harness.hosts.kernel_log import console_note, interesting_tail
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,17 @@ class SSHHost(Host):
                 # no event tells us sshd is back on a remote machine: back off and retry
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def lost_note(self) -> str:
+        """See :meth:`Host.lost_note`: with a :attr:`console_path` (a VM's serial
+        console on this machine) and the SSH connection gone, the console's last
+        interesting lines (panics, Oopses, lockups, RCU stalls), else its last line."""
+        transport = self._client.get_transport() if self._client is not None else None
+        if transport is not None and transport.is_active():
+            return ""
+        if not self.console_path:
+            return ""
+        return console_note(Path(self.console_path), self.name)
 
     def _transport(self) -> paramiko.Transport:
         if self._client is None:

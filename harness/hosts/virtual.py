@@ -284,6 +284,7 @@ class VirtualHost(SSHHost):
             self.stop()
         finally:
             if self._own_workdir:
+                keep_console(self.workdir)
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- state for `migstall vhost` ------------------------------------------------------
@@ -341,6 +342,33 @@ def _load_state() -> Optional[Dict[str, Any]]:
     return st
 
 
+#: L1 console logs kept in the cache's ``logs/`` by :func:`keep_console`
+KEPT_CONSOLES = 20
+
+
+def keep_console(workdir: Path) -> Optional[Path]:
+    """Copy L1's console log out of ``workdir`` (about to be removed) into the
+    cache's ``logs/l1-console-<time>.log``, keeping the last
+    :data:`KEPT_CONSOLES`: when L1 panicked or hung, its console is the only
+    record.  Returns the copy, or None if there was no console."""
+    from harness.paths import cache_dir
+
+    src = workdir / "console.log"
+    if not src.is_file():
+        return None
+    logs = cache_dir("logs")
+    dst = logs / f"l1-console-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    try:
+        shutil.copyfile(src, dst)
+        for old in sorted(logs.glob("l1-console-*.log"))[:-KEPT_CONSOLES]:
+            old.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot keep L1's console log %s: %s", src, exc)
+        return None
+    log.info("L1's console log kept as %s", dst)
+    return dst
+
+
 def stop_running() -> Optional[int]:
     """Stop the L1 left by ``migstall vhost up`` (only if it is ours); returns its pid."""
     pid = None
@@ -349,6 +377,7 @@ def stop_running() -> Optional[int]:
         pid = st.get("pid")
         if _is_our_l1(pid):
             LocalHost().stop_pid(int(pid))
+    keep_console(vhost_dir())
     shutil.rmtree(vhost_dir(), ignore_errors=True)
     return pid
 

@@ -4,7 +4,8 @@ Public API (used by the CLI, the virtual host and the nightly run)::
 
     build_kernel(manifest, variant, config=None, progress=None, *, source=None,
                  builder="auto", jobs=None) -> KernelBuild
-    build_kernels(manifest, variants=("stock", "patched"), ...) -> list[KernelBuild]
+    build_kernels(manifest, variants=("stock", "patched"), ..., lore_url=None,
+                  fetch_timeout=B4_TIMEOUT) -> list[KernelBuild]
     list_builds() -> list[dict]            # metadata of every cached build
 
 A build is identified by a sha256 over its inputs (base tree id, series tree
@@ -53,7 +54,7 @@ from harness.kernel.apply import apply_series
 from harness.kernel.config import ConfigPlan, missing_options, resolve_config
 from harness.kernel.manifest import BaseSpec, Manifest, load_manifest
 from harness.kernel.run import git, run
-from harness.kernel.series import Series, load_series
+from harness.kernel.series import B4_TIMEOUT, Series, load_series
 from harness.kernel.source import SourceTree, prepare_source
 from harness.kernel.toolchain import Toolchain, resolve_toolchain, tuxmake_path
 from harness.progress import Progress
@@ -410,8 +411,14 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
 def build_kernels(manifest: Union[Manifest, str, Path], variants: Sequence[str] = VARIANTS,
                   config: Optional[str] = None, progress: Optional[Progress] = None, *,
                   source: Optional[BaseSpec] = None, builder: str = "auto",
-                  jobs: Optional[int] = None) -> List[KernelBuild]:
-    """Build (or fetch from the cache) the given variants, stock first."""
+                  jobs: Optional[int] = None, lore_url: Optional[str] = None,
+                  fetch_timeout: float = B4_TIMEOUT) -> List[KernelBuild]:
+    """Build (or fetch from the cache) the given variants, stock first.
+
+    ``lore_url`` (checked, see :func:`harness.kernel.manifest.check_lore_url`)
+    overrides the manifest's ``[series] lore_url``; ``fetch_timeout`` bounds
+    fetching a series by Message-ID (``b4 am``).  The series is read before
+    the base tree is prepared, so a series that cannot be had costs nothing."""
     progress = progress or Progress()
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
@@ -419,8 +426,8 @@ def build_kernels(manifest: Union[Manifest, str, Path], variants: Sequence[str] 
         if v not in VARIANTS:
             raise UserError(f"variant {v} is not one of stock, patched, both")
     plan = _plan(manifest, config, builder, jobs)          # bad input is rejected here, before any work
+    series = load_series(manifest.series, progress, lore_url=lore_url, timeout=fetch_timeout)
     src = prepare_source(source or manifest.base, progress)
-    series = load_series(manifest.series, progress)
     patched = apply_series(src, series, progress) if "patched" in variants else None
     builds = []
     for v in sorted(set(variants), key=VARIANTS.index):
@@ -432,10 +439,12 @@ def build_kernels(manifest: Union[Manifest, str, Path], variants: Sequence[str] 
 
 def build_kernel(manifest: Union[Manifest, str, Path], variant: str, config: Optional[str] = None,
                  progress: Optional[Progress] = None, *, source: Optional[BaseSpec] = None,
-                 builder: str = "auto", jobs: Optional[int] = None) -> KernelBuild:
+                 builder: str = "auto", jobs: Optional[int] = None, lore_url: Optional[str] = None,
+                 fetch_timeout: float = B4_TIMEOUT) -> KernelBuild:
     """One variant.  The patched variant reuses stock objects when a stock build
     with the same base, config and toolchain is cached."""
-    return build_kernels(manifest, (variant,), config, progress, source=source, builder=builder, jobs=jobs)[0]
+    return build_kernels(manifest, (variant,), config, progress, source=source, builder=builder, jobs=jobs,
+                         lore_url=lore_url, fetch_timeout=fetch_timeout)[0]
 
 
 def list_builds() -> List[dict]:

@@ -15,6 +15,7 @@ Example::
     [series]                        # exactly one of message_id, mbox, patch_dir
     mbox = "series.mbox"            # relative to this file
     patches = 2                     # required with message_id; checked when given
+    # lore_url = "https://lore.kernel.org/all"   # with message_id: a lore mirror for b4
 
     [build]
     config = "tiny"                 # tiny | defconfig | distro | PATH (relative to this file)
@@ -32,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -67,6 +69,8 @@ SCHEMA: Dict[str, Dict[str, Tuple[type, bool, str]]] = {
         "patches": (int, False, "expected number of patches (without the cover letter)"),
         "title": (str, False, "the series title"),
         "link": (str, False, "where the series was posted"),
+        "lore_url": (str, False, "with message_id: the public-inbox b4 fetches from "
+                                 "(default: b4.midmask from git config, else https://lore.kernel.org/all)"),
     },
     "build": {
         "config": (str, False, "tiny | defconfig | distro | PATH"),
@@ -111,6 +115,7 @@ class SeriesSpec:
     patches: Optional[int] = None
     title: str = ""
     link: str = ""
+    lore_url: Optional[str] = None  # message_id only: where b4 looks the Message-ID up
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,27 @@ def _one_of(where: str, table: Mapping[str, Any], keys: Tuple[str, ...], path: P
     return present[0]
 
 
+def check_lore_url(value: str, where: str) -> str:
+    """A public-inbox URL (``https://lore.kernel.org/all`` or a mirror): http(s),
+    a host, no query.  Returned without a trailing slash; b4 then looks up
+    ``<url>/<Message-ID>/t.mbox.gz``.  Raises UserError naming ``where``."""
+    url = value.strip()
+    parts = urllib.parse.urlsplit(url) if url and not any(c.isspace() for c in url) else None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.query or parts.fragment):
+        raise UserError(f"{where} {value!r} is not an http(s) URL of a public inbox; "
+                        f"use one like https://lore.kernel.org/all")
+    if "%" in url:
+        raise UserError(f"{where} {value!r} contains '%' (b4 expands it); "
+                        f"give the inbox URL without it, like https://lore.kernel.org/all")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise UserError(f"{where} {value!r} has a bad port ({exc}); "
+                        f"use a URL like https://lore.kernel.org/all") from exc
+    return url.rstrip("/")
+
+
 def _rel(path: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (path.parent / p)
@@ -197,7 +223,15 @@ def load_manifest(path: "str | Path") -> Manifest:
     msgid = s.get("message_id")
     if msgid is not None:
         msgid = msgid.strip().strip("<>")
-    series = SeriesSpec(kind=skind, message_id=msgid,
+        if not msgid or any(c.isspace() for c in msgid):
+            raise UserError(f"{path}: [series] message_id {s['message_id']!r} is not a Message-ID; "
+                            f"fix it (e.g. 1547733331-16140-1-git-send-email-ann.zhuangyanying@huawei.com)")
+    lore_url = s.get("lore_url")
+    if lore_url is not None:
+        if skind != "message_id":
+            raise UserError(f"{path}: [series] lore_url applies only to message_id, not {skind}; remove it")
+        lore_url = check_lore_url(lore_url, f"{path}: [series] lore_url")
+    series = SeriesSpec(kind=skind, message_id=msgid, lore_url=lore_url,
                         mbox=_rel(path, s["mbox"]) if skind == "mbox" else None,
                         patch_dir=_rel(path, s["patch_dir"]) if skind == "patch_dir" else None,
                         patches=s.get("patches"), title=s.get("title", ""), link=s.get("link", ""))

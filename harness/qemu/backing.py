@@ -44,12 +44,17 @@ MEM_ID = "migstall-ram"
 
 
 
-def memory_args(backing: str, mem_mib: int, prealloc: bool) -> List[str]:
+def memory_args(backing: str, mem_mib: int, prealloc: bool, pad_kib: int = 0) -> List[str]:
     """QEMU arguments for guest RAM (``-m`` plus the backend object).
 
     The backend is attached with ``-machine memory-backend=``; the caller's
-    ``-machine`` option must not set another one."""
-    opts = [f"id={MEM_ID}", f"size={mem_mib}M"]
+    ``-machine`` option must not set another one.  ``pad_kib``: RAM beyond
+    ``mem_mib`` (a multiple of 8 KiB, QEMU's ``-m`` granularity), only for the
+    TCG dirty-sync workaround (:func:`harness.measure.verify.tcg_ram_pad_kib`)."""
+    if pad_kib % 8 or pad_kib < 0:
+        raise ValueError(f"RAM padding of {pad_kib} KiB: need a multiple of 8 KiB")
+    size = f"{mem_mib}M" if not pad_kib else f"{mem_mib * 1024 + pad_kib}K"
+    opts = [f"id={MEM_ID}", f"size={size}"]
     if backing in ("anon", "thp"):
         obj = "memory-backend-ram"
     elif backing == "memfd":
@@ -62,7 +67,7 @@ def memory_args(backing: str, mem_mib: int, prealloc: bool) -> List[str]:
         raise UserError(f"unknown backing {backing!r}; use anon, thp, hugetlb2m, hugetlb1g or memfd")
     if prealloc:
         opts.append("prealloc=on")
-    return ["-m", f"{mem_mib}M", "-object", ",".join([obj] + opts)]
+    return ["-m", size, "-object", ",".join([obj] + opts)]
 
 
 #: first QEMU with ``-machine memory-backend=`` (older ones attach it as a NUMA node)

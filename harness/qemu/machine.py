@@ -134,10 +134,30 @@ def _clip(line: str) -> str:
     return line if len(line) <= NOTE_LINE_CHARS else line[:NOTE_LINE_CHARS - 3] + "..."
 
 
+#: what a QMP SHUTDOWN reason from the guest means, for a death note
+_GUEST_SHUTDOWN = {
+    "guest-reset": "the guest reset itself (a triple fault, or a guest panic with panic=-1)",
+    "guest-shutdown": "the guest powered itself off",
+    "guest-panic": "the guest reported a panic (pvpanic)",
+}
+
+
+def shutdown_note(event: Optional[Mapping[str, Any]]) -> str:
+    """Words for a QMP ``SHUTDOWN`` event: ``"after QMP SHUTDOWN guest-reset: the
+    guest reset itself (...)"``; "" for None."""
+    if not event:
+        return ""
+    data = event.get("data") or {}
+    reason = str(data.get("reason", "?"))
+    meaning = _GUEST_SHUTDOWN.get(reason, "") if data.get("guest") else ""
+    return f"after QMP SHUTDOWN {reason}" + (f": {meaning}" if meaning else "")
+
+
 def format_death_note(what: str, status: str, log_lines: Sequence[str] = (),
-                      kernel_lines: Sequence[str] = ()) -> str:
-    """One line: how ``what`` ended (a reaper status), the last lines of its log,
-    the host kernel's last interesting lines (time stamps dropped)."""
+                      kernel_lines: Sequence[str] = (), shutdown: Optional[Mapping[str, Any]] = None) -> str:
+    """One line: how ``what`` ended (a reaper status), why if it was told to
+    (a QMP ``SHUTDOWN`` event, ``shutdown``), the last lines of its log, the
+    host kernel's last interesting lines (time stamps dropped)."""
     if status.startswith("exited "):
         head = f"{what} exited with status {status[len('exited '):]}"
     elif status.startswith("killed by "):
@@ -146,7 +166,8 @@ def format_death_note(what: str, status: str, log_lines: Sequence[str] = (),
         head = f"{what} ended: {status}"
     else:
         head = f"{what} had exited unexpectedly (no exit status recorded)"
-    parts = [head]
+    why = shutdown_note(shutdown)
+    parts = [head + (f" {why}" if why else "")]
     tail = [_clip(_MSG_STAMP.sub("", ln)) for ln in list(log_lines)[-NOTE_LOG_LINES:]]
     if tail:
         parts.append("its log ends: " + " | ".join(tail))
@@ -366,8 +387,8 @@ class VM:
 
     def _process_note(self) -> str:
         if self.pid is not None and not self.host.pid_alive(self.pid):
-            return "QEMU process has exited"
-        return "QEMU process is alive"
+            return "its process had exited"
+        return "its process had not exited yet"
 
     @property
     def alive(self) -> bool:
@@ -436,11 +457,15 @@ class VM:
         """One line on how QEMU ended, for an error message: ``"<what> was killed
         by signal 9 (SIGKILL); its log ends: ...; host kernel: ..."``.  ``what``
         defaults to ``"QEMU <name>"``.  Complete after :meth:`shutdown`."""
-        return format_death_note(what or f"QEMU {self.name}", self.exit_status, self.log_tail, self.kernel_log)
+        shutdown = next((e for e in reversed(self.events) if e.get("event") == "SHUTDOWN"), None)
+        return format_death_note(what or f"QEMU {self.name}", self.exit_status, self.log_tail, self.kernel_log,
+                                 shutdown)
 
     def exit_info(self) -> Dict[str, Any]:
         """How QEMU ended, JSON-able (for the sidecar); complete after :meth:`shutdown`."""
+        shutdown = next((e for e in reversed(self.events) if e.get("event") == "SHUTDOWN"), None)
         return {"exit_reason": self.exit_reason, "exit_status": self.exit_status, "exit_pid": self.exit_pid,
+                "shutdown": shutdown_note(shutdown) or None,
                 "pid": self.pid, "log_tail": list(self.log_tail), "host_kernel_log": list(self.kernel_log),
                 "host_uptime_at_launch_s": self.launch_uptime_s}
 
