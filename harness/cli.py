@@ -58,14 +58,13 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM -> whatever handles SIGINT now (asyncio's runner cancels the main
-    task; Python's default raises KeyboardInterrupt).  Where SIGINT is ignored
-    (a background job of a non-interactive shell, nohup) raise KeyboardInterrupt
-    here: re-sending SIGINT would do nothing then."""
+    """SIGTERM -> whatever handles SIGINT now: asyncio's runner cancels the main
+    task (the runs clean up at their await points), Python's default raises
+    KeyboardInterrupt."""
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
-    else:
+    else:                                # SIGINT set to SIG_DFL/SIG_IGN by an embedding program
         raise KeyboardInterrupt
 
 
@@ -79,6 +78,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGTERM (a CI job cancelled, `kill`) takes Ctrl-C's path: every QEMU, SSH
     # session and L1 VM is stopped by its context manager and the row is written
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # A background job of a non-interactive shell (`migstall run ... &` in a
+    # script) starts with SIGINT ignored; asyncio then installs no SIGINT handler
+    # and SIGTERM would have nothing to go through.  Python's default handler
+    # back in place, asyncio's cancels the main task on SIGTERM as on Ctrl-C.
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args) or 0)
     except MigstallError as exc:
@@ -92,3 +98,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)   # main() may run inside another program
+        if previous_int == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -7,7 +7,7 @@
   QEMU's BQL (``pio``; else the ``write`` loop, whose stores fault once dirty
   logging write-protects memory) against the longest stall of the baseline
   window, and the time KVM spent in its MMU walk (``kvm_enable_ms``); then
-  whether that stall stands out from the baseline and spans the dirty-log start;
+  whether that stall stands out from the baseline and is at least as long as the dirty-log start;
 * TCG: that these rows test the plumbing only: under TCG every vCPU is a host
   thread, so the stall columns are host scheduling noise, not KVM's behaviour.
 
@@ -93,11 +93,12 @@ def _kvm_lines(g: Group) -> List[str]:
                      "KVM walked nothing at enable (dirty bits initially set)")
     lines = [f"KVM ({g.where}, {mode}{_runs(g)}): " + "; ".join(parts) + "."]
     if stall is not None and base is not None and dls is not None:
-        if base > 0 and stall >= STANDS_OUT * base:
-            times = f"{stall / base:.0f}x the baseline's longest"
+        if stall > 0 and stall >= STANDS_OUT * base:
+            times = (f"{stall / base:.0f}x the baseline's longest" if base > 0 else
+                     "where the baseline had no stall above the threshold")
             if pio is not None and stall >= dls:
-                lines.append(f"  That stall is {times} and spans the dirty-log start: consistent with the vCPU "
-                             "waiting for the BQL, which QEMU holds while it starts dirty logging.")
+                lines.append(f"  That stall is {times} and at least as long as the dirty-log start: consistent "
+                             "with the vCPU waiting for the BQL, which QEMU holds while it starts dirty logging.")
             elif pio is not None:
                 lines.append(f"  That stall is {times}, but shorter than the dirty-log start.")
             else:

@@ -300,6 +300,18 @@ def _read_raw(path: Path) -> "pd.DataFrame":
     return df
 
 
+def _looks_like_results(path: Path) -> bool:
+    """Whether ``path``'s first line is a results CSV header (it names ``run_id``
+    and ``status``): other CSVs in a results directory are skipped, a broken
+    results CSV is an error."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            first = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return "run_id" in first and "status" in first
+
+
 def results_csvs(directory: Path) -> List[Path]:
     """Candidate CSVs below ``directory``, sorted; hidden files and sidecar dirs skipped."""
     found = []
@@ -406,6 +418,8 @@ def load(paths: Union[PathSpec, Sequence[PathSpec]]) -> "pd.DataFrame":
                 try:
                     frames.append(_read_raw(p))
                 except UserError as exc:
+                    if _looks_like_results(p):     # a results CSV that is broken: say so
+                        raise
                     log.debug("skipping %s: %s", p, exc)
                     continue
                 sources.append(p)

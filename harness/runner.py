@@ -372,7 +372,8 @@ class _Run:
         dump = self.log_dir / "verify-pages" if os.environ.get("MIGSTALL_VERIFY_DUMP", "") not in ("", "0") else None
         # the destination's KVM rewrites the guest's pvclock wall clock when QEMU
         # restores the vCPUs: not a lost write (verify.KvmRewrite)
-        rewrites = verify.pvclock_wall_clock((self.side.get("hello") or {}).get("wall_clock_gpa"))
+        rewrites = verify.pvclock_wall_clock((self.side.get("hello") or {}).get("wall_clock_gpa")) \
+            if self.row.get("accel") == "kvm" else ()
         res = await verify.verify_migration(src, dst, ranges, dump_dir=dump, rewrites=rewrites)
         self.row["verify_pages"] = res.pages
         self.row["verify_mismatch_pages"] = res.mismatch_pages

@@ -260,7 +260,7 @@ def test_unknown_message_id_exits_2_naming_it(tmp_path, cache):
     assert missing in line and lore.url in line and "fix [series] message_id" in line
     assert "no network" not in line
     assert not list(cache.glob("kernel-src/*")), "nothing was prepared"
-    assert not list(cache.glob("kernel-series/msgid-*/series.mbx"))
+    assert not list(cache.glob("kernel-series/msgid*-*/series.mbx"))
 
 
 @pytest.mark.parametrize("mode", ["500", "hang"])
@@ -276,7 +276,7 @@ def test_server_error_or_silence_exits_1_with_b4s_log(tmp_path, cache, mode):
     log = log_path(line)
     assert log.name == "b4.log" and "b4 am" in log.read_text() and "Grabbing thread" in log.read_text()
     assert not list(cache.glob("kernel-src/*"))
-    assert not list(cache.glob("kernel-series/msgid-*/series.mbx"))
+    assert not list(cache.glob("kernel-series/msgid*-*/series.mbx"))
 
 
 def test_unreachable_server_says_no_network(tmp_path, cache):
@@ -336,7 +336,7 @@ def test_bad_lore_url_exits_2(tmp_path, cache, value):
     bad = msgid_manifest(tmp_path, extra=f'lore_url = "{value}"\n')
     line = one_line(migstall("kernel", "build", "--manifest", str(bad), env=env), 2)
     assert "[series] lore_url" in line and "https://lore.kernel.org/all" in line
-    assert not cache.exists() or not list(cache.glob("kernel-series/msgid-*/b4.log")), "b4 never ran"
+    assert not cache.exists() or not list(cache.glob("kernel-series/msgid*-*/b4.log")), "b4 never ran"
 
 
 def test_lore_url_only_with_message_id(tmp_path):
@@ -364,11 +364,11 @@ def test_b4s_git_identity_and_midmask_come_from_the_environment(tmp_path, monkey
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(private_gitconfig(tmp_path, None)))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     with pytest.raises(UserError, match="user.name NAME and user.email ADDR"):
-        _effective_midmask(dict(os.environ), None)
-    assert _effective_midmask(_b4_env(None, tmp_path), None) == DEFAULT_MIDMASK
+        _effective_midmask(dict(os.environ), None, tmp_path)
+    assert _effective_midmask(_b4_env(None, tmp_path), None, tmp_path) == DEFAULT_MIDMASK
     mask = "http://127.0.0.1:1/all/%s"
-    assert _effective_midmask(_b4_env(mask, tmp_path), mask) == mask
+    assert _effective_midmask(_b4_env(mask, tmp_path), mask, tmp_path) == mask
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(private_gitconfig(tmp_path, "https://mirror.example/all/%s")))
-    assert _effective_midmask(_b4_env(None, tmp_path), None) == "https://mirror.example/all/%s"
-    assert _effective_midmask(_b4_env(mask, tmp_path), mask) == mask       # lore_url wins over git config
+    assert _effective_midmask(_b4_env(None, tmp_path), None, tmp_path) == "https://mirror.example/all/%s"
+    assert _effective_midmask(_b4_env(mask, tmp_path), mask, tmp_path) == mask       # lore_url wins over git config
     assert "user" not in (tmp_path / "gitconfig").read_text()

@@ -59,10 +59,6 @@ def test_guest_never_ready_times_out(tmp_path, guest_image):
     assert not _mine(row["run_id"])
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @pytest.mark.parametrize("sig,sigint_ignored", [(signal.SIGINT, False), (signal.SIGTERM, False),
                                                 (signal.SIGTERM, True)],
                          ids=["SIGINT", "SIGTERM", "SIGTERM-with-SIGINT-ignored"])
@@ -72,11 +68,11 @@ def test_sigint_cleans_up_and_writes_failed_row(tmp_path, sig, sigint_ignored):
     non-interactive shell (``cmd &`` in a script)."""
     out = tmp_path / "int.csv"
     env = dict(os.environ, CI="true")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness", "-v", "run", "--name", "sigint", "--accel", "tcg", "--mem", "512M",
-         "--touch", "200", "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        preexec_fn=_ignore_sigint if sigint_ignored else None)
+    argv = [sys.executable, "-m", "harness", "-v", "run", "--name", "sigint", "--accel", "tcg", "--mem", "512M",
+            "--touch", "200", "--out", str(out)]
+    if sigint_ignored:        # started the way a script's `cmd &` is: SIGINT ignored, inherited over exec
+        argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         # wait until the source QEMU runs (its pid is logged), then interrupt
         deadline = time.monotonic() + 120

@@ -30,7 +30,7 @@ def test_the_kvm_finding_in_plain_words():
     assert lines[0] == ("KVM (virtual host, legacy dirty log): dirty-log start 21.5 ms; the vCPU waiting on "
                         "the BQL stalled 31.0 ms, against 1.3 ms in the baseline; KVM spent 13.3 ms "
                         "write-protecting.")
-    assert lines[1].startswith("  That stall is 24x the baseline's longest and spans the dirty-log start")
+    assert lines[1].startswith("  That stall is 24x the baseline's longest and at least as long as the dirty-log start")
     assert len(lines) == 2
 
 
@@ -132,3 +132,9 @@ def test_verified_kvm_row_says_so():
     lines = finding.finding_lines([row])
     assert lines[-1] == "  Migrated memory verified: 130976 pages equal on source and destination in the run."
     assert not any("verified" in ln for ln in finding.finding_lines([KVM_ROW]))
+
+
+def test_stall_over_a_quiet_baseline_stands_out():
+    row = dict(KVM_ROW, baseline_stall_max_us="0")
+    lines = finding.finding_lines([row])
+    assert lines[1].startswith("  That stall is where the baseline had no stall above the threshold"), lines

@@ -132,3 +132,17 @@ def test_paths_and_directories(tmp_path):
     (d / ".hidden.csv").write_bytes((FIX / "stock.csv").read_bytes())     # hidden: skipped
     df = results.load(d)
     assert len(df) == 17 and df.attrs["sources"] == [str(d / "sub" / "stock.csv")]
+
+
+def test_a_broken_results_csv_in_a_directory_is_an_error_other_csvs_are_skipped(tmp_path):
+    from harness import results
+    from harness.errors import UserError
+
+    good = tmp_path / "runs.csv"
+    results.append_rows(good, [{"run_id": "r1", "scenario": "s", "status": "ok"}])
+    (tmp_path / "comparison.csv").write_text("metric,ratio\nx,1.0\n")
+    assert len(results.load(tmp_path)) == 1                       # the comparison CSV is skipped
+    broken = tmp_path / "more.csv"
+    broken.write_text(good.read_text().splitlines()[0] + "\nr2,too,few\n")
+    with pytest.raises(UserError, match="more.csv"):
+        results.load(tmp_path)

@@ -601,11 +601,13 @@ def test_kvm_rewrite_excused_only_where_nothing_else_differs(tmp_path):
     boot time), in a second "rewrite" page that also differs elsewhere, and in
     an ordinary page: only the first is excused."""
     mem = 64
-    image = np.random.default_rng(5).integers(0, 256, size=mem * MiB, dtype=np.uint8).tobytes()
+    image = bytearray(np.random.default_rng(5).integers(0, 256, size=mem * MiB, dtype=np.uint8).tobytes())
+    wc, other = 0x1600000, 0x2400000                     # 2 MiB-aligned, as Linux places wall_clock
+    image[wc:wc + 12] = (2).to_bytes(4, "little") + (0x6b1164b2).to_bytes(4, "little") + bytes(4)
+    image = bytes(image)
     a, b = tmp_path / "a.ram", tmp_path / "b.ram"
     a.write_bytes(image)
     changed = bytearray(image)
-    wc, other = 0x1600000, 0x2400000                     # 2 MiB-aligned, as Linux places wall_clock
     changed[wc:wc + 12] = (4).to_bytes(4, "little") + (0x6b1164e7).to_bytes(4, "little") + bytes(4)
     changed[other:other + 4] = b"\xff\xff\xff\xff"
     changed[other + 100] ^= 1                            # outside the structure: still a loss
@@ -623,7 +625,7 @@ def test_kvm_rewrite_excused_only_where_nothing_else_differs(tmp_path):
     res = asyncio.run(main())
     assert res.mismatch_pages == 2, res.as_dict()
     assert [m["gpa"] for m in res.first_mismatches] == ["0x2400000", "0x3000000"]
-    assert [(d["gpa"], d["rewrite"], d["words"]) for d in res.rewritten] == [("0x1600000", "pvclock-wall-clock", 2)]
+    assert [(d["gpa"], d["rewrite"], d["words"]) for d in res.rewritten] == [("0x1600000", "pvclock-wall-clock", 1)]
     assert res.as_dict()["rewritten_by_kvm"][0]["gpa"] == "0x1600000"
     assert not _ramhashers()
 
@@ -637,6 +639,13 @@ def test_kvm_rewrite_helpers():
     p1, p2 = bytes(PAGE), bytearray(PAGE)
     p2[4:8] = b"\x01\x02\x03\x04"
     assert verify.equal_outside(p1, bytes(p2), [verify.KvmRewrite("x", 0x5000, 12)])
+    # a wall clock rewritten by KVM: versions even, higher on the destination
+    src, dst = bytearray(PAGE), bytearray(PAGE)
+    src[0:4], dst[0:4] = (2).to_bytes(4, "little"), (6).to_bytes(4, "little")
+    assert verify._rewritten_like_kvm(bytes(src), bytes(dst), wc)
+    dst[0:4] = (5).to_bytes(4, "little")                 # odd: mid-update, not KVM's finished write
+    assert not verify._rewritten_like_kvm(bytes(src), bytes(dst), wc)
+    assert verify.pvclock_wall_clock("junk") == () and verify.pvclock_wall_clock(0x1ffa) == ()
     p2[12] = 1
     assert not verify.equal_outside(p1, bytes(p2), [verify.KvmRewrite("x", 0x5000, 12)])
     ranges = verify.guest_ram_ranges(64)

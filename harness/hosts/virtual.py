@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from harness.errors import HostError, QEMUError, UserError
 from harness.hosts.l1image import FAILED_LINE, READY_LINE, STAGE_LINE, L1Image, build_l1_image, keys_archive, resolve_kernel
@@ -90,6 +90,8 @@ class VirtualHost(SSHHost):
         self.progress = progress or Progress()
         self.boot_timeout = boot_timeout
         self._own_workdir = workdir is None
+        #: (console size, copy) of the last :func:`keep_console`
+        self._kept_console: Optional[Tuple[int, Optional[Path]]] = None
         self.workdir = Path(workdir) if workdir else new_runtime_dir("migstall-l1-")
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
@@ -157,6 +159,8 @@ class VirtualHost(SSHHost):
         Path(self.known_hosts).write_text(f"[127.0.0.1]:{self.port} {hostpub[0]} {hostpub[1]}\n")
         ready_sock = self.workdir / "ready.sock"
         pidfile = self.workdir / "l1.pid"
+        self._keep_console()                # a reboot: the previous L1's console may tell why
+        self._kept_console = None
         for p in (ready_sock, pidfile, self.console_log, self.qmp_socket):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -279,12 +283,35 @@ class VirtualHost(SSHHost):
         self.reboot(cmdline_extra=l1_cmdline)
         return True
 
+    def lost_note(self) -> str:
+        """:meth:`SSHHost.lost_note`, naming the kept copy of L1's console
+        (:func:`keep_console`): the console in the work dir goes with L1."""
+        note = super().lost_note()
+        if note:
+            kept = self._keep_console()
+            if kept is not None:
+                note = note.replace(f"({self.console_log})", f"(kept as {kept})", 1)
+        return note
+
+    def _keep_console(self) -> Optional[Path]:
+        """:func:`keep_console`, once per console content (a copy made for a
+        failed row's note is not made again when L1 is removed)."""
+        try:
+            size = self.console_log.stat().st_size
+        except OSError:
+            return None
+        if self._kept_console is not None and self._kept_console[0] == size:
+            return self._kept_console[1]
+        kept = keep_console(self.workdir)
+        self._kept_console = (size, kept) if kept is not None else None
+        return kept
+
     def close(self) -> None:
         try:
             self.stop()
         finally:
             if self._own_workdir:
-                keep_console(self.workdir)
+                self._keep_console()
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- state for `migstall vhost` ------------------------------------------------------
@@ -354,11 +381,11 @@ def keep_console(workdir: Path) -> Optional[Path]:
     from harness.paths import cache_dir
 
     src = workdir / "console.log"
-    if not src.is_file():
-        return None
-    logs = cache_dir("logs")
-    dst = logs / f"l1-console-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     try:
+        if not src.is_file() or src.stat().st_size == 0:
+            return None
+        logs = cache_dir("logs")
+        dst = logs / f"l1-console-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
         shutil.copyfile(src, dst)
         for old in sorted(logs.glob("l1-console-*.log"))[:-KEPT_CONSOLES]:
             old.unlink(missing_ok=True)

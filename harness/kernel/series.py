@@ -135,9 +135,16 @@ def patches_only(mbox: Path, digest: str) -> Path:
     return target
 
 
+#: the format of a cached Message-ID series: "msgid2" holds the messages as posted
+#: (cover letter included); "msgid" entries (b4's rewritten output) are not reused,
+#: since they hash differently
+MSGID_CACHE_FORMAT = "msgid2"
+
+
 def message_id_cache(msgid: str) -> Path:
     """The cache directory of the series fetched by ``msgid``."""
-    return paths.cache_dir("kernel-series", "msgid-" + hashlib.sha256(msgid.encode()).hexdigest()[:16])
+    return paths.cache_dir("kernel-series",
+                           f"{MSGID_CACHE_FORMAT}-" + hashlib.sha256(msgid.encode()).hexdigest()[:16])
 
 
 def _b4_env(midmask: Optional[str], scratch: Path) -> Dict[str, str]:
@@ -160,13 +167,15 @@ def _b4_env(midmask: Optional[str], scratch: Path) -> Dict[str, str]:
     return env
 
 
-def _effective_midmask(env: Mapping[str, str], wanted: Optional[str]) -> str:
+def _effective_midmask(env: Mapping[str, str], wanted: Optional[str], cwd: Path) -> str:
     """The ``b4.midmask`` b4 will use with ``env`` (checked to be ``wanted``
     when given); also checks up front that git gives b4 an identity (b4 0.12
     exits 1 silently without user.email).  Either fails only where git
     ignores GIT_CONFIG_COUNT (older than 2.31)."""
+    # in b4's own working directory (outside any repository): a repository's
+    # local config must not change what is read here but not for b4
     proc = run(["git", "config", "--get-regexp", r"^(user\.email|b4\.midmask)$"], env=env, check=False,
-               timeout=GIT_CONFIG_TIMEOUT)
+               timeout=GIT_CONFIG_TIMEOUT, cwd=cwd)
     found: Dict[str, str] = {}
     for line in proc.stdout.splitlines():           # the last value wins, as for b4
         key, _, value = line.partition(" ")
@@ -337,7 +346,7 @@ def _from_message_id(spec: SeriesSpec, progress: Progress, lore_url: Optional[st
         try:
             wanted = f"{lore_url}/%s" if lore_url else None
             env = _b4_env(wanted, tmp)
-            midmask = _effective_midmask(env, wanted)
+            midmask = _effective_midmask(env, wanted, tmp)
             out = tmp / "out"
             out.mkdir()
             argv = ["b4", "am", "--no-cache", "-o", str(out), "-n", "series", msgid]

@@ -453,19 +453,24 @@ class VM:
         finally:
             await self._cleanup()
 
+    @property
+    def shutdown_event(self) -> Optional[EventT]:
+        """The QMP ``SHUTDOWN`` that says why QEMU ended: the first the guest
+        asked for, else the first (a later ``host-qmp-quit`` is our cleanup)."""
+        shutdowns = [e for e in self.events if e.get("event") == "SHUTDOWN"]
+        return next((e for e in shutdowns if (e.get("data") or {}).get("guest")), shutdowns[0] if shutdowns else None)
+
     def death_note(self, what: Optional[str] = None) -> str:
         """One line on how QEMU ended, for an error message: ``"<what> was killed
         by signal 9 (SIGKILL); its log ends: ...; host kernel: ..."``.  ``what``
         defaults to ``"QEMU <name>"``.  Complete after :meth:`shutdown`."""
-        shutdown = next((e for e in reversed(self.events) if e.get("event") == "SHUTDOWN"), None)
         return format_death_note(what or f"QEMU {self.name}", self.exit_status, self.log_tail, self.kernel_log,
-                                 shutdown)
+                                 self.shutdown_event)
 
     def exit_info(self) -> Dict[str, Any]:
         """How QEMU ended, JSON-able (for the sidecar); complete after :meth:`shutdown`."""
-        shutdown = next((e for e in reversed(self.events) if e.get("event") == "SHUTDOWN"), None)
         return {"exit_reason": self.exit_reason, "exit_status": self.exit_status, "exit_pid": self.exit_pid,
-                "shutdown": shutdown_note(shutdown) or None,
+                "shutdown": shutdown_note(self.shutdown_event) or None,
                 "pid": self.pid, "log_tail": list(self.log_tail), "host_kernel_log": list(self.kernel_log),
                 "host_uptime_at_launch_s": self.launch_uptime_s}
 
