@@ -66,13 +66,6 @@ def print_rows(rows: Sequence[Mapping[str, Any]], title: Optional[str] = None) -
     runtable.print_to(Console(highlight=False), rows, title=title)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The table as plain text (no colour)."""
-    from harness import runtable
-
-    return runtable.to_text(rows)
-
-
 def execute(args: argparse.Namespace, scenarios_loader=None) -> List[Dict[str, Any]]:
     """Shared by ``run`` and ``demo``: validate, then run.  Returns the rows."""
     from harness import runner

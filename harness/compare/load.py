@@ -193,10 +193,6 @@ class ResultSet:
         codes, variants = self.variant_codes
         return [variants[c] for c in np.unique(codes[positions])]
 
-    def by_scenario(self) -> Dict[ScenarioKey, "pd.DataFrame"]:
-        """The rows of each scenario (see :attr:`groups`)."""
-        return {k: self.frame.iloc[pos] for k, pos in self.groups.items()}
-
     def filter_variant(self, kernel_variant: Optional[str]) -> "ResultSet":
         if not kernel_variant:
             return self
@@ -208,25 +204,6 @@ class ResultSet:
                             f"(present: {', '.join(repr(h) for h in have) or 'none'}); pick one of those")
         return ResultSet(f"{self.label} [{kernel_variant}]", self.sources,
                          self.frame[keep].reset_index(drop=True))
-
-
-def read_csv(path: Path) -> List[Run]:
-    """Read one results CSV strictly (UserError on anything that is not one)."""
-    return list(runs_of(results.read(Path(path))))
-
-
-def csvs_in_dir(directory: Path) -> List[Path]:
-    """Results CSVs below ``directory`` (sorted; hidden files, sidecar dirs and
-    CSVs that are not results, e.g. a comparison CSV, are skipped)."""
-    found = []
-    for p in results.results_csvs(Path(directory)):
-        try:
-            results._scan(p)
-        except (UserError, OSError, UnicodeDecodeError, ValueError) as exc:
-            log.debug("skipping %s: %s", p, exc)
-            continue
-        found.append(p)
-    return found
 
 
 def load(specs: Sequence[str] | str, label: Optional[str] = None) -> ResultSet:
@@ -248,12 +225,6 @@ def variant_label(variants: Iterable[Variant]) -> str:
         parts = [p for p in (kernel_variant, h8, host_kernel) if p]
         labels.append(" ".join(parts) or "(unnamed)")
     return " + ".join(labels) or "(none)"
-
-
-def variants_of(frame: "pd.DataFrame") -> List[Variant]:
-    """The distinct variants of a frame's rows."""
-    sub = frame[list(results.VARIANT_COLUMNS)].drop_duplicates()
-    return [tuple(cell_text(v).strip() for v in t) for t in sub.itertuples(index=False, name=None)]  # type: ignore[misc]
 
 
 def key_dict(key: ScenarioKey) -> Mapping[str, str]:

@@ -265,21 +265,8 @@ def linear_fit(points: Sequence[Tuple[float, float]], side: str, x0: float = REF
                tuple(points))
 
 
-def fit_points(runs: Sequence[Run]) -> List[Tuple[float, float]]:
-    pts = []
-    for r in runs:
-        y = r.metric("dirty_log_start_ms")
-        try:
-            mib = float(r.get("guest_mem_mib"))
-        except ValueError:
-            continue
-        if y is not None and mib > 0:
-            pts.append((mib / 1024.0, y))
-    return sorted(pts)
-
-
 def fit_points_frame(rows: Any) -> List[Tuple[float, float]]:
-    """:func:`fit_points` of a results frame's rows (ok rows with both numbers)."""
+    """(guest GiB, dirty_log_start_ms) of a results frame's ok rows that have both, sorted."""
     if rows is None or not len(rows):
         return []
     ok = rows[rows["status"] == "ok"]
