@@ -103,6 +103,16 @@ def test_clock_fit_and_stall_window():
     assert stalls.p99([float(i) for i in range(1, 101)]) == 99.0
 
 
+def test_clock_fit_corrects_a_guest_clock_2pct_fast():
+    """A guest clock that runs 2 % fast (a TSC rate calibrated on a busy TCG
+    host) is fitted, not forced to slope 1 with its drift as uncertainty."""
+    marks = [{"host_send_ns": h, "host_recv_ns": h + 100_000, "guest_ns": int((h + 50_000) * 1.02) - 5 * S}
+             for h in (10 * S, 11 * S, 12 * S, 13 * S, 14 * S)]
+    cm = clock.fit(marks)
+    assert abs(cm.slope - 1 / 1.02) < 1e-6
+    assert cm.uncertainty_ns <= 60_000, cm
+
+
 SMAPS = """\
 7f0000000000-7f0020000000 rw-p 00000000 00:00 0 
 Size:             524288 kB

@@ -14,7 +14,7 @@ was busy) says little about where the guest clock is; one such sample used to
 tilt the slope and widen the uncertainty by its whole round trip (170 ms seen
 in CI, issue 16).  The slope comes from a least-squares fit of the tight
 midpoints when they span at least :data:`MIN_SPAN_NS` of guest time (and stays
-within :data:`MAX_SKEW` of 1, else 1 is used), the offset from their median.
+within :data:`MAX_SKEW` (5 %) of 1, else 1 is used), the offset from their median.
 ``uncertainty_ns`` = smallest half round trip + the largest residual of a
 tight sample: every mapped time is within that of the truth (plus drift
 outside the sampled interval).
@@ -27,7 +27,12 @@ from statistics import median
 from typing import Any, Dict, List, Sequence
 
 MIN_SPAN_NS = 500_000_000
-MAX_SKEW = 0.01
+#: the largest guest-clock rate error the fit corrects; beyond it the slope is taken
+#: as 1.  It was 1 %: a TCG guest whose TSC rate the probe calibrated on a busy host
+#: can be off by more (issue 16: test_calibrate failed in CI with the slope forced
+#: to 1 and 68 ms of residual over the marks); 5 % still rejects a fit bent by
+#: a bad sample (the samples are the tight ones only)
+MAX_SKEW = 0.05
 #: a sample is tight when its round trip is within this factor of the fastest ...
 RTT_FACTOR = 3.0
 #: ... or within this of it (ns): sub-millisecond round trips vary by more than 3x
