@@ -90,10 +90,13 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path, mem_mib, touch_mib):
     from harness import runner
 
     out = tmp_path / "sweep.csv"
-    # one L2 vCPU (write loop): with two (pio + write) the legacy-768 guest reset itself
-    # once during dirty-log start (QMP SHUTDOWN guest-reset right after pass 1; README
-    # "Soak"), so the sweep that gates CI stays on one until that is understood
-    common = dict(vcpus=1, loops=("write",), accel="kvm", baseline_s=0.5,
+    # one L2 vCPU running the pio loop: an L2 whose stores keep faulting on write-protected
+    # nested page tables sometimes triple-faults in this emulated host (QEMU 7.2's TCG
+    # SVM; README "Long write-fault storms break the emulated host"); it ended this
+    # sweep's default-384 row with the write loop in a CI run, so the sweep that gates
+    # CI does not write after prefaulting.  The write loop runs in CI in the CLI test
+    # and the negative control, on smaller guests.
+    common = dict(vcpus=1, loops=("pio",), accel="kvm", baseline_s=0.5,
                   ready_timeout_s=600, migration_timeout_s=600)
     big = f"{touch_mib}"
     scaling = mem_mib > 512
@@ -114,7 +117,7 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path, mem_mib, touch_mib):
         assert "tdp_mmu" in row["kvm_params"]
         # one clock: the trace matched on QEMU's own timeline (the runner also checked the invariants)
         assert row["dirty_log_start_source"] == "trace:global_dirty_changed->kvm_set_user_memory", row
-        assert row["stall_write_max_us"] != ""
+        assert row["stall_pio_max_us"] != ""
     lbig, dbig = (float(rows[n]["kvm_enable_ms"]) for n in (f"legacy-{big}", f"default-{big}"))
     assert lbig > 0 and dbig < lbig / 3, (dbig, lbig)
     if scaling:
