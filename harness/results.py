@@ -42,7 +42,7 @@ SCENARIO_COLUMNS = (
 )
 # Measured facts that describe the run but are not figures of merit.
 INFO_COLUMNS = ("touched_mib", "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params",
-                "verify_pages", "verify_mismatch_pages")
+                "verify_pages", "verify_mismatch_pages", "fault_window_ms", "kvm_mapped_mib")
 # Figures of merit (numbers; empty when not measured).
 METRIC_COLUMNS = (
     "dirty_log_start_ms", "setup_time_ms", "first_pass_ms",
@@ -51,6 +51,7 @@ METRIC_COLUMNS = (
     "stall_write_max_us", "stall_write_p99_us", "stall_write_count",
     "stall_cpu_max_us", "stall_cpu_p99_us", "stall_cpu_count",
     "baseline_stall_max_us", "total_time_ms", "downtime_ms", "dirty_log_stop_ms",
+    "stall_write_sum_ms", "baseline_stall_write_sum_ms", "kvm_pf", "baseline_kvm_pf",
 )
 STATUS_COLUMNS = ("status", "error")
 
@@ -58,7 +59,7 @@ COLUMNS = ID_COLUMNS[:2] + ("host", "host_kernel", "kernel_variant", "series_id"
     c for c in SCENARIO_COLUMNS if c != "host"
 ) + ("touched_mib", "repeat") + METRIC_COLUMNS + (
     "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params",
-    "verify_pages", "verify_mismatch_pages", "sidecar",
+    "verify_pages", "verify_mismatch_pages", "fault_window_ms", "kvm_mapped_mib", "sidecar",
 ) + STATUS_COLUMNS
 
 assert sorted(COLUMNS) == sorted(
@@ -66,7 +67,8 @@ assert sorted(COLUMNS) == sorted(
 ), "column groups and COLUMNS disagree"
 
 # Columns that hold numbers: floats in :func:`load`'s frame, NaN where the CSV is empty.
-NUMERIC_COLUMNS = METRIC_COLUMNS + ("repeat", "touched_mib", "prefault_ms", "verify_pages", "verify_mismatch_pages")
+NUMERIC_COLUMNS = METRIC_COLUMNS + ("repeat", "touched_mib", "prefault_ms", "verify_pages", "verify_mismatch_pages",
+                                    "fault_window_ms", "kvm_mapped_mib")
 # Text columns with few distinct values: categoricals in :func:`load`'s frame.  The scenario
 # keys are ordered categoricals (numbers by value: 512 < 1024); a key column whose values
 # are all numbers has numeric categories (``df.guest_mem_mib == 512``).

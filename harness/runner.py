@@ -48,13 +48,14 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence
 
 from harness import results
-from harness.errors import GuestError, InfraError, MeasurementError, MigrationError, MigstallError, QEMUError
+from harness.errors import GuestError, HostError, InfraError, MeasurementError, MigrationError, MigstallError, QEMUError
+from harness.hosts import kernel_log
 from harness.hosts.base import Host
 from harness.measure import clock as clockmod
-from harness.measure import qemu_trace, stalls, verify
+from harness.measure import kvm_stats, qemu_trace, stalls, verify
 from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
-from harness.qemu import backing, dirtylog, migration, schema
+from harness.qemu import backing, dirtylog, migration, schema, stuck
 from harness.qemu.machine import VM, event_time_ns
 from harness.scenario import Scenario
 
@@ -64,6 +65,12 @@ log = logging.getLogger(__name__)
 MARK_TIMEOUT = 10.0
 #: seconds for the probe's ``dump`` reply
 DUMP_TIMEOUT = 60.0
+#: s after ``migrate`` over which the fault-cost columns sum the write loops'
+#: stalled time and count KVM's page faults, against as long a span before it
+#: (cut short by an earlier cancel).  2 s: the span the series' review asks for
+FAULT_WINDOW_S = 2.0
+#: interesting host kernel log lines kept in the sidecar per run
+HOST_KERNEL_LOG_LINES = 100
 #: marks taken before the baseline and after the stall window
 MARKS_PER_BATCH = 3
 
@@ -157,6 +164,12 @@ class _Run:
         self.migrate_sent_local_ns = 0
         #: KiB of RAM beyond the scenario's ``mem`` (TCG dirty-sync workaround; set at launch)
         self.ram_pad_kib = 0
+        #: the fault-cost columns are measured (a run with a ``write`` loop)
+        self.fault_cost = "write" in scenario.loop_list
+        #: s from migrate to the end of the fault-cost span (0: not measured)
+        self.fault_window_s = 0.0
+        #: KVM's counters at the fault-cost span's ends: before, migrate, after
+        self.kvm_samples: Dict[str, Optional[kvm_stats.Sample]] = {}
 
     @property
     def verifying(self) -> bool:
@@ -239,7 +252,21 @@ class _Run:
                     self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
                     self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path("console.log"))
                     self.side["qemu_exit"][tag] = vm.exit_info()
+                await asyncio.to_thread(self._host_kernel_log, src.launch_uptime_s)
             self._trace_columns(src, mode, accel, src_rd)
+            if self.side["host_kernel_log"]["problems"]:
+                bad = self.side["host_kernel_log"]["problems"]
+                raise HostError(f"the kernel log of {host.name} gained {len(bad)} problem line(s) during the run "
+                                f"(a kernel under test must stay clean): {kernel_log.strip_stamp(bad[0])[:200]}")
+
+    def _host_kernel_log(self, since_s: Optional[float]) -> None:
+        """The host's kernel log lines since the source QEMU's launch
+        (:meth:`Host.kernel_log_tail`; nothing on the local host) and those of
+        them that fail the run (:func:`kernel_log.problems`) into the sidecar."""
+        lines = self.host.kernel_log_tail(since_s=since_s, lines=HOST_KERNEL_LOG_LINES) \
+            if since_s is not None else []
+        self.side["host_kernel_log"] = {"since_uptime_s": since_s, "lines": lines,
+                                        "problems": kernel_log.problems(lines)}
 
     async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
                        mode: dirtylog.ModeSetup) -> None:
@@ -280,17 +307,28 @@ class _Run:
         await stack.enter_async_context(dst)
         uri = await migration.prepare_destination(dst)
 
+        # KVM's counters FAULT_WINDOW_S before migrate (query-stats takes the BQL:
+        # read before the baseline, not inside it)
+        kvm = self.row.get("accel") == "kvm"
+        self.kvm_samples["before"] = await kvm_stats.sample(src) if kvm and self.fault_cost else None
+        before_mono = time.monotonic()
         await self._marks(chan, MARKS_PER_BATCH, "before-baseline")
         # the baseline window is a span of time by definition; it starts when the
         # last mark's echo reached the QEMU host, and migrate is sent after it ends
         self.t["baseline_start"] = self.marks[-1]["host_recv_ns"]
         self.t["baseline_end"] = self.t["baseline_start"] + int(sc.baseline_s * 1e9)
         await asyncio.sleep(sc.baseline_s)
+        if self.fault_cost:
+            # the span before migrate that the fault-cost columns compare with
+            await asyncio.sleep(max(0.0, before_mono + FAULT_WINDOW_S - time.monotonic()))
+        # what KVM has mapped when dirty logging starts (kvm_mapped_mib)
+        self.kvm_samples["migrate"] = await kvm_stats.sample(src) if kvm else None
 
         tracer.phase("enable")
         with prog.task(f"{sc.name} r{sc.repeat}: migration", total=None) as task:
             since = len(src.events)
             self.migrate_sent_local_ns = await migration.start(src, uri, auto_converge=self.verifying)
+            migrate_mono = time.monotonic()
             await self._hook("migrating")
             try:
                 pass1 = await migration.wait_pass(src, 1, timeout=min(sc.migration_timeout_s,
@@ -311,6 +349,7 @@ class _Run:
                 q_active = {}
             self.side["query_migrate_active"] = q_active
             if sc.end_action == "cancel":
+                await self._fault_sample(src, migrate_mono, until=pass1_seen + sc.cancel_after_s)
                 await asyncio.sleep(max(0.0, pass1_seen + sc.cancel_after_s - time.monotonic()))
                 tracer.phase("disable")
                 q_active = await migration.query(src)
@@ -326,10 +365,11 @@ class _Run:
                 self.t["cancelling"] = _status_time(src, "cancelling", since)
                 self.t["cancelled"] = event_time_ns(end)
                 q = q_active
-                self.records = list(await chan.dump(DUMP_TIMEOUT))
+                self.records = await self._dump(chan, src)
             else:
+                await self._fault_sample(src, migrate_mono)
                 if not self.verifying:
-                    self.records = list(await chan.dump(DUMP_TIMEOUT))
+                    self.records = await self._dump(chan, src)
                 # with verify the loops keep writing through precopy; their records migrate with the guest
                 await migration.release(src)
                 task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
@@ -345,7 +385,7 @@ class _Run:
                     dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"),
                                                        log_path=dst.path("console.log"))
                     stack.push_async_callback(_aclose, dchan)
-                    self.records = list(await dchan.dump(DUMP_TIMEOUT))
+                    self.records = await self._dump(dchan, dst)
         self.side["query_migrate"] = q
         mt = migration.times(q)
         self.row["setup_time_ms"] = mt.setup_time_ms if mt.setup_time_ms is not None else \
@@ -361,6 +401,28 @@ class _Run:
         self.side["kvm"] = {"breakdown": timing.breakdown, "params": timing.params, "raw": timing.raw}
         self._stall_columns()
         await self._hook("measured")
+
+    async def _fault_sample(self, src: VM, migrate_mono: float, until: Optional[float] = None) -> None:
+        """End of the fault-cost span: FAULT_WINDOW_S after migrate was sent, or
+        ``until`` (a cancel) if that comes first; KVM's counters then."""
+        if not self.fault_cost:
+            return
+        end = migrate_mono + FAULT_WINDOW_S if until is None else min(until, migrate_mono + FAULT_WINDOW_S)
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        self.fault_window_s = max(0.0, time.monotonic() - migrate_mono)
+        self.kvm_samples["after"] = await kvm_stats.sample(src) if self.kvm_samples.get("migrate") else None
+
+    async def _dump(self, chan: Any, vm: VM) -> List[Any]:
+        """The probe's records; when it does not answer, the error says what the
+        guest's vCPUs were doing instead (:mod:`harness.qemu.stuck`)."""
+        try:
+            return list(await chan.dump(DUMP_TIMEOUT))
+        except GuestError as exc:
+            if not vm.alive:
+                raise
+            snap = await stuck.snapshot(vm)
+            self.side["stuck"] = {"vm": vm.name, **snap}
+            raise GuestError(f"{exc.args[0]}; {stuck.summary(snap)}", exc.log_path) from exc
 
     async def _verify(self, src: VM, dst: VM) -> None:
         """Hash guest RAM on both sides (both paused: the source by the
@@ -395,6 +457,34 @@ class _Run:
         self.row["baseline_stall_max_us"] = stalls.max_in(self.records, cm, *b)
         self.side["stalls"] = stalls.per_vcpu(self.records, cm, {"window": w, "baseline": b})
         self.side["windows_ns"] = {"stall": list(w), "baseline": list(b)}
+        mig = self.kvm_samples.get("migrate")
+        if mig is not None:
+            self.row["kvm_mapped_mib"] = mig.mapped_mib
+        if self.fault_window_s:
+            self._fault_columns(cm)
+
+    def _fault_columns(self, cm: clockmod.ClockMap) -> None:
+        """Where the start's cost went: the write loops' stalled time and KVM's
+        page faults in the span after migrate, against an equally long span
+        right before it (README "Where the cost went")."""
+        span = int(self.fault_window_s * 1e9)
+        t0 = self.t["setup"] or 0
+        after, before = (t0, t0 + span), (t0 - span, t0)
+        self.row["fault_window_ms"] = round(self.fault_window_s * 1e3, 1)
+        self.row["stall_write_sum_ms"] = stalls.sum_in(self.records, cm, *after, cls="write")
+        self.row["baseline_stall_write_sum_ms"] = stalls.sum_in(self.records, cm, *before, cls="write")
+        ks = self.kvm_samples
+        self.row["kvm_pf"] = kvm_stats.delta(ks.get("migrate"), ks.get("after"), "pf_taken")
+        self.row["baseline_kvm_pf"] = kvm_stats.delta(ks.get("before"), ks.get("migrate"), "pf_taken")
+        self.side["fault_cost"] = {
+            "window_s": self.fault_window_s,
+            "windows_ns": {"after": list(after), "before": list(before)},
+            # the spans the counters cover, on this machine's clock
+            "counter_spans_s": {k: round(ks[b].local_s - ks[a].local_s, 3)
+                                for k, (a, b) in (("before", ("before", "migrate")), ("after", ("migrate", "after")))
+                                if ks.get(a) is not None and ks.get(b) is not None},
+            "kvm": {k: v.to_json() for k, v in ks.items() if v is not None},
+        }
 
     def _trace_columns(self, src: VM, mode: dirtylog.ModeSetup, accel: str, src_rd: str) -> None:
         text = src.log_text

@@ -26,7 +26,7 @@ import pytest
 from harness import ctools
 from harness.errors import QEMUError
 from harness.hosts.base import CommandResult
-from harness.hosts.kernel_log import interesting, interesting_tail, parse_uptime, strip_stamp
+from harness.hosts.kernel_log import interesting, interesting_tail, parse_uptime, problems, strip_stamp
 from harness.hosts.local import LocalHost
 from harness.hosts.ssh import SSHHost
 from harness.qemu.machine import VM, format_death_note, log_tail, parse_exit_status
@@ -212,6 +212,22 @@ def test_kernel_log_unstamped_lines():
 ])
 def test_kernel_log_interesting(line, want):
     assert interesting(line) is want
+
+
+@pytest.mark.parametrize("line, fails", [
+    ("[  1.0] WARNING: CPU: 1 PID: 812 at arch/x86/kvm/mmu/mmu.c:6100 kvm_mmu_zap_all+0x5/0x10 [kvm]", True),
+    ("[  1.0] BUG: kernel NULL pointer dereference, address: 0000000000000000", True),
+    ("[  1.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [qemu-system-x86:1]", True),
+    ("[  1.0] Oops: 0000 [#1] PREEMPT SMP NOPTI", True),
+    ("[  1.0] KVM: internal error: emulation failure", True),
+    ("[  1.0] kvm_amd: kvm_set_msr_common failed", True),
+    # KVM's informational line whenever a guest touches an MSR it does not emulate
+    ("[  1.0] kvm [664]: vcpu0, guest rIP: 0xffffffffaf07e744 Unhandled WRMSR(0xc0010007) = 0xffff", False),
+    ("[  1.0] kvm_amd: Nested Virtualization enabled", False),
+    ("[  1.0] Out of memory: Killed process 812 (qemu-system-x86)", False),
+])
+def test_kernel_log_problems(line, fails):
+    assert problems([line]) == ([line] if fails else [])
 
 
 def test_parse_uptime():

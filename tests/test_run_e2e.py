@@ -48,6 +48,11 @@ def test_run_complete_writes_ok_row(tmp_path):
     assert row["stall_pio_max_us"] != "" and row["stall_write_max_us"] != ""
     assert row["stall_cpu_max_us"] == ""         # no vCPU ran the cpu loop
     assert row["baseline_stall_max_us"] != ""
+    # where the cost went: the write loop's stalled time after migrate and before it;
+    # no KVM counters under TCG
+    assert 2000 <= _num(row, "fault_window_ms") < 10000
+    assert _num(row, "stall_write_sum_ms") >= 0 and _num(row, "baseline_stall_write_sum_ms") >= 0
+    assert row["kvm_pf"] == row["baseline_kvm_pf"] == row["kvm_mapped_mib"] == ""
     side = json.loads(Path(row["sidecar"]).read_text())
     pad_pages = side["ram_pad_kib"] // 4                     # 2 on QEMU < 9.0, else 0
     assert int(row["verify_pages"]) == 512 * 256 - 96 + pad_pages and row["verify_mismatch_pages"] == "0"

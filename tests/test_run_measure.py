@@ -142,3 +142,33 @@ def test_readme_defines_every_column():
     core = text.split("<!-- section:core:begin -->")[1].split("<!-- section:core:end -->")[0]
     missing = [c for c in COLUMNS if f"`{c}`" not in core]
     assert not missing, f"README 'What it measures' lacks: {missing}"
+
+
+HMP_REGISTERS = """\
+CPU#0
+RAX=0000000000000000 RBX=ffffffff82a13940 RCX=0000000000000001 RDX=0000000000bcc6d5
+RIP=ffffffff81c3a1ae RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+CPU#1
+RAX=0000000000000001 RBX=00007f0000000000 RCX=0000000000000001 RDX=0000000000000000
+RIP=0000559a3c6b1234 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0
+"""
+
+
+def test_stuck_guest_summary():
+    """What a probe timeout's error says about the guest (harness.qemu.stuck)."""
+    from harness.qemu import stuck
+
+    cpus = stuck._registers(HMP_REGISTERS)
+    assert cpus == [{"rip": "0xffffffff81c3a1ae", "halted": True, "cpl": 0},
+                    {"rip": "0x0000559a3c6b1234", "halted": False, "cpl": 3}]
+    snap = {"status": "running", "vcpus": cpus,
+            "per_s": {"/machine/unattached/device[0]": {"exits": 3, "pf_taken": 0, "halt_exits": 3},
+                      "/machine/unattached/device[1]": {"exits": 41000, "pf_taken": 40000, "halt_exits": 0}}}
+    assert stuck.summary(snap) == (
+        "QEMU running; vCPU0 halted, RIP 0xffffffff81c3a1ae (3 exits/s, 0 pf_taken/s, 3 halt_exits/s); "
+        "vCPU1 in user space, RIP 0x0000559a3c6b1234 (41000 exits/s, 40000 pf_taken/s, 0 halt_exits/s)")
+    # seen in the virtual host: a destination whose vCPU was reset after the migration
+    reset = {"status": "running", "vcpus": [{"rip": "0x000000000000fff0", "halted": False, "cpl": 0}]}
+    assert stuck.summary(reset) == \
+        "QEMU running; vCPU0 at the reset vector (reset since it last ran the guest's code), RIP 0x000000000000fff0"
+    assert stuck.summary({"incomplete": "QMP is not connected"}) == "no vCPU state: QMP is not connected"

@@ -75,6 +75,11 @@ def test_cli_run_host_virtual_legacy(tmp_path):
     assert row["status"] == "ok", row["error"]
     assert row["accel"] == "kvm" and row["host"].startswith("virtual")
     assert float(row["kvm_enable_ms"]) > 0
+    # where the cost went: legacy start write-protected the 128 MiB the write loop
+    # keeps writing, so KVM takes more faults after migrate than before it
+    assert int(row["kvm_pf"]) > int(row["baseline_kvm_pf"]) >= 0, (row["kvm_pf"], row["baseline_kvm_pf"])
+    assert 128 <= float(row["kvm_mapped_mib"]) <= 600, row["kvm_mapped_mib"]
+    assert float(row["stall_write_sum_ms"]) >= 0 and float(row["baseline_stall_write_sum_ms"]) >= 0
     # the scenario's l1_cmdline reached L1's kernel (test_vhost_reboot, slow, covers reboots)
     assert "kvm.eager_page_split=N" in row["kvm_params"].split(";"), row["kvm_params"]
     if "MIGSTALL_TEST_L1_KERNEL" not in os.environ:

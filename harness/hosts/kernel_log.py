@@ -31,11 +31,25 @@ _INTERESTING = re.compile(
     re.IGNORECASE)
 #: lines returned by default
 DEFAULT_KERNEL_LOG_LINES = 20
+#: what in a host's kernel log makes a run's figures untrustworthy (README
+#: "Host kernel log"): a WARN, a BUG (also a soft lockup's "BUG: soft lockup"),
+#: an Oops, a GPF or panic, or KVM reporting an error.  KVM's informational
+#: lines ("kvm [pid]: vcpu0, guest rIP: ... Unhandled WRMSR", printed whenever a
+#: guest probes an MSR KVM does not emulate) are not problems.
+_PROBLEM = re.compile(
+    r"\bWARNING:|\bBUG:|kernel BUG|\bOops\b|general protection fault|kernel panic"
+    r"|\bkvm\w*\b.*\b(error|failed|internal)\b",
+    re.IGNORECASE)
 
 
 def interesting(line: str) -> bool:
     """Whether a kernel log line (with or without its time prefix) is worth showing."""
     return bool(_INTERESTING.search(line))
+
+
+def problems(lines: List[str]) -> List[str]:
+    """The lines of ``lines`` (kernel log lines) that fail a run on that host."""
+    return [line for line in lines if _PROBLEM.search(line)]
 
 
 def interesting_tail(text: str, since_s: Optional[float] = None,

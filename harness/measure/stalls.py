@@ -74,6 +74,16 @@ def max_in(records: Sequence[Any], clock: ClockMap, w0_ns: int, w1_ns: int) -> f
     return max(durs) / 1000 if durs else 0.0
 
 
+def sum_in(records: Sequence[Any], clock: ClockMap, w0_ns: int, w1_ns: int, cls: str) -> Optional[float]:
+    """ms the loops of class ``cls`` spent stalled inside [w0, w1] (each stall
+    clipped to the window); None when no loop of that class ran."""
+    if not any(str(_a(r, "cls")) == cls for r in records):
+        return None
+    total = sum(min(h + d, w1_ns) - max(h, w0_ns) for _, c, h, d in in_window(records, clock, w0_ns, w1_ns)
+                if c == cls)
+    return total / 1e6
+
+
 def columns(stats: Dict[str, ClassStats]) -> Dict[str, Any]:
     row: Dict[str, Any] = {}
     for cls, st in stats.items():
