@@ -152,7 +152,7 @@ class _Run:
         self.records: List[Any] = []
         self.marks: List[Any] = []
         #: the run's timeline, QEMU host wall clock (ns); see the module docstring
-        self.t: Dict[str, Optional[int]] = {}
+        self.t: Dict[str, int] = {}
         #: this machine's wall clock (ns) when ``migrate`` was sent: only for check_causality
         self.migrate_sent_local_ns = 0
         #: KiB of RAM beyond the scenario's ``mem`` (TCG dirty-sync workaround; set at launch)
@@ -513,7 +513,7 @@ async def _aclose(chan: Any) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, dict):
         return obj

@@ -385,11 +385,11 @@ def check_static(s: Scenario) -> None:
         raise _err(s, "vcpus", f"{s.vcpus} is not a vCPU count", "give 1 or more vCPUs (e.g. 2)")
     if s.vcpus > MAX_VCPUS:
         raise _err(s, "vcpus", f"{s.vcpus} is above QEMU's {MAX_VCPUS}", f"give at most {MAX_VCPUS} vCPUs")
-    for key, value, allowed in (("backing", s.backing, BACKINGS), ("accel", s.accel, ACCELS),
+    for key, given, allowed in (("backing", s.backing, BACKINGS), ("accel", s.accel, ACCELS),
                                 ("dirty_log_mode", s.dirty_log_mode, DIRTY_LOG_MODES),
                                 ("end", s.end_action, END_ACTIONS)):
-        if value not in allowed:
-            raise _err(s, key, f"{value!r} is unknown", f"use one of {', '.join(allowed)}")
+        if given not in allowed:
+            raise _err(s, key, f"{given!r} is unknown", f"use one of {', '.join(allowed)}")
     for loop in s.loops:
         if loop not in LOOPS:
             raise _err(s, "loops", f"has unknown loop {loop!r}", f"use {', '.join(LOOPS)} (one per vCPU)")

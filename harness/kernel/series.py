@@ -96,7 +96,7 @@ def read_patches(mbox: Path) -> List[str]:
             if m and int(m.group(1)) == 0:
                 continue
             payload = msg.get_payload(decode=True) if not msg.is_multipart() else b""
-            body = (payload or b"").decode(errors="replace")
+            body = (payload if isinstance(payload, bytes) else b"").decode(errors="replace")
             if "\ndiff --git " not in body and not body.startswith("diff --git ") and "\n+++ " not in body:
                 continue
             subjects.append(subject)

@@ -273,7 +273,11 @@ class VM:
         await self.shutdown()
 
     def _build_argv(self, reaper: str) -> List[str]:
-        args = self._args(self.runtime_dir) if callable(self._args) else self._args
+        if callable(self._args):
+            assert self.runtime_dir is not None   # launch() made it
+            args = self._args(self.runtime_dir)
+        else:
+            args = self._args
         return [reaper, self.exit_status_path, "--", *self.prefix, self.qemu,
                 "-name", f"migstall-{self.name},debug-threads=on",
                 "-daemonize", "-pidfile", self.path(f"{self.name}.pid"),
