@@ -399,7 +399,7 @@ class _Run:
     def _trace_columns(self, src: VM, mode: dirtylog.ModeSetup, accel: str, src_rd: str) -> None:
         text = src.log_text
         lines = qemu_trace.parse(text)
-        self.side["trace_lines"] = [l.raw for l in lines]
+        self.side["trace_lines"] = [ln.raw for ln in lines]
         enabled = set(self.side.get("traces_enabled") or ())
         traced = "global_dirty_changed" in enabled
         memslots = accel == "kvm" and "kvm_set_user_memory" in enabled
@@ -538,7 +538,7 @@ def _lost_note(host: Host) -> str:
     """:meth:`Host.lost_note`, never raising (the row is being written)."""
     try:
         return host.lost_note()
-    except Exception as exc:   # a diagnostic only: the row must still be written
+    except Exception as exc:   # noqa: BLE001  a diagnostic only: the row must still be written
         log.warning("cannot tell why %s stopped answering: %s", host.name, exc)
         return ""
 

@@ -22,11 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from harness.compare.load import Run  # noqa: E402
-from harness.compare.stats import Comparison, ScenarioComparison, bootstrap_median_ci  # noqa: E402
+from harness.compare.load import Run
+from harness.compare.stats import Comparison, ScenarioComparison, bootstrap_median_ci
 
 log = logging.getLogger(__name__)
 

@@ -379,7 +379,7 @@ def _side(rs: ResultSet, wanted: Sequence[str]) -> _Side:
     groups = np.asarray(count.index)
     order = np.argsort(ok["_g"].to_numpy(), kind="stable")
     bounds = np.searchsorted(ok["_g"].to_numpy()[order], np.append(groups, groups.max() + 1 if groups.size else 0))
-    for j, m in enumerate(wanted):
+    for m in wanted:
         col = ok[m].to_numpy()[order]
         cnt, med, a, b, c, d = (t[m].to_numpy() for t in (count, median, q1, q3, lo, hi))
         for i, g in enumerate(groups):

@@ -250,7 +250,7 @@ class VirtualHost(SSHHost):
             done = ", ".join(f"{k} {v:g}s" for k, v in self.boot_stages.items())
             return f"last stage reached: init's {name} at {at:g}s; stages: {done}"
         try:
-            lines = [l for l in self.console_log.read_text(errors="replace").splitlines() if l.strip()]
+            lines = [ln for ln in self.console_log.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             lines = []
         last = lines[-1].strip()[:160] if lines else "nothing on the console"

@@ -503,7 +503,7 @@ class KvmTracer:
             if res.returncode != 0:
                 log.warning("kvm trace teardown on %s incomplete: %s", self.host.name,
                             res.stderr.decode(errors="replace").strip())
-        except Exception as exc:  # never mask the run's own error
+        except Exception as exc:  # noqa: BLE001  never mask the run's own error
             log.warning("kvm trace teardown on %s failed: %s", self.host.name, exc)
 
     # -- use --------------------------------------------------------------------------------------
@@ -574,4 +574,4 @@ if [ -w "$T/kprobe_events" ]; then
     for e in "$T"/events/kvm/kvm_migstall_*; do [ -d "$e" ] && echo 1 > "$T/instances/$G/events/kvm/${{e##*/}}/enable"; done
   fi
 fi
-"""
+"""  # noqa: E501  shell lines kept whole: this text is L1's rcS, part of the L1 image's digest

@@ -323,7 +323,8 @@ class VirtualBoot(BootMethod):
                     timeout=self.boot_timeout_s)
 
     def restore(self, host: Host, default_release: str) -> None:
-        if getattr(host, "pid", None) is not None and host.run(["uname", "-r"], timeout=30).text.strip() == default_release:
+        if (getattr(host, "pid", None) is not None
+                and host.run(["uname", "-r"], timeout=30).text.strip() == default_release):
             return
         host.reboot(kernel=self.default_kernel, cmdline_extra="", timeout=self.boot_timeout_s)  # type: ignore[attr-defined]
 
