@@ -5,13 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.migstall-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-host kernels bench soak clean help
+.PHONY: setup demo test test-slow test-host lint kernels bench soak clean help
 
 help:
 	@echo "make demo       run the default scenario here and print the results"
 	@echo "make test       run the test suite (installs what it needs first)"
 	@echo "make test-slow  the long end-to-end tests (nightly against the virtual host)"
 	@echo "make test-host  the host scenario matrix with KVM (needs an Intel VMX/AMD SVM host)"
+	@echo "make lint       static checks: ruff on harness/ and tests/, mypy on harness/ (config in pyproject.toml)"
 	@echo "make kernels    build stock and patched kernels of the seed test series"
 	@echo "make bench      benchmarks: print timings (not tests)"
 	@echo "make soak       SOAK_ARGS='--runs 50 -- --mem 512M --vcpus 2': loop runs, print the pass rate"
@@ -21,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup-host
 	./scripts/setup-host
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,build]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,build,lint]'
 	touch $@
 
 demo: setup
@@ -32,6 +33,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check harness tests
+	$(BIN)/mypy harness
 
 test-host: setup
 	$(BIN)/migstall run --scenario scenarios/host.toml --accel kvm --out results/host.csv

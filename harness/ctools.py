@@ -50,7 +50,8 @@ def compile_c(source: Path, out_name: str, flags: Sequence[str], libs: Sequence[
             return out
         gcc = shutil.which("gcc")
         if gcc is None:
-            raise UserError(f"gcc not found; migstall compiles {Path(source).name} with it: install gcc and libc6-dev (make setup does)")
+            raise UserError(f"gcc not found; migstall compiles {Path(source).name} with it: "
+                            "install gcc and libc6-dev (make setup does)")
         tmp = out.with_name(out.name + ".tmp")
         argv = [gcc, *flags, "-o", str(tmp), str(source), *libs]
         log.info("compiling %s: %s", Path(source).name, " ".join(argv))

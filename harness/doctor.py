@@ -203,18 +203,18 @@ class HugepagePool:
 
 def hugepage_pools(host: Host) -> List[HugepagePool]:
     pools = []
+
+    def num(d: str, name: str) -> int:
+        text = (_read_text(host, f"{d}/{name}") or "0").strip()
+        return int(text) if text.isdigit() else 0
+
     for entry in _ls(host, "/sys/kernel/mm/hugepages"):
         m = re.fullmatch(r"hugepages-(\d+)kB", entry)
         if not m:
             continue
         d = f"/sys/kernel/mm/hugepages/{entry}"
-
-        def num(name: str) -> int:
-            text = (_read_text(host, f"{d}/{name}") or "0").strip()
-            return int(text) if text.isdigit() else 0
-
-        pools.append(HugepagePool(int(m.group(1)), num("nr_hugepages"), num("free_hugepages"),
-                                  num("resv_hugepages"), num("surplus_hugepages")))
+        pools.append(HugepagePool(int(m.group(1)), num(d, "nr_hugepages"), num(d, "free_hugepages"),
+                                  num(d, "resv_hugepages"), num(d, "surplus_hugepages")))
     return sorted(pools, key=lambda p: p.page_kib)
 
 
@@ -336,7 +336,7 @@ def _linux_boot_check(host: Host, qemu: str, kernel: str, accel: str = "kvm",
     if status == 0 and "Kernel panic - not syncing: VFS" in out:
         return f"ok ({ms:.0f} ms)"
     if status == 0:
-        last = [l for l in out.strip().splitlines() if l.strip()][-1:] or ["no console output"]
+        last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["no console output"]
         return f"failed: the kernel reset before mounting root ({' '.join(last[0].split())[:120]})"
     return _failed(status, err, timeout)
 

@@ -112,8 +112,9 @@ def _kvm_lines(g: Group) -> List[str]:
 
 def _verify_lines(g: Group) -> List[str]:
     """One line when the group's runs compared migrated memory (``ok`` rows: all equal)."""
-    pages = [number(r.get("verify_pages")) for r in g.rows]
-    if not pages or any(p is None for p in pages):
+    cells = [number(r.get("verify_pages")) for r in g.rows]
+    pages = [p for p in cells if p is not None]
+    if not pages or len(pages) < len(cells):
         return []
     each = f"{int(pages[0])} pages" if len(set(pages)) == 1 else "all pages"
     runs = "the run" if len(pages) == 1 else f"each of the {len(pages)} runs"

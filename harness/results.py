@@ -116,7 +116,8 @@ def check_output_path(path: Path, option: str = "--out") -> None:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"{option} {path}: cannot create {parent} ({exc.strerror}); choose a writable path") from exc
+            raise UserError(f"{option} {path}: cannot create {parent} ({exc.strerror}); "
+                            "choose a writable path") from exc
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{option} {path} is not writable; choose a path you can write to")
 
@@ -132,7 +133,8 @@ def read_header(csv_path: Path) -> List[str]:
     with open(csv_path, newline="") as fh:
         header = next(csv.reader(fh), [])
     if "run_id" not in header or "status" not in header:
-        raise UserError(f"{csv_path} exists but is not a migstall results CSV (no run_id/status header); use another --out")
+        raise UserError(f"{csv_path} exists but is not a migstall results CSV (no run_id/status header); "
+                        "use another --out")
     return header
 
 

@@ -159,7 +159,7 @@ class _Run:
         self.records: List[Any] = []
         self.marks: List[Any] = []
         #: the run's timeline, QEMU host wall clock (ns); see the module docstring
-        self.t: Dict[str, Optional[int]] = {}
+        self.t: Dict[str, int] = {}
         #: this machine's wall clock (ns) when ``migrate`` was sent: only for check_causality
         self.migrate_sent_local_ns = 0
         #: KiB of RAM beyond the scenario's ``mem`` (TCG dirty-sync workaround; set at launch)
@@ -489,7 +489,7 @@ class _Run:
     def _trace_columns(self, src: VM, mode: dirtylog.ModeSetup, accel: str, src_rd: str) -> None:
         text = src.log_text
         lines = qemu_trace.parse(text)
-        self.side["trace_lines"] = [l.raw for l in lines]
+        self.side["trace_lines"] = [ln.raw for ln in lines]
         enabled = set(self.side.get("traces_enabled") or ())
         traced = "global_dirty_changed" in enabled
         memslots = accel == "kvm" and "kvm_set_user_memory" in enabled
@@ -603,7 +603,7 @@ async def _aclose(chan: Any) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, dict):
         return obj
@@ -628,7 +628,7 @@ def _lost_note(host: Host) -> str:
     """:meth:`Host.lost_note`, never raising (the row is being written)."""
     try:
         return host.lost_note()
-    except Exception as exc:   # a diagnostic only: the row must still be written
+    except Exception as exc:   # noqa: BLE001  a diagnostic only: the row must still be written
         log.warning("cannot tell why %s stopped answering: %s", host.name, exc)
         return ""
 

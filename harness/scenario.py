@@ -385,11 +385,11 @@ def check_static(s: Scenario) -> None:
         raise _err(s, "vcpus", f"{s.vcpus} is not a vCPU count", "give 1 or more vCPUs (e.g. 2)")
     if s.vcpus > MAX_VCPUS:
         raise _err(s, "vcpus", f"{s.vcpus} is above QEMU's {MAX_VCPUS}", f"give at most {MAX_VCPUS} vCPUs")
-    for key, value, allowed in (("backing", s.backing, BACKINGS), ("accel", s.accel, ACCELS),
+    for key, given, allowed in (("backing", s.backing, BACKINGS), ("accel", s.accel, ACCELS),
                                 ("dirty_log_mode", s.dirty_log_mode, DIRTY_LOG_MODES),
                                 ("end", s.end_action, END_ACTIONS)):
-        if value not in allowed:
-            raise _err(s, key, f"{value!r} is unknown", f"use one of {', '.join(allowed)}")
+        if given not in allowed:
+            raise _err(s, key, f"{given!r} is unknown", f"use one of {', '.join(allowed)}")
     for loop in s.loops:
         if loop not in LOOPS:
             raise _err(s, "loops", f"has unknown loop {loop!r}", f"use {', '.join(LOOPS)} (one per vCPU)")
@@ -402,11 +402,13 @@ def check_static(s: Scenario) -> None:
                    f"round it to a multiple of {page_kib // 1024}M")
     if s.touch_mib < 0 or s.touch_mib > s.mem_mib - GUEST_RESERVED_MIB:
         raise _err(s, "touch", f"{s.touch_mib} MiB does not fit a {s.mem_mib} MiB guest",
-                   f"touch at most mem - {GUEST_RESERVED_MIB} MiB ({s.mem_mib - GUEST_RESERVED_MIB}), or 0 for as much as fits")
+                   f"touch at most mem - {GUEST_RESERVED_MIB} MiB ({s.mem_mib - GUEST_RESERVED_MIB}), "
+                   "or 0 for as much as fits")
     if s.dirty_log_mode == "ring":
         if not s.dirty_ring:
             raise _err(s, "dirty_ring", "is missing for dirty_log_mode ring",
-                       f"give the ring size in entries, a power of two in {DIRTY_RING_MIN}..{DIRTY_RING_MAX} (e.g. 4096)")
+                       f"give the ring size in entries, a power of two in {DIRTY_RING_MIN}..{DIRTY_RING_MAX} "
+                       "(e.g. 4096)")
     if s.dirty_ring:
         if s.dirty_log_mode != "ring":
             raise _err(s, "dirty_ring", f"{s.dirty_ring} needs dirty_log_mode ring",
@@ -486,7 +488,8 @@ def validate(s: Scenario, facts: HostFacts) -> None:
         raise _err(s, "mem", f"{s.mem_mib} MiB is more than the host's {facts.mem_total_mib} MiB",
                    "give a smaller size, or add --overcommit if you mean it")
     if s.backing == "thp" and facts.thp_mode not in ("always", "madvise"):
-        raise _err(s, "backing", f"thp needs transparent hugepages, but the host's mode is {facts.thp_mode or 'absent'!r}",
+        raise _err(s, "backing",
+                   f"thp needs transparent hugepages, but the host's mode is {facts.thp_mode or 'absent'!r}",
                    "as root: echo madvise > /sys/kernel/mm/transparent_hugepage/enabled, or use backing anon")
 
 
@@ -536,13 +539,18 @@ def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--accel", metavar="ACCEL", help="auto|kvm|tcg (default auto: kvm where usable, else tcg)")
     g.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu model (default host under kvm, max under tcg)")
     g.add_argument("--dirty-log-mode", metavar="MODE",
-                   help="default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); kvm only except default")
-    g.add_argument("--dirty-ring", metavar="N", help="dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
-    g.add_argument("--touch", metavar="MIB", help="MiB the probe prefaults (default 0 = as much as the guest can spare)")
-    g.add_argument("--loops", metavar="L,L,..", help="loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
+                   help="default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); "
+                        "kvm only except default")
+    g.add_argument("--dirty-ring", metavar="N",
+                   help="dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
+    g.add_argument("--touch", metavar="MIB",
+                   help="MiB the probe prefaults (default 0 = as much as the guest can spare)")
+    g.add_argument("--loops", metavar="L,L,..",
+                   help="loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
     g.add_argument("--threshold-us", metavar="US", help="record guest gaps at or above this (default 50)")
     g.add_argument("--baseline-s", metavar="S", help="baseline window before migrate (default 2)")
-    g.add_argument("--end", metavar="END", help="complete|cancel: let migration finish, or migrate_cancel (default complete)")
+    g.add_argument("--end", metavar="END",
+                   help="complete|cancel: let migration finish, or migrate_cancel (default complete)")
     g.add_argument("--cancel-after-s", metavar="S", help="with --end cancel: seconds after the first pass (default 1)")
     g.add_argument("--margin-ms", metavar="MS", help="stall window ends this long after the first pass (default 200)")
     g.add_argument("--repeat", metavar="N", help="runs of each scenario (default 1)")

@@ -99,10 +99,10 @@ def lore_server(threads: Mapping[str, bytes], mode: str = "ok") -> Iterator[Lore
             if not head:
                 self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:   # http.server's naming
             self._answer(head=False)
 
-        def do_HEAD(self) -> None:  # noqa: N802
+        def do_HEAD(self) -> None:
             self._answer(head=True)
 
         def log_message(self, format: str, *args: object) -> None:  # quiet

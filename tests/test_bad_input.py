@@ -121,6 +121,7 @@ def test_bad_entry_late_in_matrix_starts_nothing(sandbox):
 
 
 def test_l1_cmdline_needs_the_virtual_host(sandbox):
-    path = write(sandbox[0], "l1.toml", '[[scenario]]\nname = "legacy-mmu"\naccel = "tcg"\nl1_cmdline = "kvm.tdp_mmu=0"\n')
+    path = write(sandbox[0], "l1.toml",
+                 '[[scenario]]\nname = "legacy-mmu"\naccel = "tcg"\nl1_cmdline = "kvm.tdp_mmu=0"\n')
     r, out, rt = run_cli(sandbox, "--scenario", path, "--host", "local")
     check(r, out, rt, "--host virtual")

@@ -64,7 +64,8 @@ def test_good_config(tmp_path):
     (("out = \"res\"", "out = \"res\"\nbogus = 1"), "unknown key 'bogus'"),
     (("name = \"vmx1\"", "name = \"vmx1\"\nbot = \"kexec\""), "did you mean 'boot'"),
     (("[kernels.stock]", "[kernels.stock]\nbzimag = 'x'"), "unknown key 'bzimag'"),
-    (("ssh = \"ssh://root@vmx1.example:2222\"", "ssh = \"ssh://root@vmx1.example:2222\"\nboot = \"pxe\""), "boot 'pxe' is unknown"),
+    (("ssh = \"ssh://root@vmx1.example:2222\"", "ssh = \"ssh://root@vmx1.example:2222\"\nboot = \"pxe\""),
+     "boot 'pxe' is unknown"),
     (("virtual = \"debian\"", "virtual = \"debian\"\nboot = \"kexec\""), "does not fit a virtual host"),
     (("ssh = \"ssh://root@vmx1.example:2222\"", "ssh = \"ftp://x\""), "not supported"),
     (("name = \"ci\"\nvirtual = \"debian\"", "name = \"ci\""), "exactly one of ssh"),
@@ -157,7 +158,7 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
 	menuentry 'Debian GNU/Linux, with Linux 6.1.0-migstall-patched-1a2b3c4d (recovery mode)' --class debian $menuentry_id_option 'gnulinux-6.1.0-migstall-patched-1a2b3c4d-recovery-abcd' {
 	}
 }
-"""
+"""  # noqa: E501  grub.cfg as update-grub writes it
 
 
 def test_grub_entry():

@@ -306,7 +306,8 @@ def test_format_death_note():
         "QEMU x exited with status 0 after QMP SHUTDOWN guest-reset: the guest reset itself "
         "(a triple fault, or a guest panic with panic=-1); its log ends: Broken pipe")
     host = {"event": "SHUTDOWN", "data": {"guest": False, "reason": "host-qmp-quit"}}
-    assert format_death_note("QEMU x", "exited 0", shutdown=host) == "QEMU x exited with status 0 after QMP SHUTDOWN host-qmp-quit"
+    assert format_death_note("QEMU x", "exited 0", shutdown=host) == \
+        "QEMU x exited with status 0 after QMP SHUTDOWN host-qmp-quit"
 
 
 def test_vm_death_note_and_exit_info():

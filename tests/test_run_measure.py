@@ -16,7 +16,7 @@ KVM_LOG = """\
 100@1000.009000:migration_bitmap_sync_end dirty_pages 1234
 7@1001.000000:global_dirty_changed bitmask 0x0
 7@1001.003000:kvm_set_user_memory AddrSpace#0 Slot#0 flags=0x0 gpa=0x0 size=0x80000000 ua=0x7f0000000000 ret=0
-"""
+"""  # noqa: W291  QEMU's log trace backend writes a blank after an event without arguments
 S = 1_000_000_000
 
 
@@ -26,7 +26,7 @@ def test_dirty_log_start_kvm_and_tcg_and_fallback():
     span = qemu_trace.dirty_log_start(lines, setup_ns=setup, pass1_ns=1000 * S + 9_000_000,
                                       traced=True, memslots=True)
     assert span.source == "trace:global_dirty_changed->kvm_set_user_memory" and span.ms == 4.0
-    tcg = [l for l in lines if l.event != "kvm_set_user_memory"]
+    tcg = [ln for ln in lines if ln.event != "kvm_set_user_memory"]
     span = qemu_trace.dirty_log_start(tcg, setup_ns=setup, pass1_ns=None, traced=True, memslots=False)
     assert span.source == "trace:global_dirty_changed->migration_bitmap_sync_start" and span.ms == 4.9
     # a QEMU without the trace event (before 6.1): QMP events only, both on QEMU's clock
@@ -51,7 +51,7 @@ def test_skewed_harness_clock_no_longer_falls_back():
     with pytest.raises(MeasurementError, match="no global_dirty_changed with the migration bit at or after"):
         qemu_trace.dirty_log_start(lines, setup_ns=skewed_migrate_sent, pass1_ns=1000 * S + 9_000_000,
                                    traced=True, memslots=True)
-    no_slots = [l for l in lines if l.event != "kvm_set_user_memory"]
+    no_slots = [ln for ln in lines if ln.event != "kvm_set_user_memory"]
     with pytest.raises(MeasurementError, match="no kvm_set_user_memory"):
         qemu_trace.dirty_log_start(no_slots, setup_ns=1000 * S - 50_000, pass1_ns=1000 * S + 9_000_000,
                                    traced=True, memslots=True)
@@ -124,7 +124,7 @@ Size:            1048576 kB
 KernelPageSize:        4 kB
 Rss:                1000 kB
 AnonHugePages:         0 kB
-"""
+"""  # noqa: W291  an anonymous mapping's line ends in a blank in /proc/PID/smaps
 
 
 def test_page_size_from_smaps():

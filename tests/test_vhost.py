@@ -2,7 +2,8 @@
 
 One L1 boot is shared by the module (``vhost`` fixture).  L1 runs Debian's
 kernel with the KVM modules; ``MIGSTALL_TEST_L1_KERNEL`` (a bzImage from
-``migstall kernel build``, with KVM and ACPI built in) overrides.  Runtime alone on 2 idle cores: about 4 minutes in `make test`.
+``migstall kernel build``, with KVM and ACPI built in) overrides.  Runtime alone
+on 2 idle cores: about 4 minutes in `make test`.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path, mem_mib, touch_mib):
     big = f"{touch_mib}"
     scaling = mem_mib > 512
     scenarios = [
-        *([Scenario(name="legacy-64", dirty_log_mode="legacy", mem_mib=256, touch_mib=64, **common)] if scaling else []),
+        *([Scenario(name="legacy-64", dirty_log_mode="legacy", mem_mib=256, touch_mib=64, **common)]
+          if scaling else []),
         Scenario(name=f"legacy-{big}", dirty_log_mode="legacy", mem_mib=mem_mib, touch_mib=touch_mib, **common),
         Scenario(name=f"default-{big}", dirty_log_mode="default", mem_mib=mem_mib, touch_mib=touch_mib, **common),
     ]

@@ -96,7 +96,7 @@ TRACE = """\
   sshd-91  [001] .....   101.000000: tracing_mark_write: migstall-phase disable
  qemu-system-x86-201  [001] .....   101.100000: kvm_set_memslot__e: (kvm_set_memslot+0x0/0x500 [kvm])
  qemu-system-x86-201  [001] .....   101.112500: kvm_set_memslot__r: (__kvm_set_memory_region+0x1/0x2 [kvm] <- kvm_set_memslot)
-"""
+"""  # noqa: E501  ftrace's lines as the kernel writes them
 
 
 def test_trace_pairing_and_phases():
@@ -118,7 +118,7 @@ def test_only_flags_only_memslot_changes_count():
  qemu-system-x86-201  [001] .....   100.110000: kvm_set_memslot__r: (__kvm_set_memory_region+0x1/0x2 [kvm] <- kvm_set_memslot)
  qemu-system-x86-305  [000] .....   100.500000: kvm_set_memslot__e: (kvm_set_memslot+0x0/0x500 [kvm]) change=0
  qemu-system-x86-305  [000] .....   100.900000: kvm_set_memslot__r: (__kvm_set_memory_region+0x1/0x2 [kvm] <- kvm_set_memslot)
-"""
+"""  # noqa: E501  ftrace's lines as the kernel writes them
     calls, _ = parse_calls(trace)
     enable, disable, breakdown = summarize(calls, "kvm_set_memslot")
     assert enable == pytest.approx(0.0) and disable is None

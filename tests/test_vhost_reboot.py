@@ -18,9 +18,10 @@ import pytest
 from harness.hosts.local import LocalHost
 from harness.hosts.virtual import VirtualHost
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
-                                and not os.path.exists("/usr/sbin/sshd"),
-                                reason="needs qemu-system-x86 and openssh-server")]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
+                                 and not os.path.exists("/usr/sbin/sshd"),
+                                 reason="needs qemu-system-x86 and openssh-server")]
 
 
 def _alive(pid: int) -> bool:

@@ -38,7 +38,8 @@ def _text(r: DoctorReport) -> str:
         f"boot {r.kvm_checks['boot']}",
         f"--accel auto    {r.accel_auto}",
         f"CPU             {r.cpu_vendor} {r.cpu_model}",
-        f"  flags         {' '.join(r.cpu_flags) or '-'}  (vmx/svm {'present' if {'vmx', 'svm'} & set(r.cpu_flags) else 'absent'})",
+        f"  flags         {' '.join(r.cpu_flags) or '-'}  "
+        f"(vmx/svm {'present' if {'vmx', 'svm'} & set(r.cpu_flags) else 'absent'})",
         f"kvm modules     {' '.join(r.kvm_modules) or 'none loaded'}",
         f"kvm params      {' '.join(f'{k}={v}' for k, v in sorted(r.kvm_params.items())) or '-'}",
         f"QEMU            {r.qemu_path or 'not found'}  {r.qemu_version}",

@@ -85,7 +85,7 @@ def execute(args: argparse.Namespace, scenarios_loader=None) -> List[Dict[str, A
         try:
             from harness.doctor import doctor as doctor_report
             doctor = doctor_report(host, scenarios[0].qemu if scenarios else "").to_dict()
-        except Exception as exc:  # the report is context for the sidecar, not a precondition
+        except Exception as exc:  # noqa: BLE001  the report is context for the sidecar, not a precondition
             log.info("doctor report unavailable: %s", exc)
         ctx = runner.RunContext(host=host, out=out, host_label=getattr(host, "name", args.host),
                                 kernel_variant=args.kernel_variant, series_id=args.series_id,

@@ -22,11 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from harness.compare.load import Run  # noqa: E402
-from harness.compare.stats import Comparison, ScenarioComparison, bootstrap_median_ci  # noqa: E402
+from harness.compare.load import Run
+from harness.compare.stats import Comparison, ScenarioComparison, bootstrap_median_ci
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def metrics_figure(sc: ScenarioComparison, max_metrics: int = 8) -> Optional[byt
             ax.scatter(x + jitter, sample.values, s=14, color=color, alpha=0.6, zorder=2)
             lo, hi = bootstrap_median_ci(sample.values)
             med = sample.median
+            assert med is not None and lo is not None and hi is not None   # the sample has values
             ax.errorbar([x + 0.3], [med], yerr=[[med - lo], [hi - med]], fmt="D", color="black",
                         capsize=4, markersize=5, zorder=3)
         ax.set_xticks([0, 1], ["base", "new"])
@@ -120,8 +121,8 @@ def timeline_from_sidecar(data: Dict[str, Any]) -> Optional[Timeline]:
        "vcpu"}], "events": [{"t_ms", "name"}]}``.
     """
     tns = data.get("timeline_ns")
-    if isinstance(tns, dict) and _num(tns, "migrate_sent") is not None and isinstance(data.get("stalls"), list):
-        t0 = _num(tns, "migrate_sent")
+    t0 = _num(tns, "migrate_sent") if isinstance(tns, dict) else None
+    if isinstance(tns, dict) and t0 is not None and isinstance(data.get("stalls"), list):
         stalls = []
         for vc in data["stalls"]:
             if not isinstance(vc, dict) or not isinstance(vc.get("stalls"), list):
@@ -136,8 +137,9 @@ def timeline_from_sidecar(data: Dict[str, Any]) -> Optional[Timeline]:
             if t is not None:
                 events.append(((t - t0) / 1e6, name))
         dls = data.get("dirty_log_start")
-        if isinstance(dls, dict) and _num(dls, "end_ns") is not None:
-            events.append(((_num(dls, "end_ns") - t0) / 1e6, "dirty-log started"))
+        dls_end = _num(dls, "end_ns") if isinstance(dls, dict) else None
+        if dls_end is not None:
+            events.append(((dls_end - t0) / 1e6, "dirty-log started"))
         return Timeline(tuple(stalls), tuple(events))
     tl = data.get("timeline")
     if isinstance(tl, dict) and isinstance(tl.get("stalls"), list):
@@ -147,14 +149,15 @@ def timeline_from_sidecar(data: Dict[str, Any]) -> Optional[Timeline]:
                 continue
             t = _num(s, "t_ms")
             dur = _num(s, "dur_ms")
-            if dur is None and _num(s, "dur_us") is not None:
-                dur = _num(s, "dur_us") / 1000.0
+            dur_us = _num(s, "dur_us")
+            if dur is None and dur_us is not None:
+                dur = dur_us / 1000.0
             if t is None or dur is None:
                 continue
             stalls.append((t, dur, str(s.get("cls", "?")), int(s.get("vcpu", s.get("cpu", 0)) or 0)))
-        events = tuple((float(e["t_ms"]), str(e.get("name", "?"))) for e in tl.get("events", [])
-                       if isinstance(e, dict) and _num(e, "t_ms") is not None)
-        return Timeline(tuple(stalls), events)
+        tl_events = tuple((float(e["t_ms"]), str(e.get("name", "?"))) for e in tl.get("events", [])
+                          if isinstance(e, dict) and _num(e, "t_ms") is not None)
+        return Timeline(tuple(stalls), tl_events)
     return None
 
 
@@ -176,8 +179,8 @@ def timeline_figure(sc: ScenarioComparison, max_span_ms: float = 20000.0) -> Opt
     end or event after ``migrate`` (capped at ``max_span_ms``), with a quarter before 0."""
     sides = []
     for label, runs in (("base", sc.base_runs), ("new", sc.new_runs)):
-        tls = [(r, load_timeline(r)) for r in runs if r.ok]
-        sides.append((label, [(r, t) for r, t in tls if t is not None]))
+        loaded = [(r, load_timeline(r)) for r in runs if r.ok]
+        sides.append((label, [(r, t) for r, t in loaded if t is not None]))
     if not any(tls for _, tls in sides):
         return None
     # the window: from before `migrate` to a little after the stall window ends
@@ -191,7 +194,7 @@ def timeline_figure(sc: ScenarioComparison, max_span_ms: float = 20000.0) -> Opt
     for ax, (label, tls) in zip(axes[:, 0], sides):
         yticks, ylabels = [], []
         y = 0
-        seen_events = {}
+        seen_events: Dict[str, List[float]] = {}
         for run, tl in tls:
             vcpus = sorted({s[3] for s in tl.stalls}) or [0]
             for v in vcpus:

@@ -84,7 +84,8 @@ def write_report(directory: Path, cmp: Comparison, base: ResultSet, new: ResultS
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--report {directory}: cannot create it ({exc.strerror}); choose a writable directory") from exc
+        raise UserError(f"--report {directory}: cannot create it ({exc.strerror}); "
+                        "choose a writable directory") from exc
     body = [f"<h1>{html.escape(title)}</h1>"]
     if gate_specs:
         if gate_failures:

@@ -289,12 +289,17 @@ def compare_metric(metric: str, base_values: Union[Sample, Sequence[float]],
     base = base_values if isinstance(base_values, Sample) else Sample.of(base_values)
     new = new_values if isinstance(new_values, Sample) else Sample.of(new_values)
     pct = ratio = None
-    if base.n and new.n and base.median:
-        ratio = new.median / base.median
-        pct = (ratio - 1.0) * 100.0
-    elif base.n and new.n and base.median == 0 and new.median == 0:
-        ratio, pct = 1.0, 0.0
-    separated = bool(base.n and new.n and (new.max < base.min or new.min > base.max))
+    separated = False
+    if base.n and new.n:
+        # a Sample with values has its summary
+        assert base.median is not None and base.min is not None and base.max is not None
+        assert new.median is not None and new.min is not None and new.max is not None
+        if base.median:
+            ratio = new.median / base.median
+            pct = (ratio - 1.0) * 100.0
+        elif new.median == 0:
+            ratio, pct = 1.0, 0.0
+        separated = bool(new.max < base.min or new.min > base.max)
     lo, hi = bootstrap_ratio_ci(base.values, new.values)
     return MetricComparison(
         metric=metric, base=base, new=new, pct_change=pct, ratio=ratio, ci_low=lo, ci_high=hi,
@@ -374,7 +379,7 @@ def _side(rs: ResultSet, wanted: Sequence[str]) -> _Side:
     groups = np.asarray(count.index)
     order = np.argsort(ok["_g"].to_numpy(), kind="stable")
     bounds = np.searchsorted(ok["_g"].to_numpy()[order], np.append(groups, groups.max() + 1 if groups.size else 0))
-    for j, m in enumerate(wanted):
+    for m in wanted:
         col = ok[m].to_numpy()[order]
         cnt, med, a, b, c, d = (t[m].to_numpy() for t in (count, median, q1, q3, lo, hi))
         for i, g in enumerate(groups):

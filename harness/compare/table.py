@@ -112,7 +112,7 @@ def to_csv(cmp: Comparison) -> str:
     w.writerow(CSV_COLUMNS)
     for sc, m in cmp.rows():
         key = dict(sc.key)
-        row = [key.get(c, "") for c in results.SCENARIO_COLUMNS]
+        row: List[object] = [key.get(c, "") for c in results.SCENARIO_COLUMNS]
         row += [m.metric, sc.base_variant, sc.new_variant, sc.base_failed, sc.new_failed]
         for s in (m.base, m.new):
             row += [s.n, _g(s.median), _g(s.q1), _g(s.q3), _g(s.min), _g(s.max)]

@@ -246,8 +246,8 @@ def debian_kernel(progress: Progress = Progress()) -> GuestKernel:
     except (UserError, HostError):
         # offline or no apt: use any kernel fetched before
         cached = sorted(paths.cache_dir("guest-kernel").glob("*/meta.json"))
-        for meta in reversed(cached):
-            got = _entry_complete(meta.parent)
+        for meta_json in reversed(cached):
+            got = _entry_complete(meta_json.parent)
             if got is not None:
                 log.warning("apt unavailable; using the cached guest kernel %s", got.origin)
                 return got

@@ -186,7 +186,7 @@ class Host(abc.ABC):
         :data:`DEFAULT_KERNEL_LOG_TIMEOUT`."""
         try:
             return parse_uptime(self.run(["cat", "/proc/uptime"], timeout=DEFAULT_KERNEL_LOG_TIMEOUT).text)
-        except Exception as exc:       # diagnostics only: never fail a run for them
+        except Exception as exc:       # noqa: BLE001  diagnostics only: never fail a run for them
             log.debug("cannot read the uptime of %s: %s", self.name, exc)
             return None
 
@@ -208,7 +208,7 @@ class Host(abc.ABC):
         return ""
 
     # -- lifecycle ----------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  a default, not abstract: LocalHost holds no connection
         """Release connections.  Idempotent."""
 
     def __enter__(self) -> "Host":

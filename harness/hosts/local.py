@@ -107,7 +107,7 @@ class LocalHost(Host):
         argv = tuple(str(a) for a in argv)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE,
+            proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE,
                                     start_new_session=True)
         except OSError as exc:
             ours.close()

@@ -96,7 +96,7 @@ def _exec_bounded(chan: paramiko.Channel, command: str, timeout: float) -> bool:
     def request() -> None:
         try:
             chan.exec_command(command)
-        except BaseException as exc:      # handed to the caller below
+        except BaseException as exc:      # noqa: BLE001  handed to the caller below
             failure.append(exc)
 
     worker = threading.Thread(target=request, name="ssh-exec", daemon=True)
@@ -218,7 +218,7 @@ class _SSHStream(HostStream):
         try:
             if self.pgid is not None and not self.host.wait_pid_exit(self.pgid, DEFAULT_STREAM_CLOSE_TIMEOUT):
                 self.host._kill_group(self.pgid, self.argv[0])
-        except Exception as exc:        # closing runs in cleanup paths: report, never raise
+        except Exception as exc:        # noqa: BLE001  closing runs in cleanup paths: report, never raise
             log.warning("cannot check that %s on %s has exited: %s", self.argv[0], self.host.name, exc)
 
 
@@ -386,7 +386,7 @@ class SSHHost(Host):
             # half the budget to open the channel, half for the exec answer; kill itself gets what is left
             chan = self._open_exec(command, DEFAULT_KILL_TIMEOUT / 2, "kill",
                                    open_timeout=DEFAULT_KILL_TIMEOUT / 2)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  runs while another error propagates: log, never raise
             log.warning("cannot kill %s on %s (process group %d): %s", what, self.name, pgid, exc)
             return
         try:
@@ -396,7 +396,7 @@ class SSHHost(Host):
                             what, self.name, pgid, DEFAULT_KILL_TIMEOUT)
             elif chan.recv_exit_status() != 0:
                 log.debug("process group %d on %s was already gone", pgid, self.name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  runs while another error propagates: log, never raise
             log.warning("cannot kill %s on %s (process group %d): %s", what, self.name, pgid, exc)
         finally:
             chan.close()
@@ -643,7 +643,7 @@ class SSHHost(Host):
         ``kernel.dmesg_restrict``) or the host does not answer."""
         try:
             res = self.run(["dmesg"], timeout=DEFAULT_KERNEL_LOG_TIMEOUT, check=False)
-        except Exception as exc:       # diagnostics only: never fail a run for them
+        except Exception as exc:       # noqa: BLE001  diagnostics only: never fail a run for them
             log.debug("cannot read the kernel log of %s: %s", self.name, exc)
             return []
         if res.returncode != 0:

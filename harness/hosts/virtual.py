@@ -29,10 +29,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from harness.errors import HostError, QEMUError, UserError
-from harness.hosts.l1image import FAILED_LINE, READY_LINE, STAGE_LINE, L1Image, build_l1_image, keys_archive, resolve_kernel
+from harness.hosts.l1image import (FAILED_LINE, READY_LINE, STAGE_LINE, L1Image, build_l1_image, keys_archive,
+                                   resolve_kernel)
 from harness.hosts.local import LocalHost
 from harness.hosts.ssh import SSHHost
 from harness.paths import new_runtime_dir
@@ -215,7 +216,8 @@ class VirtualHost(SSHHost):
                 if remaining <= 0:
                     raise HostError(f"L1 did not boot within {self.boot_timeout:g}s ({self._boot_stage_note()})",
                                     log_path=self.console_log)
-                readable, _, _ = select.select([sock, pidfd], [], [], remaining)
+                waitables: List[Union[socket.socket, int]] = [sock, pidfd]
+                readable, _, _ = select.select(waitables, [], [], remaining)
                 if sock in readable:
                     chunk = sock.recv(4096)
                     if not chunk:
@@ -248,7 +250,7 @@ class VirtualHost(SSHHost):
             done = ", ".join(f"{k} {v:g}s" for k, v in self.boot_stages.items())
             return f"last stage reached: init's {name} at {at:g}s; stages: {done}"
         try:
-            lines = [l for l in self.console_log.read_text(errors="replace").splitlines() if l.strip()]
+            lines = [ln for ln in self.console_log.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             lines = []
         last = lines[-1].strip()[:160] if lines else "nothing on the console"
@@ -402,7 +404,7 @@ def stop_running() -> Optional[int]:
     st = _load_state()
     if st is not None:
         pid = st.get("pid")
-        if _is_our_l1(pid):
+        if pid is not None and _is_our_l1(pid):
             LocalHost().stop_pid(int(pid))
     keep_console(vhost_dir())
     shutil.rmtree(vhost_dir(), ignore_errors=True)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from harness import paths
 from harness.errors import QEMUError, UserError
@@ -85,7 +85,10 @@ def make_initramfs(events: Sequence[str], markers: Sequence[str]) -> bytes:
 
 
 def _parse(console: str) -> Dict[str, object]:
-    out: Dict[str, object] = {"events": [], "markers": [], "has": [], "release": None, "kvm": False,
+    events: List[Tuple[str, bool]] = []
+    markers: List[Tuple[str, str]] = []
+    has: List[str] = []
+    out: Dict[str, object] = {"events": events, "markers": markers, "has": has, "release": None, "kvm": False,
                               "done": False}
     for raw in console.splitlines():
         line = raw.strip()
@@ -99,12 +102,12 @@ def _parse(console: str) -> Dict[str, object]:
             out["kvm"] = rest.strip() == "yes"
         elif word == "MIGSTALL-EVENT":
             name, _, state = rest.rpartition(" ")
-            out["events"].append((name, state == "yes"))  # type: ignore[union-attr]
+            events.append((name, state == "yes"))
         elif word == "MIGSTALL-HAS":
-            out["has"].append(rest.strip())  # type: ignore[union-attr]
+            has.append(rest.strip())
         elif word == "MIGSTALL-MARKER":
             path, _, value = rest.partition(" ")
-            out["markers"].append((path, value.strip()))  # type: ignore[union-attr]
+            markers.append((path, value.strip()))
         elif word == "MIGSTALL-DONE":
             out["done"] = True
     return out

@@ -177,7 +177,7 @@ def check_lore_url(value: str, where: str) -> str:
         raise UserError(f"{where} {value!r} contains '%' (b4 expands it); "
                         f"give the inbox URL without it, like https://lore.kernel.org/all")
     try:
-        parts.port
+        _ = parts.port          # urllib parses the port only when asked for it
     except ValueError as exc:
         raise UserError(f"{where} {value!r} has a bad port ({exc}); "
                         f"use a URL like https://lore.kernel.org/all") from exc

@@ -96,7 +96,7 @@ def read_patches(mbox: Path) -> List[str]:
             if m and int(m.group(1)) == 0:
                 continue
             payload = msg.get_payload(decode=True) if not msg.is_multipart() else b""
-            body = (payload or b"").decode(errors="replace")
+            body = (payload if isinstance(payload, bytes) else b"").decode(errors="replace")
             if "\ndiff --git " not in body and not body.startswith("diff --git ") and "\n+++ " not in body:
                 continue
             subjects.append(subject)
@@ -374,7 +374,8 @@ def _from_patch_dir(spec: SeriesSpec) -> Tuple[Path, str]:
     for f in files:
         body = f.read_bytes()
         if not body.startswith(b"From "):
-            raise UserError(f"{f} is not a git format-patch file (no 'From ' line); regenerate it with git format-patch")
+            raise UserError(f"{f} is not a git format-patch file (no 'From ' line); "
+                            "regenerate it with git format-patch")
         data += body if body.endswith(b"\n") else body + b"\n"
     digest = hashlib.sha256(data).hexdigest()
     cache = paths.cache_dir("kernel-series", "dir-" + digest[:16])

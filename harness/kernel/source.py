@@ -78,11 +78,11 @@ def _finish(tmp: Path, final: Path) -> None:
     (tmp / READY).write_text("ok\n")
     try:
         os.rename(tmp, final)
-    except OSError:
+    except OSError as exc:
         # someone else prepared the same key meanwhile: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / READY).exists():
-            raise KernelBuildInfraError(f"could not move the prepared tree into {final}")
+            raise KernelBuildInfraError(f"could not move the prepared tree into {final}") from exc
 
 
 def _load(final: Path, kind: str, description: str, ref: str, key: str) -> SourceTree:

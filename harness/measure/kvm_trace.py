@@ -443,6 +443,7 @@ class KvmTracer:
             specs = [f"{f}@{fetch}" if f == "kvm_set_memslot" and fetch else f for f in funcs]
             self.group = group_name(self._host_time())
             self._active = True   # from here on, teardown must run
+            assert self.tracefs   # available() found it
             res = self.host.run(["sh", "-c", _SETUP, "sh", self.tracefs, self.group, str(BUFFER_KB),
                                  str(STALE_GROUP_S), *specs],
                                 check=False, timeout=TRACE_CMD_TIMEOUT)
@@ -502,7 +503,7 @@ class KvmTracer:
             if res.returncode != 0:
                 log.warning("kvm trace teardown on %s incomplete: %s", self.host.name,
                             res.stderr.decode(errors="replace").strip())
-        except Exception as exc:  # never mask the run's own error
+        except Exception as exc:  # noqa: BLE001  never mask the run's own error
             log.warning("kvm trace teardown on %s failed: %s", self.host.name, exc)
 
     # -- use --------------------------------------------------------------------------------------
@@ -527,7 +528,7 @@ class KvmTracer:
         calls, _ = parse_calls(raw)
         enable, disable, breakdown = summarize(calls, self.anchor)
         breakdown = dict(breakdown)
-        breakdown["_meta"] = {"anchor": self.anchor, "probes": self.functions,  # type: ignore[dict-item]
+        breakdown["_meta"] = {"anchor": self.anchor, "probes": self.functions,
                               "tracepoints": self.tracepoints, "clock": self.clock}
         if self.tracepoints:
             counts: Dict[str, float] = defaultdict(float)
@@ -535,7 +536,7 @@ class KvmTracer:
                 m = _LINE_RE.match(line)
                 if m and m.group("event").startswith("kvm_migstall_"):
                     counts[m.group("event")] += 1
-            breakdown["_tracepoints"] = dict(counts)  # type: ignore[assignment]
+            breakdown["_tracepoints"] = dict(counts)
         return KvmTiming(enable, disable, breakdown, params, raw)
 
 
@@ -573,4 +574,4 @@ if [ -w "$T/kprobe_events" ]; then
     for e in "$T"/events/kvm/kvm_migstall_*; do [ -d "$e" ] && echo 1 > "$T/instances/$G/events/kvm/${{e##*/}}/enable"; done
   fi
 fi
-"""
+"""  # noqa: E501  shell lines kept whole: this text is L1's rcS, part of the L1 image's digest

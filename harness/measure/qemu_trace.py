@@ -104,7 +104,7 @@ class Span:
 
 
 def _span(start: int, end: int, source: str, lines: Sequence[TraceLine] = ()) -> Span:
-    return Span(max(0.0, (end - start) / 1e6), source, start, end, [l.raw for l in lines])
+    return Span(max(0.0, (end - start) / 1e6), source, start, end, [ln.raw for ln in lines])
 
 
 def _migration_bit(line: TraceLine) -> bool:
@@ -130,20 +130,20 @@ def dirty_log_start(lines: Sequence[TraceLine], *, setup_ns: int, pass1_ns: Opti
         if pass1_ns is None:
             raise MeasurementError("no MIGRATION_PASS 1 event: dirty-log start cannot be bounded")
         return _span(setup_ns, pass1_ns, "qmp:MIGRATION(setup)->MIGRATION_PASS1")
-    starts = [l for l in lines if l.event == "global_dirty_changed" and _migration_bit(l)]
-    t0 = next((l for l in starts if l.t_ns >= setup_ns), None)
+    starts = [ln for ln in lines if ln.event == "global_dirty_changed" and _migration_bit(ln)]
+    t0 = next((ln for ln in starts if ln.t_ns >= setup_ns), None)
     if t0 is None:
-        seen = f"; the log has {len(starts)} at {', '.join(_at(l.t_ns) for l in starts[:3])}" if starts else \
+        seen = f"; the log has {len(starts)} at {', '.join(_at(ln.t_ns) for ln in starts[:3])}" if starts else \
             "; the log has none"
         raise MeasurementError(f"no global_dirty_changed with the migration bit at or after MIGRATION setup "
                                f"({_at(setup_ns)}){seen}")
     if pass1_ns is not None and t0.t_ns > pass1_ns:
         raise MeasurementError(f"global_dirty_changed ({_at(t0.t_ns)}) comes after MIGRATION_PASS 1 "
                                f"({_at(pass1_ns)}): not this migration's dirty-log start")
-    sync = next((l for l in lines if l.event == "migration_bitmap_sync_start" and l.t_ns >= t0.t_ns), None)
+    sync = next((ln for ln in lines if ln.event == "migration_bitmap_sync_start" and ln.t_ns >= t0.t_ns), None)
     limit = sync.t_ns if sync else pass1_ns
-    slots = [l for l in lines if l.event == "kvm_set_user_memory" and l.t_ns >= t0.t_ns
-             and (limit is None or l.t_ns <= limit) and _logging(l)]
+    slots = [ln for ln in lines if ln.event == "kvm_set_user_memory" and ln.t_ns >= t0.t_ns
+             and (limit is None or ln.t_ns <= limit) and _logging(ln)]
     if slots:
         return _span(t0.t_ns, slots[-1].t_ns, "trace:global_dirty_changed->kvm_set_user_memory",
                      [t0, *slots] + ([sync] if sync else []))
@@ -162,13 +162,13 @@ def dirty_log_stop(lines: Sequence[TraceLine], *, cancelling_ns: int, cancelled_
     and ``cancelled`` bound the search."""
     if not traced:
         return _span(cancelling_ns, cancelled_ns, "qmp:MIGRATION(cancelling)->MIGRATION(cancelled)")
-    t0 = next((l for l in lines if l.event == "global_dirty_changed" and l.t_ns >= cancelling_ns
-               and l.t_ns <= cancelled_ns and not _migration_bit(l)), None)
+    t0 = next((ln for ln in lines if ln.event == "global_dirty_changed" and ln.t_ns >= cancelling_ns
+               and ln.t_ns <= cancelled_ns and not _migration_bit(ln)), None)
     if t0 is None:
         raise MeasurementError(f"no global_dirty_changed without the migration bit between MIGRATION cancelling "
                                f"({_at(cancelling_ns)}) and cancelled ({_at(cancelled_ns)})")
-    slots = [l for l in lines if l.event == "kvm_set_user_memory" and t0.t_ns <= l.t_ns <= cancelled_ns
-             and not _logging(l)]
+    slots = [ln for ln in lines if ln.event == "kvm_set_user_memory" and t0.t_ns <= ln.t_ns <= cancelled_ns
+             and not _logging(ln)]
     if slots:
         return _span(t0.t_ns, slots[-1].t_ns, "trace:global_dirty_changed->kvm_set_user_memory", [t0, *slots])
     if memslots:

@@ -488,10 +488,10 @@ def compare(ranges: Sequence[RamRange], src_hashes: HashesT, dst_hashes: HashesT
         if len(data) != pages * HASH_BYTES:
             raise ValueError(f"{side} hashes: {len(data)} bytes for {pages} pages "
                              f"(want {pages * HASH_BYTES})")
-    times = {"src_seconds": src_hashes.seconds if isinstance(src_hashes, RamHashes) else None,
-             "dst_seconds": dst_hashes.seconds if isinstance(dst_hashes, RamHashes) else None}
+    src_seconds = src_hashes.seconds if isinstance(src_hashes, RamHashes) else None
+    dst_seconds = dst_hashes.seconds if isinstance(dst_hashes, RamHashes) else None
     if src == dst:
-        return VerifyResult(pages, 0, (), **times)
+        return VerifyResult(pages, 0, (), src_seconds=src_seconds, dst_seconds=dst_seconds)
     a = np.frombuffer(src, dtype="<u8")
     b = np.frombuffer(dst, dtype="<u8")
     bad = np.flatnonzero(a != b)
@@ -502,7 +502,7 @@ def compare(ranges: Sequence[RamRange], src_hashes: HashesT, dst_hashes: HashesT
         r = ranges[k]
         listed.append({"gpa": f"{r.gpa + (idx - int(starts[k])) * PAGE:#x}", "range": r.name,
                        "src_hash": f"{int(a[idx]):#018x}", "dst_hash": f"{int(b[idx]):#018x}"})
-    return VerifyResult(pages, int(bad.size), tuple(listed), **times)
+    return VerifyResult(pages, int(bad.size), tuple(listed), src_seconds=src_seconds, dst_seconds=dst_seconds)
 
 
 # -- known causes ---------------------------------------------------------------------------

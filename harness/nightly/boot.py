@@ -44,7 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from harness.errors import HostError, SSHError, UserError
 from harness.hosts.base import Host
@@ -222,6 +222,10 @@ class SSHBoot(BootMethod):
         try:
             current = host.run(["uname", "-r"], timeout=30).text.strip()
         except (SSHError, HostError):
+            from harness.hosts.ssh import SSHHost
+
+            if not isinstance(host, SSHHost):   # only an SSH connection can be made again
+                raise
             host.reconnect(timeout=self.boot_timeout_s)
             current = host.run(["uname", "-r"], timeout=30).text.strip()
         if current == default_release:
@@ -319,7 +323,8 @@ class VirtualBoot(BootMethod):
                     timeout=self.boot_timeout_s)
 
     def restore(self, host: Host, default_release: str) -> None:
-        if getattr(host, "pid", None) is not None and host.run(["uname", "-r"], timeout=30).text.strip() == default_release:
+        if (getattr(host, "pid", None) is not None
+                and host.run(["uname", "-r"], timeout=30).text.strip() == default_release):
             return
         host.reboot(kernel=self.default_kernel, cmdline_extra="", timeout=self.boot_timeout_s)  # type: ignore[attr-defined]
 
@@ -331,7 +336,8 @@ class VirtualBoot(BootMethod):
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-METHODS = {"kexec": KexecBoot, "grub-reboot": GrubRebootBoot, "virtual": VirtualBoot}
+METHODS: Dict[str, Callable[[HostConfig, float, Optional[Progress]], BootMethod]] = {
+    "kexec": KexecBoot, "grub-reboot": GrubRebootBoot, "virtual": VirtualBoot}
 
 
 def for_host(cfg: HostConfig, boot_timeout_s: float, progress: Optional[Progress] = None) -> BootMethod:

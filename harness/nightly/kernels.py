@@ -22,7 +22,8 @@ def _from_build(variant: str, kb: Any) -> Artifact:
 
         meta = json.loads(Path(meta).read_text())
     meta = meta if isinstance(meta, dict) else {}
-    series = meta.get("series") if isinstance(meta.get("series"), dict) else {}
+    raw_series = meta.get("series")
+    series = raw_series if isinstance(raw_series, dict) else {}
     series_id = str(getattr(kb, "series_hash", "") or series.get("sha256") or series.get("hash8")
                     or meta.get("series_id") or meta.get("series_hash") or "")
     modules = getattr(kb, "modules", None) or meta.get("modules")

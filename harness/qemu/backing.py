@@ -145,7 +145,7 @@ def page_size_obtained(smaps_text: str, mem_mib: int) -> PageInfo:
 def read_page_size(host: Host, pid: int, mem_mib: int) -> PageInfo:
     try:
         text = host.read_bytes(f"/proc/{pid}/smaps").decode(errors="replace")
-    except Exception as exc:  # gone, or not permitted
+    except Exception as exc:  # noqa: BLE001  gone, or not permitted
         log.warning("cannot read /proc/%d/smaps: %s", pid, exc)
         return PageInfo(None)
     return page_size_obtained(text, mem_mib)

@@ -176,7 +176,7 @@ class ShimView:
 
     def seen(self) -> str:
         """The capability lines, for messages."""
-        keep = [l for l in self.lines if not _PRESENT_RE.match(l) and not _EXIT_RE.match(l)]
+        keep = [ln for ln in self.lines if not _PRESENT_RE.match(ln) and not _EXIT_RE.match(ln)]
         return "; ".join(keep[-6:]) if keep else "no capability checks or enables"
 
 
@@ -281,7 +281,7 @@ def verify(mode: str, accel: str, trace_text: str, host: Host, runtime_dir: str,
     if not any(_PRESENT_RE.match(rest) for _, rest in _LINE_RE.findall(text)):
         raise MigrationError(f"dirty-log mode {mode!r} unproven: the shim never loaded into QEMU "
                              f"(no log at {where}; is LD_PRELOAD honoured?)")
-    clears = [l for l in trace_text.splitlines() if "kvm_clear_dirty_log" in l]
+    clears = [ln for ln in trace_text.splitlines() if "kvm_clear_dirty_log" in ln]
     roles = [("source QEMU", src_pid)] + ([("destination QEMU", dst_pid)] if dst_pid is not None else [])
     for role, pid in roles:
         view = _select(text, pid)

@@ -273,7 +273,11 @@ class VM:
         await self.shutdown()
 
     def _build_argv(self, reaper: str) -> List[str]:
-        args = self._args(self.runtime_dir) if callable(self._args) else self._args
+        if callable(self._args):
+            assert self.runtime_dir is not None   # launch() made it
+            args = self._args(self.runtime_dir)
+        else:
+            args = self._args
         return [reaper, self.exit_status_path, "--", *self.prefix, self.qemu,
                 "-name", f"migstall-{self.name},debug-threads=on",
                 "-daemonize", "-pidfile", self.path(f"{self.name}.pid"),
@@ -438,7 +442,7 @@ class VM:
                     await asyncio.wait_for(self.qmp.execute("quit"), min(self.qmp_timeout, 10))
                     asked = True
                     self.exit_reason = self.exit_reason or "quit"
-                except Exception as exc:      # a QEMU that is exiting (or gone) cannot answer
+                except Exception as exc:      # noqa: BLE001  a QEMU that is exiting (or gone) cannot answer
                     log.debug("VM %s: quit got no answer: %s", self.name, exc or type(exc).__name__)
             if self.pid is not None:
                 exited = await asyncio.to_thread(self.host.wait_pid_exit, self.pid, self.quit_timeout)
@@ -515,7 +519,7 @@ class VM:
             self._read_exit_status(self.exit_status_timeout)
             if self.exit_reason == "died":
                 self.kernel_log = self.host.kernel_log_tail(since_s=self.launch_uptime_s, lines=KERNEL_LOG_LINES)
-        except Exception as exc:            # diagnostics only
+        except Exception as exc:            # noqa: BLE001  diagnostics only
             log.warning("VM %s: cannot tell how QEMU ended: %s", self.name, exc)
 
     def _read_exit_status(self, timeout: float) -> None:

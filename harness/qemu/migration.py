@@ -108,7 +108,7 @@ async def wait_pass(src: VM, n: int = 1, timeout: float = DEFAULT_FIRST_PASS_TIM
         for f in (want, end):
             try:
                 await f
-            except BaseException:
+            except BaseException:  # noqa: BLE001, S110  cancelled just above: how they end is not news
                 pass
 
 

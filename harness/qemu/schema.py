@@ -59,7 +59,7 @@ async def probe(vm, wanted: Iterable[str] = WANTED_TRACE_EVENTS) -> QemuInfo:
     for name in wanted:
         try:
             got: List[dict] = await vm.cmd("trace-event-get-state", {"name": name})
-        except Exception as exc:  # QEMU without the trace command at all
+        except Exception as exc:  # noqa: BLE001  QEMU without the trace command at all
             log.info("trace-event-get-state %s: %s", name, exc)
             continue
         for item in got:
