@@ -476,13 +476,15 @@ class _Run:
         ks = self.kvm_samples
         self.row["kvm_pf"] = kvm_stats.delta(ks.get("migrate"), ks.get("after"), "pf_taken")
         self.row["baseline_kvm_pf"] = kvm_stats.delta(ks.get("before"), ks.get("migrate"), "pf_taken")
+        spans: Dict[str, float] = {}
+        for name, (a, b) in (("before", ("before", "migrate")), ("after", ("migrate", "after"))):
+            sa, sb = ks.get(a), ks.get(b)
+            if sa is not None and sb is not None:
+                spans[name] = round(sb.local_s - sa.local_s, 3)
         self.side["fault_cost"] = {
             "window_s": self.fault_window_s,
             "windows_ns": {"after": list(after), "before": list(before)},
-            # the spans the counters cover, on this machine's clock
-            "counter_spans_s": {k: round(ks[b].local_s - ks[a].local_s, 3)
-                                for k, (a, b) in (("before", ("before", "migrate")), ("after", ("migrate", "after")))
-                                if ks.get(a) is not None and ks.get(b) is not None},
+            "counter_spans_s": spans,            # the spans the counters cover, this machine's clock
             "kvm": {k: v.to_json() for k, v in ks.items() if v is not None},
         }
 
