@@ -46,7 +46,7 @@ INFO_COLUMNS = ("touched_mib", "prefault_ms", "dirty_log_start_source", "dirty_l
 # Figures of merit (numbers; empty when not measured).
 METRIC_COLUMNS = (
     "dirty_log_start_ms", "setup_time_ms", "first_pass_ms",
-    "kvm_enable_ms", "kvm_disable_ms",
+    "kvm_enable_ms", "kvm_ioctl_ms", "kvm_disable_ms",
     "stall_pio_max_us", "stall_pio_p99_us", "stall_pio_count",
     "stall_write_max_us", "stall_write_p99_us", "stall_write_count",
     "stall_cpu_max_us", "stall_cpu_p99_us", "stall_cpu_count",

@@ -510,8 +510,12 @@ class _Run:
             self.row["dirty_log_stop_ms"] = stop.ms
             self.row["dirty_log_stop_source"] = stop.source
             self.side["dirty_log_stop"] = dataclasses.asdict(stop)
-        check_invariants(self.row)
         src_pid, dst_pid = src.pid, self.vms["dst"].pid
+        if accel == "kvm":
+            calls = dirtylog.memslot_ioctls(dirtylog.read_shim_log(self.host, src_rd), src_pid)
+            self.side["memslot_ioctls"] = [dataclasses.asdict(c) for c in calls]
+            self.row["kvm_ioctl_ms"] = dirtylog.enable_ioctl_ms(calls, self.t["setup"], self.t["pass1"])
+        check_invariants(self.row)
         self.side["mode"].update(dirtylog.describe(self.sc.dirty_log_mode, accel, self.host, src_rd,
                                                    src_pid=src_pid, dst_pid=dst_pid))
         dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd, src_pid=src_pid, dst_pid=dst_pid)

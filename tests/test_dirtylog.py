@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -175,3 +176,34 @@ def _stop(pid: int) -> None:
         else:
             sig = 0
         time.sleep(0.1)
+
+
+_MEMSLOT_SCRIPT = r"""
+import ctypes, fcntl, mmap, os, struct
+KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION = 0xAE01, 0x4020AE46
+kvm = os.open("/dev/kvm", os.O_RDWR)
+vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+mem = mmap.mmap(-1, 2 << 20)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+for flags in (0, 1, 0):   # create the slot, dirty logging on, off
+    fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, struct.pack("IIQQQ", 0, flags, 0, 2 << 20, addr))
+"""
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm (a VM with no vCPU)")
+def test_shim_times_flags_only_memslot_ioctls(tmp_path: Path) -> None:
+    """kvm_ioctl_ms: the shim times the memslot ioctls that only switch dirty
+    logging (a real KVM VM fd, no vCPU, so it runs without VMX/SVM too)."""
+    setup = dirtylog.setup("default", 0, "kvm", LocalHost(), str(tmp_path))
+    t0 = time.time_ns()
+    proc = subprocess.run([sys.executable, "-c", _MEMSLOT_SCRIPT], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **setup.env})
+    t1 = time.time_ns()
+    assert proc.returncode == 0, proc.stderr
+    calls = dirtylog.memslot_ioctls((tmp_path / dirtylog.SHIM_LOG).read_text(), None)
+    assert [(c.slot, c.old_flags, c.new_flags, c.ret) for c in calls] == [(0, 0, 1, 0), (0, 1, 0, 0)]
+    assert all(0 < c.dur_ns < 10**9 and t0 <= c.end_ns <= t1 for c in calls)
+    assert [c.enables_logging for c in calls] == [True, False]
+    ms = dirtylog.enable_ioctl_ms(calls, t0, t1)
+    assert ms == calls[0].dur_ns / 1e6
+    assert dirtylog.enable_ioctl_ms(calls, t1, t1 + 1) is None       # none returned in that span

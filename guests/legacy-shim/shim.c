@@ -33,6 +33,15 @@
  * KVM_SET_USER_MEMORY_REGION(2).  Logs "drop_dirty ..." for the first calls
  * that dropped bits and totals on the exit line.
  *
+ * Always, too: times every KVM_SET_USER_MEMORY_REGION(2) that changes only a
+ * memslot's flags (same slot, address, size and host address as the slot's
+ * last call), which is how QEMU turns dirty logging on and off, and logs
+ * "memslot_flags slot=S flags=OLD->NEW ret=R dur_ns=D end_ns=E": D from
+ * CLOCK_MONOTONIC around the real ioctl, E the CLOCK_REALTIME at its return
+ * (the clock of QEMU's trace lines).  The log line is written after the
+ * second reading, so it is not part of D.  migstall sums D into
+ * kvm_ioctl_ms.
+ *
  * Log: one line per event, appended to $MIGSTALL_SHIM_LOG (if set).
  * Constants are from <linux/kvm.h> (x86_64); no kernel headers needed.
  */
@@ -45,6 +54,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KVM_CHECK_EXTENSION   0xAE03UL
@@ -76,7 +86,7 @@ static char log_path[4096];   /* $MIGSTALL_SHIM_LOG, read once (also used in the
 /* MIGSTALL_SHIM_DROP_DIRTY (test only): memslot sizes and the drop count, under drop_lock */
 static unsigned long drop_every;
 static pthread_mutex_t drop_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct { int fd; uint32_t slot; uint64_t npages; } slots[MAX_SLOTS];
+static struct { int fd; uint32_t slot; uint64_t npages; struct mem_region r; } slots[MAX_SLOTS];
 static int nslots;
 static unsigned long long drop_seen, drop_dropped;
 static unsigned long drop_calls, drop_unknown;
@@ -122,13 +132,42 @@ static void remember_slot(int fd, const struct mem_region *r)
             slots[i] = slots[--nslots];
     } else if (i < nslots) {
         slots[i].npages = r->memory_size / KVM_PAGE;
+        slots[i].r = *r;
     } else if (nslots < MAX_SLOTS) {
         slots[nslots].fd = fd;
         slots[nslots].slot = r->slot;
         slots[nslots].npages = r->memory_size / KVM_PAGE;
+        slots[nslots].r = *r;
         nslots++;
     }
     pthread_mutex_unlock(&drop_lock);
+}
+
+/* The flags of memslot r->slot before this call, if the call changes only its
+ * flags (a dirty-logging switch); -1 otherwise. */
+static int64_t flags_only_change(int fd, const struct mem_region *r)
+{
+    int64_t old = -1;
+    int i;
+    pthread_mutex_lock(&drop_lock);
+    for (i = 0; i < nslots; i++) {
+        const struct mem_region *p = &slots[i].r;
+        if (slots[i].fd == fd && slots[i].slot == r->slot && p->guest_phys_addr == r->guest_phys_addr &&
+            p->memory_size == r->memory_size && p->userspace_addr == r->userspace_addr &&
+            p->flags != r->flags) {
+            old = p->flags;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&drop_lock);
+    return old;
+}
+
+static uint64_t ns_of(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
 /* Clear every drop_every-th set bit of a bitmap KVM_GET_DIRTY_LOG has just filled. */
@@ -241,13 +280,20 @@ int ioctl(int fd, unsigned long request, ...)
         return ret;
     }
     case KVM_SET_USER_MEMORY_REGION:
-    case KVM_SET_USER_MEMORY_REGION2:
-        if (!drop_every)
-            break;
+    case KVM_SET_USER_MEMORY_REGION2: {
+        const struct mem_region *r = arg;
+        int64_t old = r ? flags_only_change(fd, r) : -1;
+        uint64_t t0 = ns_of(CLOCK_MONOTONIC);
         ret = real_ioctl(fd, request, arg);
-        if (ret == 0 && arg)
-            remember_slot(fd, arg);
+        uint64_t t1 = ns_of(CLOCK_MONOTONIC), end = ns_of(CLOCK_REALTIME);
+        if (ret == 0 && r)
+            remember_slot(fd, r);
+        if (old >= 0)
+            shim_log("memslot_flags slot=%#x flags=%#llx->%#x ret=%d dur_ns=%llu end_ns=%llu", r->slot,
+                     (unsigned long long)old, r->flags, ret, (unsigned long long)(t1 - t0),
+                     (unsigned long long)end);
         return ret;
+    }
     case KVM_GET_DIRTY_LOG:
         __atomic_add_fetch(&n_get, 1, __ATOMIC_RELAXED);
         if (!drop_every)

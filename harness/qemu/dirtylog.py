@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from harness import ctools
 from harness.errors import MigrationError, UserError
@@ -231,6 +231,46 @@ def dropped_dirty_bits(text: str, pid: Optional[int] = None) -> int:
     logged = sum(int(m.group(1)) for line in lines if (m := _DROP_RE.match(line)))
     at_exit = sum(int(m.group(1)) for line in lines if (m := _DROP_EXIT_RE.match(line)))
     return max(logged, at_exit)
+
+
+_MEMSLOT_RE = re.compile(r"^memslot_flags slot=(\w+) flags=(\w+)->(\w+) ret=(-?\d+) dur_ns=(\d+) end_ns=(\d+)")
+#: KVM_MEM_LOG_DIRTY_PAGES
+LOG_DIRTY_PAGES = 0x1
+
+
+@dataclass(frozen=True)
+class MemslotIoctl:
+    """One flags-only KVM_SET_USER_MEMORY_REGION the shim timed."""
+    slot: int
+    old_flags: int
+    new_flags: int
+    ret: int
+    dur_ns: int          # CLOCK_MONOTONIC around the real ioctl
+    end_ns: int          # CLOCK_REALTIME at its return (the clock of QEMU's trace lines)
+
+    @property
+    def enables_logging(self) -> bool:
+        return bool(self.new_flags & LOG_DIRTY_PAGES) and not self.old_flags & LOG_DIRTY_PAGES
+
+
+def memslot_ioctls(text: str, pid: Optional[int]) -> List[MemslotIoctl]:
+    """The flags-only memslot ioctls in shim log ``text`` of process ``pid``
+    (every process's when None), in log order."""
+    out = []
+    for p, rest in _LINE_RE.findall(text):
+        m = _MEMSLOT_RE.match(rest.strip())
+        if m and (pid is None or int(p) == pid):
+            out.append(MemslotIoctl(int(m.group(1), 0), int(m.group(2), 0), int(m.group(3), 0),
+                                    int(m.group(4)), int(m.group(5)), int(m.group(6))))
+    return out
+
+
+def enable_ioctl_ms(calls: Sequence[MemslotIoctl], start_ns: int, end_ns: int) -> Optional[float]:
+    """``kvm_ioctl_ms``: the summed durations of the ioctls that turned dirty
+    logging on and returned within [start_ns, end_ns] (QEMU host wall clock);
+    None when there were none (no shim, or no memslot to log)."""
+    picked = [c.dur_ns for c in calls if c.enables_logging and c.ret == 0 and start_ns <= c.end_ns <= end_ns]
+    return sum(picked) / 1e6 if picked else None
 
 
 def read_shim_log(host: Host, runtime_dir: str) -> str:
