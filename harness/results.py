@@ -52,6 +52,8 @@ METRIC_COLUMNS = (
     "stall_cpu_max_us", "stall_cpu_p99_us", "stall_cpu_count",
     "baseline_stall_max_us", "total_time_ms", "downtime_ms", "dirty_log_stop_ms",
     "stall_write_sum_ms", "baseline_stall_write_sum_ms", "kvm_pf", "baseline_kvm_pf",
+    "stall_pio_precopy_ms_per_s", "stall_write_precopy_ms_per_s", "stall_cpu_precopy_ms_per_s",
+    "baseline_stall_pio_ms_per_s", "baseline_stall_write_ms_per_s", "baseline_stall_cpu_ms_per_s",
 )
 STATUS_COLUMNS = ("status", "error")
 

@@ -14,7 +14,9 @@ Flow of one run (:func:`run_one`), every wait bounded:
 6. ``end_action = complete``: collect the probe's data (``dump`` also stops the
    loops), lift the migration's bandwidth hold (:data:`migration.HOLD_BANDWIDTH`:
    until then precopy cannot complete and pause the source guest), wait for
-   ``completed``.
+   ``completed``, then one mark round trip with the probe on the destination:
+   the migrated guest must run there (with ``verify`` the records come from
+   the destination, which answers the same way).
    ``end_action = cancel``: ``cancel_after_s`` after pass 1,
    ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
    ``cancelled``, then collect the probe's data;
@@ -377,10 +379,20 @@ class _Run:
                 if end["data"]["status"] != "completed":
                     raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
                 self.t["completed"] = event_time_ns(end)
+                stop = next((e for e in src.events[since:] if e.get("event") == "STOP"), None)
+                if stop is not None:        # the source guest ran until here
+                    self.t["stopped"] = event_time_ns(stop)
                 q = await migration.query_completed(src)
+                await self._hook("completed")
+                if not self.verifying:
+                    await self._destination_answers(stack, dst, ProbeChannel)
                 if self.verifying:
                     task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
                     await self._verify(src, dst)
+                    if os.environ.get("MIGSTALL_DEBUG_PRECONT"):    # experiment: README "Soak"
+                        self.side["precont"] = {tag: _registers_text(await vm.cmd(
+                            "human-monitor-command", {"command-line": "info registers -a"}))
+                            for tag, vm in (("src", src), ("dst", dst))}
                     await dst.cmd("cont")
                     dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"),
                                                        log_path=dst.path("console.log"))
@@ -411,6 +423,24 @@ class _Run:
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         self.fault_window_s = max(0.0, time.monotonic() - migrate_mono)
         self.kvm_samples["after"] = await kvm_stats.sample(src) if self.kvm_samples.get("migrate") else None
+
+    async def _destination_answers(self, stack: contextlib.AsyncExitStack, dst: VM, ProbeChannel: Any) -> None:
+        """A completed migration must leave a running guest: the probe on the
+        destination echoes one mark (the records came from the source).  A
+        guest that does not answer fails the run, saying what its vCPUs do."""
+        dchan = await ProbeChannel.open_on(self.host, dst.path("probe.sock"), log_path=dst.path("console.log"))
+        stack.push_async_callback(_aclose, dchan)
+        try:
+            s = await dchan.mark(MARK_TIMEOUT)
+        except GuestError as exc:
+            if not dst.alive:
+                raise
+            snap = await stuck.snapshot(dst)
+            self.side["stuck"] = {"vm": dst.name, **snap}
+            raise GuestError(f"the migrated guest does not answer on the destination ({exc.args[0]}); "
+                             f"{stuck.summary(snap)}", exc.log_path) from exc
+        self.side["destination_mark"] = {"round_trip_ms": (s.harness_recv_ns - s.harness_send_ns) / 1e6,
+                                         "guest_ns": s.guest_ns}
 
     async def _dump(self, chan: Any, vm: VM) -> List[Any]:
         """The probe's records; when it does not answer, the error says what the
@@ -457,16 +487,36 @@ class _Run:
         self.row["baseline_stall_max_us"] = stalls.max_in(self.records, cm, *b)
         self.side["stalls"] = stalls.per_vcpu(self.records, cm, {"window": w, "baseline": b})
         self.side["windows_ns"] = {"stall": list(w), "baseline": list(b)}
+        self._precopy_columns(cm)
         mig = self.kvm_samples.get("migrate")
         if mig is not None:
             self.row["kvm_mapped_mib"] = mig.mapped_mib
         if self.fault_window_s:
             self._fault_columns(cm)
 
+    def _precopy_columns(self, cm: clockmod.ClockMap) -> None:
+        """The guest's whole loss during migration: per loop class, stalled ms per
+        second from ``MIGRATION setup`` to the end of precopy (``cancelled``, or
+        the source's ``STOP`` before ``completed``), against the same rate from
+        the baseline's start to ``setup``.  Only where the loops ran through
+        precopy: on ``cancel`` and with ``verify`` (otherwise the records are
+        collected, and the loops stopped, while precopy is still held)."""
+        end = self.t.get("cancelled") if self.sc.end_action == "cancel" else \
+            (self.t.get("stopped") if self.verifying else None)
+        setup, base = self.t.get("setup"), self.t.get("baseline_start")
+        if not end or not setup or not base or end <= setup or setup <= base:
+            return
+        for cls in stalls.CLASSES:
+            during = stalls.sum_in(self.records, cm, setup, end, cls=cls)
+            before = stalls.sum_in(self.records, cm, base, setup, cls=cls)
+            self.row[f"stall_{cls}_precopy_ms_per_s"] = None if during is None else during / ((end - setup) / 1e9)
+            self.row[f"baseline_stall_{cls}_ms_per_s"] = None if before is None else before / ((setup - base) / 1e9)
+        self.side["precopy_windows_ns"] = {"precopy": [setup, end], "baseline": [base, setup]}
+
     def _fault_columns(self, cm: clockmod.ClockMap) -> None:
         """Where the start's cost went: the write loops' stalled time and KVM's
         page faults in the span after migrate, against an equally long span
-        right before it (README "Where the cost went")."""
+        right before it (README "Columns": ``stall_write_sum_ms``, ``kvm_pf``)."""
         span = int(self.fault_window_s * 1e9)
         t0 = self.t["setup"] or 0
         after, before = (t0, t0 + span), (t0 - span, t0)
@@ -596,6 +646,10 @@ async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str
     if dst.pid is not None and not dst.alive:
         parts.append("the destination QEMU has exited")
     return "; ".join(parts)
+
+
+def _registers_text(text: Any) -> Dict[str, Any]:
+    return {"vcpus": stuck.parse_registers(str(text)), "registers": str(text)[:stuck.REGISTERS_KEEP]}
 
 
 async def _aclose(chan: Any) -> None:

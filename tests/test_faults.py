@@ -4,6 +4,7 @@ is left (the autouse fixture in conftest.py checks that after every test)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,29 @@ def test_destination_killed_mid_migration(tmp_path, guest_image):
     assert "migration" in got["error"].lower(), got["error"]
     assert got["guest_mem_mib"] == "512" and got["dirty_log_start_ms"] == ""
     assert Path(got["sidecar"]).is_file()
+    assert not _mine(row["run_id"])
+
+
+def test_destination_guest_that_does_not_run_fails_the_row(tmp_path, guest_image):
+    """A migration that completes but leaves no running guest is a failure: the
+    destination's probe must echo a mark, and the error says what its vCPUs do
+    (here the destination is paused by QMP ``stop`` right after ``completed``)."""
+    out = tmp_path / "f.csv"
+
+    async def stop_destination(point, vms):
+        if point == "completed":
+            await vms["dst"].cmd("stop")
+
+    ctx = runner.RunContext(host=LocalHost(), out=out, hook=stop_destination)
+    row = asyncio.run(runner.run_one(ctx, Scenario(name="fault-dst-stopped", **SMALL), guest_image))
+    (got,) = results.read_rows(out)
+    assert got["status"] == "failed"
+    assert "the migrated guest does not answer on the destination" in got["error"], got["error"]
+    assert "QEMU paused; vCPU0 " in got["error"] and "RIP 0x" in got["error"], got["error"]
+    side = json.loads(Path(got["sidecar"]).read_text())
+    assert side["measured"]["setup_time_ms"] > 0             # what was measured is kept
+    stuck = side["stuck"]
+    assert stuck["status"] == "paused" and len(stuck["vcpus"]) == 2 and "RIP=" in stuck["registers"]
     assert not _mine(row["run_id"])
 
 

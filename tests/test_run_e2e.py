@@ -53,6 +53,10 @@ def test_run_complete_writes_ok_row(tmp_path):
     assert 2000 <= _num(row, "fault_window_ms") < 10000
     assert _num(row, "stall_write_sum_ms") >= 0 and _num(row, "baseline_stall_write_sum_ms") >= 0
     assert row["kvm_pf"] == row["baseline_kvm_pf"] == row["kvm_mapped_mib"] == ""
+    # the whole precopy's loss (the loops ran through it: verify), per second, and the baseline's
+    for cls in ("pio", "write"):
+        assert _num(row, f"stall_{cls}_precopy_ms_per_s") >= 0 and _num(row, f"baseline_stall_{cls}_ms_per_s") >= 0
+    assert row["stall_cpu_precopy_ms_per_s"] == row["baseline_stall_cpu_ms_per_s"] == ""
     side = json.loads(Path(row["sidecar"]).read_text())
     pad_pages = side["ram_pad_kib"] // 4                     # 2 on QEMU < 9.0, else 0
     assert int(row["verify_pages"]) == 512 * 256 - 96 + pad_pages and row["verify_mismatch_pages"] == "0"
@@ -80,6 +84,9 @@ def test_cancel_records_dirty_log_stop(tmp_path, guest_image):
     assert float(got["dirty_log_stop_ms"]) >= 0
     assert float(got["setup_time_ms"]) > 0
     assert got["total_time_ms"] == "" and got["downtime_ms"] == ""
+    # the cancel came 0.3 s after pass 1, before the 2 s fault-cost span was over
+    assert 0 < float(got["fault_window_ms"]) < 2000
+    assert float(got["stall_write_precopy_ms_per_s"]) >= 0 and float(got["baseline_stall_pio_ms_per_s"]) >= 0
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert got["page_size_kib"] == "2048"

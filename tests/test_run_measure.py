@@ -158,7 +158,7 @@ def test_stuck_guest_summary():
     """What a probe timeout's error says about the guest (harness.qemu.stuck)."""
     from harness.qemu import stuck
 
-    cpus = stuck._registers(HMP_REGISTERS)
+    cpus = stuck.parse_registers(HMP_REGISTERS)
     assert cpus == [{"rip": "0xffffffff81c3a1ae", "halted": True, "cpl": 0},
                     {"rip": "0x0000559a3c6b1234", "halted": False, "cpl": 3}]
     snap = {"status": "running", "vcpus": cpus,

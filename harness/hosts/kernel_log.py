@@ -32,7 +32,7 @@ _INTERESTING = re.compile(
 #: lines returned by default
 DEFAULT_KERNEL_LOG_LINES = 20
 #: what in a host's kernel log makes a run's figures untrustworthy (README
-#: "Host kernel log"): a WARN, a BUG (also a soft lockup's "BUG: soft lockup"),
+#: "When a run fails"): a WARN, a BUG (also a soft lockup's "BUG: soft lockup"),
 #: an Oops, a GPF or panic, or KVM reporting an error.  KVM's informational
 #: lines ("kvm [pid]: vcpu0, guest rIP: ... Unhandled WRMSR", printed whenever a
 #: guest probes an MSR KVM does not emulate) are not problems.

@@ -1,7 +1,7 @@
 """KVM's own counters for one QEMU, through QMP ``query-stats`` (QEMU >= 7.1
 on Linux >= 5.14; nothing under TCG).
 
-The fault-cost columns (README "Where the cost went") need two of them: how
+The fault-cost columns (README "Columns": ``kvm_pf``, ``kvm_mapped_mib``) need two of them: how
 many page faults the guest's vCPUs took (``pf_taken``: every fault KVM handled,
 ``pf_fast`` the ones its lockless fast path fixed) in a span, and how much
 memory KVM had mapped when dirty logging started (``pages_4k``/``pages_2m``/

@@ -55,7 +55,7 @@ async def _vcpu_stats(vm: VM) -> Dict[str, Dict[str, int]]:
     return out
 
 
-def _registers(text: str) -> List[Dict[str, Any]]:
+def parse_registers(text: str) -> List[Dict[str, Any]]:
     """Per vCPU ``rip`` and ``halted`` from HMP ``info registers -a`` (QMP has no
     equivalent); vCPUs in order."""
     cpus: List[Dict[str, Any]] = []
@@ -74,17 +74,26 @@ async def snapshot(vm: VM) -> Dict[str, Any]:
     snap: Dict[str, Any] = {}
     try:
         snap["status"] = (await vm.cmd("query-status", timeout=QMP_TIMEOUT)).get("status")
+    except QEMUError as exc:
+        log.warning("snapshot of %s: no status: %s", vm.name, exc)
+        snap["incomplete"] = str(exc)
+        return snap                     # a QEMU that cannot say its status will not say more
+    try:
         first = await _vcpu_stats(vm)
-        await asyncio.sleep(SAMPLE_S)
-        second = await _vcpu_stats(vm)
-        snap["per_s"] = {path: {k: round((v - first.get(path, {}).get(k, v)) / SAMPLE_S)
-                                for k, v in stats.items()}
-                         for path, stats in sorted(second.items(), key=lambda kv: _natural(kv[0]))}
+        if first:                       # KVM: per-second rates
+            await asyncio.sleep(SAMPLE_S)
+            second = await _vcpu_stats(vm)
+            snap["per_s"] = {path: {k: round((v - first.get(path, {}).get(k, v)) / SAMPLE_S)
+                                    for k, v in stats.items()}
+                             for path, stats in sorted(second.items(), key=lambda kv: _natural(kv[0]))}
+    except QEMUError as exc:
+        log.info("snapshot of %s: no KVM stats: %s", vm.name, exc)
+    try:
         text = await vm.cmd("human-monitor-command", {"command-line": "info registers -a"}, timeout=QMP_TIMEOUT)
-        snap["vcpus"] = _registers(str(text))
+        snap["vcpus"] = parse_registers(str(text))
         snap["registers"] = str(text)[:REGISTERS_KEEP]
     except QEMUError as exc:
-        log.warning("snapshot of %s incomplete: %s", vm.name, exc)
+        log.warning("snapshot of %s: no registers: %s", vm.name, exc)
         snap["incomplete"] = str(exc)
     return snap
 
