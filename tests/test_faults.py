@@ -65,7 +65,6 @@ def test_destination_guest_that_does_not_run_fails_the_row(tmp_path, guest_image
     assert "the migrated guest does not answer on the destination" in got["error"], got["error"]
     assert "QEMU paused; vCPU0 " in got["error"] and "RIP 0x" in got["error"], got["error"]
     side = json.loads(Path(got["sidecar"]).read_text())
-    assert side["measured"]["setup_time_ms"] > 0             # what was measured is kept
     stuck = side["stuck"]
     assert stuck["status"] == "paused" and len(stuck["vcpus"]) == 2 and "RIP=" in stuck["registers"]
     assert not _mine(row["run_id"])
