@@ -297,8 +297,9 @@ class _Run:
         except GuestError as exc:
             if time.monotonic() < ready_deadline:
                 raise
+            note = await self._stuck_note(src)
             raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s of its start "
-                             f"({' '.join(str(exc).split())})", exc.log_path) from exc
+                             f"({' '.join(str(exc).split())}){note}", exc.log_path) from exc
         self.row["touched_mib"] = ready.touched_mib
         self.row["prefault_ms"] = ready.prefault_ms
         await self._hook("ready")
@@ -435,10 +436,8 @@ class _Run:
         except GuestError as exc:
             if not dst.alive:
                 raise
-            snap = await stuck.snapshot(dst)
-            self.side["stuck"] = {"vm": dst.name, **snap}
-            raise GuestError(f"the migrated guest does not answer on the destination ({exc.args[0]}); "
-                             f"{stuck.summary(snap)}", exc.log_path) from exc
+            raise GuestError(f"the migrated guest does not answer on the destination "
+                             f"({exc.args[0]}){await self._stuck_note(dst)}", exc.log_path) from exc
         self.side["destination_mark"] = {"round_trip_ms": (s.harness_recv_ns - s.harness_send_ns) / 1e6,
                                          "guest_ns": s.guest_ns}
 
@@ -450,9 +449,18 @@ class _Run:
         except GuestError as exc:
             if not vm.alive:
                 raise
-            snap = await stuck.snapshot(vm)
-            self.side["stuck"] = {"vm": vm.name, **snap}
-            raise GuestError(f"{exc.args[0]}; {stuck.summary(snap)}", exc.log_path) from exc
+            raise GuestError(f"{exc.args[0]}{await self._stuck_note(vm)}", exc.log_path) from exc
+
+    async def _stuck_note(self, vm: VM) -> str:
+        """``"; <what its vCPUs do>"`` for an error about a guest that did not
+        answer in time (:mod:`harness.qemu.stuck`, kept in the sidecar's
+        ``stuck``); "" when its QEMU is gone."""
+        if not vm.alive:
+            return ""
+        snap = await stuck.snapshot(vm)
+        self.side["stuck"] = {"vm": vm.name, **snap}
+        text = stuck.summary(snap)
+        return f"; {text}" if text else ""
 
     async def _verify(self, src: VM, dst: VM) -> None:
         """Hash guest RAM on both sides (both paused: the source by the

@@ -79,6 +79,8 @@ def test_guest_never_ready_times_out(tmp_path, guest_image):
     (got,) = results.read_rows(out)
     assert got["status"] == "failed"
     assert "READY" in got["error"] or "hello" in got["error"], got["error"]
+    # and what the guest was doing instead (harness.qemu.stuck): TCG, no KVM counters
+    assert "QEMU running; vCPU0 " in got["error"] and "RIP 0x" in got["error"], got["error"]
     assert not _mine(row["run_id"])
 
 
