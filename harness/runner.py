@@ -390,10 +390,6 @@ class _Run:
                 if self.verifying:
                     task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
                     await self._verify(src, dst)
-                    if os.environ.get("MIGSTALL_DEBUG_PRECONT"):    # experiment: README "Soak"
-                        self.side["precont"] = {tag: _registers_text(await vm.cmd(
-                            "human-monitor-command", {"command-line": "info registers -a"}))
-                            for tag, vm in (("src", src), ("dst", dst))}
                     await dst.cmd("cont")
                     dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"),
                                                        log_path=dst.path("console.log"))
@@ -654,10 +650,6 @@ async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str
     if dst.pid is not None and not dst.alive:
         parts.append("the destination QEMU has exited")
     return "; ".join(parts)
-
-
-def _registers_text(text: Any) -> Dict[str, Any]:
-    return {"vcpus": stuck.parse_registers(str(text)), "registers": str(text)[:stuck.REGISTERS_KEEP]}
 
 
 async def _aclose(chan: Any) -> None:
