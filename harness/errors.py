@@ -9,6 +9,11 @@ decide the exit code and what the user is told:
   carries the path of the log that explains it.
 
 Subclasses keep their cause (``raise X(...) from exc``).
+
+QMP failures keep their meaning: :class:`QMPCommandError` (QEMU answered with
+an error; ``error_class`` such as ``CommandNotFound``) and
+:class:`QMPDisconnectedError` (QEMU went away before it answered) are both
+:class:`QEMUError`, so ``except QEMUError`` still catches them.
 """
 
 from __future__ import annotations
@@ -66,6 +71,30 @@ class QEMUError(InfraError):
     """QEMU failed to start, died, or a QMP command failed."""
 
 
+class QMPCommandError(QEMUError):
+    """QEMU answered a QMP command with an error.  ``error_class`` is QMP's
+    class (``CommandNotFound``, ``GenericError``, ``DeviceNotFound``, ...),
+    ``desc`` QEMU's own text.  QEMU is alive and still answering."""
+
+    def __init__(self, message: str, log_path: Optional[Union[str, Path]] = None, *,
+                 command: str, error_class: str, desc: str):
+        super().__init__(message, log_path)
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QMPDisconnectedError(QEMUError):
+    """QMP is not connected, or the connection went away before QEMU answered
+    (QEMU exited or is exiting).  Whether an interrupted command took effect is
+    unknown.  ``command``: the command or event it was waiting for."""
+
+    def __init__(self, message: str, log_path: Optional[Union[str, Path]] = None, *,
+                 command: Optional[str] = None):
+        super().__init__(message, log_path)
+        self.command = command
+
+
 class GuestError(InfraError):
     """The guest or its probe misbehaved (no READY, bad protocol, ...)."""
 
@@ -92,3 +121,4 @@ class HostKeyMismatch(UserError):
 
 class KVMUnusable(UserError):
     """KVM was requested but is not usable on this host."""
+

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from harness.errors import QEMUError
+from harness.errors import QEMUError, QMPCommandError
 from harness.qemu.machine import VM
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,11 @@ async def sample(vm: VM) -> Optional[Sample]:
         vms = await vm.cmd("query-stats", {"target": "vm",
                                            "providers": [{"provider": "kvm", "names": list(VM_STATS)}]},
                            timeout=QUERY_TIMEOUT)
-    except QEMUError as exc:
+    except QMPCommandError as exc:          # QEMU without query-stats, or without these stats
         log.info("no KVM stats from %s: %s", vm.name, exc)
+        return None
+    except QEMUError as exc:                # gone, or no answer in time: not a missing feature
+        log.warning("no KVM stats from %s: %s", vm.name, exc)
         return None
     got = Sample(time.monotonic(), _values(vcpu, VCPU_STATS), _values(vms, VM_STATS))
     return got if got.vcpu else None

@@ -61,12 +61,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, StateError
 from qemu.qmp.events import EventListener
 from qemu.qmp.protocol import Runstate
 
 from harness import ctools
-from harness.errors import HostError, QEMUError
+from harness.errors import HostError, QEMUError, QMPCommandError, QMPDisconnectedError
 from harness.hosts.base import Host
 from harness.hosts.kernel_log import strip_stamp
 
@@ -374,10 +374,12 @@ class VM:
     # -- QMP ---------------------------------------------------------------------
     async def cmd(self, command: str, args: Optional[Mapping[str, Any]] = None,
                   timeout: Optional[float] = None) -> Any:
-        """Run a QMP command; QEMUError on error, disconnect or timeout."""
+        """Run a QMP command.  QMPCommandError when QEMU answers with an error
+        (its ``error_class``), QMPDisconnectedError when QMP is not connected or
+        goes away first, QEMUError on a timeout or anything else; all QEMUError."""
         if self.qmp is None or self.qmp.runstate != Runstate.RUNNING:
-            raise QEMUError(f"QEMU {self.name}: QMP is not connected ({command}); "
-                            f"{self._process_note()}", self.log_path)
+            raise QMPDisconnectedError(f"QEMU {self.name}: QMP is not connected ({command}); "
+                                       f"{self._process_note()}", self.log_path, command=command)
         t = self.qmp_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(self.qmp.execute(command, dict(args) if args else None), t)
@@ -385,6 +387,14 @@ class VM:
             raise QEMUError(f"QEMU {self.name}: QMP {command} timed out after {t:g}s", self.log_path) from exc
         except asyncio.CancelledError:
             raise
+        except ExecuteError as exc:
+            raise QMPCommandError(f"QEMU {self.name}: QMP {command} failed: {exc}; {self._process_note()}",
+                                  self.log_path, command=command, error_class=exc.error_class,
+                                  desc=exc.error.error.desc) from exc
+        except (ExecInterruptedError, StateError, ConnectionError, EOFError) as exc:
+            # the connection ended (or was ending) before QEMU answered
+            raise QMPDisconnectedError(f"QEMU {self.name}: QMP {command} failed: {exc}; {self._process_note()}",
+                                       self.log_path, command=command) from exc
         except Exception as exc:
             raise QEMUError(f"QEMU {self.name}: QMP {command} failed: {exc}; {self._process_note()}",
                             self.log_path) from exc
@@ -416,8 +426,8 @@ class VM:
             if ev is not None:
                 return ev
             if self._dead or self.qmp is None:
-                raise QEMUError(f"QEMU {self.name}: QMP closed while waiting for {name}; "
-                                f"{self._process_note()}", self.log_path)
+                raise QMPDisconnectedError(f"QEMU {self.name}: QMP closed while waiting for {name}; "
+                                           f"{self._process_note()}", self.log_path, command=name)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QEMUError(f"QEMU {self.name}: no {name} event within {timeout:g}s", self.log_path)

@@ -2,8 +2,9 @@
 
 * version: ``query-version``;
 * QMP events: ``query-qmp-schema`` (entities with ``meta-type: event``);
-* trace events: ``trace-event-get-state`` with a name pattern (an event the
-  binary was built without is simply absent from the answer).
+* trace events: ``trace-event-get-state`` per name (an event the binary was
+  built without is answered with an error, and absent from the result; so are
+  all of them when QEMU has no such command).
 
 The runner uses this to pick its measurement definitions: where
 ``global_dirty_changed`` is missing (QEMU < 6.1) ``dirty_log_start_ms`` falls
@@ -16,6 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Tuple
+
+from harness.errors import QMPCommandError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,13 @@ async def probe(vm, wanted: Iterable[str] = WANTED_TRACE_EVENTS) -> QemuInfo:
     for name in wanted:
         try:
             got: List[dict] = await vm.cmd("trace-event-get-state", {"name": name})
-        except Exception as exc:  # noqa: BLE001  QEMU without the trace command at all
-            log.info("trace-event-get-state %s: %s", name, exc)
+        except QMPCommandError as exc:
+            # QEMU answered: without the command at all (CommandNotFound), or without this
+            # event (GenericError "unknown event").  A QEMU that went away or did not answer
+            # in time is not a missing event: that propagates.
+            log.info("trace-event-get-state %s: %s (%s)", name, exc.desc, exc.error_class)
+            if exc.error_class == "CommandNotFound":
+                break
             continue
         for item in got:
             traces[item["name"]] = item.get("state") == "enabled"

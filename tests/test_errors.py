@@ -1,0 +1,128 @@
+"""Errors that keep their meaning (no QEMU started): VM.cmd maps qemu.qmp's
+errors onto QMPCommandError / QMPDisconnectedError, and callers tell a missing
+command from a QEMU that went away."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Dict, List, Optional
+
+import pytest
+from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate, StateError
+from qemu.qmp.message import Message
+from qemu.qmp.models import ErrorResponse
+
+from harness.errors import MigstallError, QEMUError, QMPCommandError, QMPDisconnectedError
+from harness.hosts.local import LocalHost
+from harness.qemu import schema
+from harness.qemu.machine import VM
+
+
+def execute_error(error_class: str, desc: str, command: str = "foo") -> ExecuteError:
+    """What qemu.qmp raises when QEMU answers ``command`` with an error."""
+    raw = {"error": {"class": error_class, "desc": desc}, "id": "__qmp#00001"}
+    return ExecuteError(ErrorResponse(raw), Message({"execute": command}), Message(raw))
+
+
+class FakeQMP:
+    """Stands in for a connected QMPClient whose execute() raises ``exc``."""
+
+    runstate = Runstate.RUNNING
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def execute(self, command: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        raise self.exc
+
+
+def cmd_error(exc: BaseException, command: str = "foo") -> QEMUError:
+    vm = VM(LocalHost(), "t", [], runtime_dir="/nonexistent")   # log_path needs one; nothing is started
+    vm.qmp = FakeQMP(exc)  # type: ignore[assignment]
+    with pytest.raises(QEMUError) as info:
+        asyncio.run(vm.cmd(command))
+    return info.value
+
+
+def test_execute_error_keeps_its_class():
+    exc = execute_error("CommandNotFound", "The command foo has not been found")
+    err = cmd_error(exc)
+    assert isinstance(err, QMPCommandError) and isinstance(err, MigstallError)
+    assert (err.command, err.error_class, err.desc) == ("foo", "CommandNotFound",
+                                                        "The command foo has not been found")
+    assert err.__cause__ is exc
+    # the message is the one VM.cmd always gave
+    assert str(err) == ("QEMU t: QMP foo failed: The command foo has not been found; "
+                        "its process had not exited yet")
+
+
+@pytest.mark.parametrize("exc", [ExecInterruptedError("Disconnected"),
+                                 StateError("QMPClient is disconnecting.", Runstate.DISCONNECTING,
+                                            Runstate.RUNNING),
+                                 EOFError()])
+def test_a_qemu_that_went_away_is_a_disconnect(exc):
+    err = cmd_error(exc)
+    assert isinstance(err, QMPDisconnectedError) and not isinstance(err, QMPCommandError)
+    assert err.command == "foo" and err.__cause__ is exc
+
+
+def test_not_connected_is_a_disconnect():
+    vm = VM(LocalHost(), "t", [], runtime_dir="/nonexistent")
+    with pytest.raises(QMPDisconnectedError, match="QMP is not connected"):
+        asyncio.run(vm.cmd("query-status"))
+
+
+def test_other_failures_stay_plain_qemu_errors():
+    err = cmd_error(ValueError("bad"))
+    assert type(err) is QEMUError
+
+
+class FakeVM:
+    """schema.probe's view of a VM: trace-event-get-state raises ``trace_exc``
+    (or answers, when None)."""
+
+    def __init__(self, trace_exc: Optional[Exception]) -> None:
+        self.trace_exc = trace_exc
+        self.asked: List[str] = []
+
+    async def cmd(self, command: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        if command == "query-version":
+            return {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}
+        if command == "query-qmp-schema":
+            return [{"name": "MIGRATION", "meta-type": "event"}]
+        assert command == "trace-event-get-state" and args is not None
+        self.asked.append(args["name"])
+        if self.trace_exc is not None:
+            raise self.trace_exc
+        return [{"name": args["name"], "state": "disabled"}]
+
+
+def qmp_error(error_class: str, desc: str) -> QMPCommandError:
+    return QMPCommandError(f"QMP failed: {desc}", command="trace-event-get-state", error_class=error_class,
+                           desc=desc)
+
+
+def test_probe_without_the_trace_command_asks_once():
+    vm = FakeVM(qmp_error("CommandNotFound", "The command trace-event-get-state has not been found"))
+    info = asyncio.run(schema.probe(vm, ["a", "b", "c"]))
+    assert info.trace_events == {} and vm.asked == ["a"] and info.version == "7.2.0"
+
+
+def test_probe_without_an_event_goes_on():
+    vm = FakeVM(qmp_error("GenericError", 'unknown event "a"'))
+    info = asyncio.run(schema.probe(vm, ["a", "b"]))
+    assert info.trace_events == {} and vm.asked == ["a", "b"]
+
+
+def test_probe_answers():
+    info = asyncio.run(schema.probe(FakeVM(None), ["a"]))
+    assert info.trace_events == {"a": False} and info.has_trace("a")
+
+
+@pytest.mark.parametrize("exc", [QMPDisconnectedError("QEMU t: QMP trace-event-get-state failed: Disconnected"),
+                                 QEMUError("QEMU t: QMP trace-event-get-state timed out after 10s")])
+def test_probe_does_not_take_a_dead_qemu_for_a_missing_event(exc):
+    with pytest.raises(QEMUError) as info:
+        asyncio.run(schema.probe(FakeVM(exc), ["a", "b"]))
+    assert info.value is exc
+
