@@ -30,7 +30,6 @@ interval (widened by the clock-mapping uncertainty plus
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import logging
 import signal
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from harness import paths
-from harness.errors import GuestError, UserError
+from harness.errors import GuestError, UserError, best_effort
 from harness.hosts.base import Host
 from harness.progress import Progress
 
@@ -188,7 +187,7 @@ class _Session:
                               timeout=PMEMSAVE_TIMEOUT)
         finally:
             t1, w1 = time.monotonic(), time.time_ns()
-            with contextlib.suppress(Exception):
+            with best_effort(f"removing {path} on {self.host.name}", log):
                 await asyncio.to_thread(self.host.run, ["rm", "-f", path], timeout=30, check=False)
         return (t1 - t0) * 1000, w0 + off, w1 + off
 
@@ -220,7 +219,7 @@ class _Session:
 
 def _save_console(host: Host, vm: Any, log_dir: Path) -> None:
     """Copy the guest console log next to the VM log (the runtime dir goes away)."""
-    with contextlib.suppress(Exception):
+    with best_effort(f"copying the guest console log to {log_dir}", log):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "console.log").write_bytes(host.read_bytes(vm.path("console.log")))
 

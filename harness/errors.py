@@ -14,12 +14,17 @@ QMP failures keep their meaning: :class:`QMPCommandError` (QEMU answered with
 an error; ``error_class`` such as ``CommandNotFound``) and
 :class:`QMPDisconnectedError` (QEMU went away before it answered) are both
 :class:`QEMUError`, so ``except QEMUError`` still catches them.
+
+:func:`best_effort` is for cleanup and diagnostics that must not raise: it logs
+what failed instead of dropping it silently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Tuple, Type, Union
 
 
 class MigstallError(Exception):
@@ -122,3 +127,21 @@ class HostKeyMismatch(UserError):
 class KVMUnusable(UserError):
     """KVM was requested but is not usable on this host."""
 
+
+# --- best effort ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def best_effort(what: str, logger: logging.Logger, *, level: int = logging.WARNING,
+                catch: Tuple[Type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Run the block; if it raises one of ``catch``, log ``"<what> failed:
+    <exc>"`` at ``level`` (with the traceback when ``logger`` is at DEBUG) and
+    carry on.  For cleanup and diagnostics that must never raise.
+
+    ``catch`` is ``Exception`` by default, so KeyboardInterrupt, SystemExit and
+    asyncio.CancelledError pass through.  ``level=logging.DEBUG`` is for a
+    failure that is routine there (closing what is already closed)."""
+    try:
+        yield
+    except catch as exc:
+        logger.log(level, "%s failed: %s", what, str(exc) or type(exc).__name__,
+                   exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None)

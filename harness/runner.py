@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence
 
 from harness import results
-from harness.errors import GuestError, HostError, InfraError, MeasurementError, MigrationError, MigstallError, QEMUError
+from harness.errors import (GuestError, HostError, InfraError, MeasurementError, MigrationError, MigstallError,
+                            QEMUError, best_effort)
 from harness.hosts import kernel_log
 from harness.hosts.base import Host
 from harness.measure import clock as clockmod
@@ -348,7 +349,8 @@ class _Run:
             await self._marks(chan, MARKS_PER_BATCH, "after-window")
             try:
                 q_active = await migration.query(src)
-            except QEMUError:
+            except QEMUError as exc:
+                log.warning("%s: query-migrate during the migration: %s", self.run_id, exc.one_line())
                 q_active = {}
             self.side["query_migrate_active"] = q_active
             if sc.end_action == "cancel":
@@ -643,7 +645,7 @@ def check_causality(marks: Sequence[Mapping[str, Any]], migrate_sent_local_ns: i
 async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str:
     """One line on a migration that ended ``status``: QEMU's error-desc, and whether the destination died."""
     parts = [head or f"migration {status}"]
-    with contextlib.suppress(Exception):
+    with best_effort("asking the source why the migration ended", log):
         desc = (await migration.query(src)).get("error-desc")
         if desc:
             parts.append(f"source says: {desc}")
@@ -658,7 +660,7 @@ async def _aclose(chan: Any) -> None:
         return
     res = close()
     if asyncio.iscoroutine(res):
-        with contextlib.suppress(Exception):
+        with best_effort(f"closing {type(chan).__name__}", log):
             await asyncio.wait_for(res, 5)
 
 

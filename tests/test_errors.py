@@ -1,10 +1,11 @@
 """Errors that keep their meaning (no QEMU started): VM.cmd maps qemu.qmp's
-errors onto QMPCommandError / QMPDisconnectedError, and callers tell a missing
-command from a QEMU that went away."""
+errors onto QMPCommandError / QMPDisconnectedError, callers tell a missing
+command from a QEMU that went away, and best_effort logs what it drops."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -12,7 +13,8 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate, StateError
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
-from harness.errors import MigstallError, QEMUError, QMPCommandError, QMPDisconnectedError
+from harness.errors import (HostError, MigstallError, QEMUError, QMPCommandError, QMPDisconnectedError,
+                            best_effort)
 from harness.hosts.local import LocalHost
 from harness.qemu import schema
 from harness.qemu.machine import VM
@@ -125,4 +127,64 @@ def test_probe_does_not_take_a_dead_qemu_for_a_missing_event(exc):
     with pytest.raises(QEMUError) as info:
         asyncio.run(schema.probe(FakeVM(exc), ["a", "b"]))
     assert info.value is exc
+
+
+# -- best_effort -------------------------------------------------------------------------
+
+LOG = logging.getLogger("migstall-test-best-effort")
+
+
+def test_best_effort_logs_what_failed(caplog):
+    caplog.set_level(logging.WARNING, logger=LOG.name)
+    with best_effort("removing /tmp/x on local", LOG):
+        raise HostError("rm exited 1: permission denied")
+    (rec,) = caplog.records
+    assert rec.levelno == logging.WARNING and rec.exc_info is None
+    assert rec.getMessage() == "removing /tmp/x on local failed: rm exited 1: permission denied"
+
+
+def test_best_effort_names_an_exception_without_text(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOG.name)
+    with best_effort("QMP disconnect", LOG, level=logging.DEBUG):
+        raise EOFError()
+    (rec,) = caplog.records
+    assert rec.levelno == logging.DEBUG and rec.getMessage() == "QMP disconnect failed: EOFError"
+    assert rec.exc_info is not None and rec.exc_info[0] is EOFError     # the traceback at DEBUG
+
+
+def test_best_effort_quiet_when_nothing_fails(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOG.name)
+    with best_effort("nothing", LOG):
+        pass
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, asyncio.CancelledError])
+def test_best_effort_lets_interrupts_through(exc):
+    with pytest.raises(exc):
+        with best_effort("x", LOG):
+            raise exc()
+
+
+def test_best_effort_can_take_everything_where_asked(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOG.name)
+    with best_effort("awaiting a cancelled task", LOG, level=logging.DEBUG, catch=(BaseException,)):
+        raise asyncio.CancelledError()
+    assert [r.getMessage() for r in caplog.records] == ["awaiting a cancelled task failed: CancelledError"]
+
+
+def test_best_effort_in_a_coroutine(caplog):
+    caplog.set_level(logging.WARNING, logger=LOG.name)
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise OSError("gone")
+
+    async def main() -> str:
+        with best_effort("cleanup", LOG):
+            await fails()
+        return "went on"
+
+    assert asyncio.run(main()) == "went on"
+    assert [r.getMessage() for r in caplog.records] == ["cleanup failed: gone"]
 

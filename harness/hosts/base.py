@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional, Sequence
 
-from harness.errors import UserError
+from harness.errors import UserError, best_effort
 from harness.hosts.kernel_log import parse_uptime
 
 log = logging.getLogger(__name__)
@@ -155,12 +155,12 @@ class Host(abc.ABC):
         """SIGTERM, wait ``grace`` seconds, then SIGKILL.  Never raises if gone."""
         if not self.pid_alive(pid):
             return
-        with contextlib.suppress(Exception):
+        with best_effort(f"SIGTERM to pid {pid} on {self.name}", log):
             self.signal(pid, _signal.SIGCONT)  # a SIGSTOPped process cannot die of SIGTERM
             self.signal(pid, _signal.SIGTERM)
         if self.wait_pid_exit(pid, grace):
             return
-        with contextlib.suppress(Exception):
+        with best_effort(f"SIGKILL to pid {pid} on {self.name}", log):
             self.signal(pid, _signal.SIGKILL)
         self.wait_pid_exit(pid, grace)
 

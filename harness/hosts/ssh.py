@@ -53,7 +53,7 @@ import paramiko
 from paramiko.common import cMSG_CHANNEL_OPEN
 from paramiko.message import Message
 
-from harness.errors import CommandTimeout, HostError, HostKeyMismatch, SSHError, UserError
+from harness.errors import CommandTimeout, HostError, HostKeyMismatch, SSHError, UserError, best_effort
 from harness.hosts.base import (DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KERNEL_LOG_TIMEOUT,
                                 DEFAULT_STREAM_CLOSE_TIMEOUT, CommandResult, Host, HostStream)
 from harness.hosts.kernel_log import console_note, interesting_tail
@@ -186,11 +186,12 @@ class _Pump:
             self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        # called twice (by the pump and by its stream), often on a connection already gone
+        with best_effort(f"{self.thread.name}: closing the channel", log, level=logging.DEBUG):
             self.chan.close()
-        with contextlib.suppress(Exception):
+        with best_effort(f"{self.thread.name}: shutting the socket down", log, level=logging.DEBUG):
             self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(Exception):
+        with best_effort(f"{self.thread.name}: closing the socket", log, level=logging.DEBUG):
             self.sock.close()
 
 
@@ -206,7 +207,7 @@ class _SSHStream(HostStream):
         self._err = bytearray()
 
     def stderr_text(self) -> str:
-        with contextlib.suppress(Exception):
+        with best_effort(f"reading the stderr of {self.argv[0]} on {self.host.name}", log, level=logging.DEBUG):
             while self.chan.recv_stderr_ready():
                 self._err += self.chan.recv_stderr(_CHUNK)
         return bytes(self._err).decode(errors="replace")
@@ -472,7 +473,9 @@ class SSHHost(Host):
         finally:
             try:
                 if not finished:
-                    with contextlib.suppress(Exception):
+                    # the channel that failed may not give its stderr: the failure itself propagates
+                    with best_effort(f"{argv[0]} on {self.name}: reading the rest of stderr", log,
+                                     level=logging.DEBUG):
                         while chan.recv_stderr_ready():
                             err += chan.recv_stderr(_CHUNK)
                     take_pid()
@@ -495,7 +498,7 @@ class SSHHost(Host):
             self.run(["chmod", "700", path])
             yield path
         finally:
-            with contextlib.suppress(Exception):
+            with best_effort(f"removing {path} on {self.name}", log):
                 self.run(["rm", "-rf", "--", path], timeout=DEFAULT_COMMAND_TIMEOUT)
 
     def read_bytes(self, path: str) -> bytes:
@@ -551,7 +554,7 @@ class SSHHost(Host):
             sftp.chmod(tmp, 0o755 if os.access(local_path, os.X_OK) else 0o644)
             sftp.posix_rename(tmp, remote)
         except OSError as exc:
-            with contextlib.suppress(Exception):
+            with best_effort(f"removing {tmp} on {self.name}", log, level=logging.DEBUG):  # often never created
                 sftp.remove(tmp)
             raise HostError(f"cannot stage {local_path} to {self.name}:{remote}: {exc}") from exc
         log.debug("staged %s -> %s", local_path, remote)
@@ -688,11 +691,11 @@ class SSHHost(Host):
             pump.close()
         self._pumps = []
         if self._sftp is not None:
-            with contextlib.suppress(Exception):
+            with best_effort(f"closing the SFTP session to {self.name}", log, level=logging.DEBUG):
                 self._sftp.close()
             self._sftp = None
         if self._client is not None:
-            with contextlib.suppress(Exception):
+            with best_effort(f"closing the SSH connection to {self.name}", log, level=logging.DEBUG):
                 self._client.close()
             self._client = None
 

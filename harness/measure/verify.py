@@ -85,7 +85,6 @@ GiB of guest RAM, 4 GiB for a 2 TiB guest).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
@@ -95,7 +94,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from harness import ctools
-from harness.errors import HostError, MeasurementError, QEMUError, UserError
+from harness.errors import HostError, MeasurementError, QEMUError, UserError, best_effort
 from harness.hosts.base import Host, HostStream
 from harness.qemu.machine import VM
 
@@ -266,14 +265,14 @@ async def _collect(reader: asyncio.StreamReader, nbytes: int) -> bytes:
 async def _unblock(host: Host, binary: str, fifo: str) -> None:
     """Open and close the FIFO as a reader (``ramhash -n 0``): a QEMU blocked in
     pmemsave's open() of it gets its open back and fails on the first write."""
-    with contextlib.suppress(Exception):
+    with best_effort(f"unblocking a QEMU writing to {fifo} on {host.name}", log):
         await asyncio.to_thread(host.run, [binary, "-n", "0", fifo], timeout=UNBLOCK_TIMEOUT, check=False)
 
 
 async def _close(stream: HostStream, writer: Optional[asyncio.StreamWriter]) -> None:
     if writer is not None:
         writer.close()
-        with contextlib.suppress(Exception):
+        with best_effort("closing the hasher's socket", log, level=logging.DEBUG):  # reset if it has gone
             await asyncio.wait_for(writer.wait_closed(), 5)
     await asyncio.to_thread(stream.close)
 
@@ -347,14 +346,16 @@ async def hash_guest_ram(vm: VM, ranges: Sequence[RamRange], timeout: Optional[f
         finally:
             if collect is not None and not collect.done():
                 collect.cancel()
-                with contextlib.suppress(BaseException):
+                # cancelled just above; the error already raised (or the result) is the news
+                with best_effort(f"verify {vm.name}: the hash collector", log, level=logging.DEBUG,
+                                 catch=(BaseException,)):
                     await collect
-            with contextlib.suppress(Exception):
+            with best_effort(f"verify {vm.name}: closing the hasher", log):
                 await _close(stream, writer)
             if not ok:
                 await _unblock(host, binary, fifo)
     finally:
-        with contextlib.suppress(Exception):
+        with best_effort(f"removing {fifo} on {host.name}", log):
             await asyncio.to_thread(host.run, ["rm", "-f", fifo], check=False)
     log.info("verify %s: %d pages hashed in %.3f s (%.2f s/GiB)", vm.name, total // PAGE, seconds,
              seconds / (total / GiB))
@@ -563,7 +564,7 @@ async def read_page(vm: VM, gpa: int) -> bytes:
         await vm.cmd("pmemsave", {"val": gpa, "size": PAGE, "filename": path})
         data = await asyncio.to_thread(vm.host.read_bytes, path)
     finally:
-        with contextlib.suppress(Exception):
+        with best_effort(f"removing {path} on {vm.host.name}", log):
             await asyncio.to_thread(vm.host.run, ["rm", "-f", path], check=False)
     if len(data) != PAGE:
         raise QEMUError(f"QEMU {vm.name}: pmemsave of the page at {gpa:#x} gave {len(data)} bytes", vm.log_path)

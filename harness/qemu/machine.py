@@ -66,7 +66,7 @@ from qemu.qmp.events import EventListener
 from qemu.qmp.protocol import Runstate
 
 from harness import ctools
-from harness.errors import HostError, QEMUError, QMPCommandError, QMPDisconnectedError
+from harness.errors import HostError, QEMUError, QMPCommandError, QMPDisconnectedError, best_effort
 from harness.hosts.base import Host
 from harness.hosts.kernel_log import strip_stamp
 
@@ -262,7 +262,7 @@ class VM:
             await self.launch()
         except BaseException:
             if self.pid is not None and not self.exit_reason:
-                with contextlib.suppress(Exception):
+                with best_effort(f"VM {self.name}: checking whether pid {self.pid} is alive", log):
                     if not self.host.pid_alive(self.pid):
                         self.exit_reason = "died"   # it started, then exited during the launch
             await self._cleanup()
@@ -299,8 +299,10 @@ class VM:
         try:
             res = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            # interrupted while QEMU initialises: let it finish so its pid is known and it can be stopped
-            with contextlib.suppress(BaseException):
+            # interrupted while QEMU initialises: let it finish so its pid is known and it can be stopped;
+            # whatever ends it (another cancel included), the cancel is re-raised below
+            with best_effort(f"VM {self.name}: the launch, finishing after the cancel", log,
+                             catch=(BaseException,)):
                 await fut
             self._read_pid_quietly()
             raise
@@ -325,13 +327,15 @@ class VM:
 
     def _log_note(self) -> str:
         """The last lines of the -D log on the host, one line (for a launch error); "" if none."""
-        with contextlib.suppress(Exception):
+        # QEMU creates its -D log only once it has something to write: no file is routine
+        with best_effort(f"VM {self.name}: reading its log {self.log_path}", log, level=logging.DEBUG):
             text = self.host.read_bytes(self.log_path).decode(errors="replace")
             return " | ".join(_clip(_MSG_STAMP.sub("", ln)) for ln in log_tail(text, NOTE_LOG_LINES))
         return ""
 
     def _read_pid_quietly(self) -> None:
-        with contextlib.suppress(Exception):
+        """The pidfile, if QEMU wrote one (it does not when it fails to start: logged at debug)."""
+        with best_effort(f"VM {self.name}: reading its pidfile", log, level=logging.DEBUG):
             self.pid = int(self.host.read_bytes(self.path(f"{self.name}.pid")).decode().strip())
 
     async def _connect_qmp(self) -> None:
@@ -340,7 +344,9 @@ class VM:
             sock = await asyncio.to_thread(self.host.connect_unix, self.path("qmp.sock"))
             await asyncio.wait_for(client.connect(sock), DEFAULT_CONNECT_TIMEOUT)
         except (asyncio.TimeoutError, Exception) as exc:
-            with contextlib.suppress(Exception):
+            # disconnect() re-raises what ended the connection, which is raised below anyway
+            with best_effort(f"VM {self.name}: QMP disconnect after the failed connect", log,
+                             level=logging.DEBUG):
                 await asyncio.wait_for(client.disconnect(), 5)
             raise QEMUError(f"QEMU {self.name}: cannot connect QMP: {exc or type(exc).__name__}",
                             self.log_path) from exc
@@ -496,15 +502,19 @@ class VM:
     async def _cleanup(self) -> None:
         try:
             if self.pid is not None:
-                with contextlib.suppress(Exception):
+                with best_effort(f"VM {self.name}: stopping pid {self.pid}", log):
                     await asyncio.to_thread(self.host.stop_pid, self.pid)
+            # cleanup goes on whatever happens (a cancel included): disconnect() re-raises what
+            # ended the connection (EOFError once QEMU has quit), and the tasks were cancelled
             if self.qmp is not None:
-                with contextlib.suppress(BaseException):
+                with best_effort(f"VM {self.name}: QMP disconnect", log, level=logging.DEBUG,
+                                 catch=(BaseException,)):
                     await asyncio.wait_for(self.qmp.disconnect(), 5)
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:
-                with contextlib.suppress(BaseException):
+                with best_effort(f"VM {self.name}: task {task.get_name()}", log, level=logging.DEBUG,
+                                 catch=(BaseException,)):
                     await task
             self._tasks.clear()
             try:
@@ -538,7 +548,8 @@ class VM:
         deadline = time.monotonic() + timeout
         while True:
             text = ""
-            with contextlib.suppress(Exception):    # not there yet
+            with best_effort(f"VM {self.name}: reading {self.exit_status_path}", log,
+                             level=logging.DEBUG):    # not there yet: polled until the deadline
                 text = self.host.read_bytes(self.exit_status_path).decode(errors="replace")
             pid, status = parse_exit_status(text)
             if status:
@@ -557,7 +568,8 @@ class VM:
         if self.runtime_dir is None:
             return
         text = ""
-        with contextlib.suppress(Exception):
+        # QEMU creates its -D log only once it has something to write: no file is routine
+        with best_effort(f"VM {self.name}: reading its log {self.log_path}", log, level=logging.DEBUG):
             text = self.host.read_bytes(self.log_path).decode(errors="replace")
         header = f"# migstall VM {self.name} on {self.host.name}; re-run with:\n# {self.command_line}\n"
         self.log_text = text
@@ -569,7 +581,7 @@ class VM:
                 self.local_log = dest
                 self.collected[self.log_path] = str(dest)
             for name in self.collect:
-                with contextlib.suppress(Exception):
+                with best_effort(f"VM {self.name}: collecting {self.path(name)}", log):
                     data = self.host.read_bytes(self.path(name))
                     extra = self.log_dir / f"{self.name}-{name}"
                     extra.write_bytes(data)
