@@ -198,6 +198,22 @@ class _Run:
                                     channel_socket=f"{rundir}/probe.sock",
                                     console_log=f"{rundir}/console.log", scenario=self.sc))
 
+    def _host_kernel(self) -> None:
+        """``host_kernel`` (``uname -r``).  Not needed to run, so a failure does not fail the
+        row; but compare tells kernels apart by it, so an empty cell comes with the reason,
+        logged and in the sidecar's ``host_kernel_error``."""
+        try:
+            release = self.host.run(["uname", "-r"], timeout=20).text.strip()
+        except Exception as exc:  # noqa: BLE001  reported just below; the run goes on without it
+            why = f"uname -r failed: {' '.join(str(exc).split()) or type(exc).__name__}"
+        else:
+            self.row["host_kernel"] = release
+            if release:
+                return
+            why = "uname -r printed nothing"
+        log.warning("%s: host_kernel left empty: %s", self.run_id, why)
+        self.side["host_kernel_error"] = why
+
     # -- the run ---------------------------------------------------------------------------
     async def execute(self) -> None:
         from harness.doctor import resolve_accel
@@ -207,8 +223,7 @@ class _Run:
         accel = await asyncio.to_thread(resolve_accel, host, sc.accel)
         self.row["accel"] = accel
         self.row["cpu_model"] = sc.cpu_model or ("host" if accel == "kvm" else "max")
-        with contextlib.suppress(Exception):
-            self.row["host_kernel"] = host.run(["uname", "-r"], timeout=20).text.strip()
+        self._host_kernel()
         kernel = await asyncio.to_thread(host.stage, Path(self.image.kernel))
         initrd = await asyncio.to_thread(host.stage, Path(self.image.initrd))
         qemu = sc.qemu or "qemu-system-x86_64"

@@ -1,11 +1,13 @@
 """Errors that keep their meaning (no QEMU started): VM.cmd maps qemu.qmp's
 errors onto QMPCommandError / QMPDisconnectedError, callers tell a missing
-command from a QEMU that went away, and best_effort logs what it drops."""
+command from a QEMU that went away, best_effort logs what it drops, and an
+unreadable host kernel release is reported, not left silently empty."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -188,3 +190,33 @@ def test_best_effort_in_a_coroutine(caplog):
     assert asyncio.run(main()) == "went on"
     assert [r.getMessage() for r in caplog.records] == ["cleanup failed: gone"]
 
+
+# -- host_kernel -------------------------------------------------------------------------
+
+def host_kernel_run(run: Any) -> SimpleNamespace:
+    from harness.runner import _Run
+
+    ns = SimpleNamespace(host=SimpleNamespace(run=run), row={}, side={}, run_id="r1")
+    _Run._host_kernel(ns)  # type: ignore[arg-type]
+    return ns
+
+
+def test_host_kernel_read():
+    ns = host_kernel_run(lambda argv, timeout: SimpleNamespace(text="6.1.0-28-amd64\n"))
+    assert ns.row == {"host_kernel": "6.1.0-28-amd64"} and ns.side == {}
+
+
+def test_host_kernel_failure_is_logged_and_recorded(caplog):
+    def run(argv, timeout):
+        raise HostError("uname -r on far exited 127: uname: not found")
+
+    caplog.set_level(logging.WARNING, logger="harness.runner")
+    ns = host_kernel_run(run)
+    assert "host_kernel" not in ns.row
+    assert ns.side == {"host_kernel_error": "uname -r failed: uname -r on far exited 127: uname: not found"}
+    assert any("host_kernel left empty" in r.getMessage() for r in caplog.records)
+
+
+def test_host_kernel_empty_is_recorded():
+    ns = host_kernel_run(lambda argv, timeout: SimpleNamespace(text="\n"))
+    assert ns.row == {"host_kernel": ""} and ns.side == {"host_kernel_error": "uname -r printed nothing"}
