@@ -328,7 +328,7 @@ class VM:
     def _log_note(self) -> str:
         """The last lines of the -D log on the host, one line (for a launch error); "" if none."""
         # QEMU creates its -D log only once it has something to write: no file is routine
-        with best_effort(f"VM {self.name}: reading its log {self.log_path}", log, level=logging.DEBUG):
+        with best_effort(f"VM {self.name}: reading its -D log", log, level=logging.DEBUG):
             text = self.host.read_bytes(self.log_path).decode(errors="replace")
             return " | ".join(_clip(_MSG_STAMP.sub("", ln)) for ln in log_tail(text, NOTE_LOG_LINES))
         return ""
@@ -548,8 +548,8 @@ class VM:
         deadline = time.monotonic() + timeout
         while True:
             text = ""
-            with best_effort(f"VM {self.name}: reading {self.exit_status_path}", log,
-                             level=logging.DEBUG):    # not there yet: polled until the deadline
+            # not there yet (polled until the deadline); anything else ends the wait: _post_mortem logs it
+            with contextlib.suppress(OSError, HostError):
                 text = self.host.read_bytes(self.exit_status_path).decode(errors="replace")
             pid, status = parse_exit_status(text)
             if status:
@@ -569,7 +569,7 @@ class VM:
             return
         text = ""
         # QEMU creates its -D log only once it has something to write: no file is routine
-        with best_effort(f"VM {self.name}: reading its log {self.log_path}", log, level=logging.DEBUG):
+        with best_effort(f"VM {self.name}: reading its -D log", log, level=logging.DEBUG):
             text = self.host.read_bytes(self.log_path).decode(errors="replace")
         header = f"# migstall VM {self.name} on {self.host.name}; re-run with:\n# {self.command_line}\n"
         self.log_text = text
@@ -581,7 +581,7 @@ class VM:
                 self.local_log = dest
                 self.collected[self.log_path] = str(dest)
             for name in self.collect:
-                with best_effort(f"VM {self.name}: collecting {self.path(name)}", log):
+                with best_effort(f"VM {self.name}: collecting {name}", log):
                     data = self.host.read_bytes(self.path(name))
                     extra = self.log_dir / f"{self.name}-{name}"
                     extra.write_bytes(data)
