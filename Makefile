@@ -12,7 +12,7 @@ help:
 	@echo "make test       run the test suite (installs what it needs first)"
 	@echo "make test-slow  the long end-to-end tests (nightly against the virtual host)"
 	@echo "make test-host  the host scenario matrix with KVM (needs an Intel VMX/AMD SVM host)"
-	@echo "make lint       static checks: ruff on harness/ and tests/, mypy on harness/ (config in pyproject.toml)"
+	@echo "make lint       static checks: ruff on harness/ and tests/, mypy on harness/ (config in pyproject.toml), shellcheck on the shell files"
 	@echo "make kernels    build stock and patched kernels of the seed test series"
 	@echo "make bench      benchmarks: print timings (not tests)"
 	@echo "make soak       SOAK_ARGS='--runs 50 -- --mem 512M --vcpus 2': loop runs, print the pass rate"
@@ -34,9 +34,14 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# Every shell file of the repo (busybox ash runs guests/init and L1's harness/sh/l1_*.sh: POSIX sh is checked)
+SHELL_FILES := scripts/setup-host .ci/run guests/init $(wildcard harness/sh/*.sh)
+
 lint: setup
 	$(BIN)/ruff check harness tests
 	$(BIN)/mypy harness
+	@command -v shellcheck >/dev/null || { echo "make lint: shellcheck not found; install it (Debian/Ubuntu: apt-get install shellcheck, which scripts/setup-host does when the release has it)" >&2; exit 2; }
+	shellcheck $(SHELL_FILES)
 
 test-host: setup
 	$(BIN)/migstall run --scenario scenarios/host.toml --accel kvm --out results/host.csv

@@ -8,6 +8,7 @@ Package layout (see README "Code map"):
   harness.measure     turning events, traces and probe data into columns
   harness.results     the CSV schema and atomic writers
   harness.compare     stock vs patched statistics and reports
+  harness.sh          the shell scripts run on hosts or put into images (*.sh, package data)
 """
 
 __version__ = "0.1.0"

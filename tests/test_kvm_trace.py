@@ -231,3 +231,38 @@ def test_instance_that_cannot_be_created_raises_as_before(tracefs: Path, tracer:
             pass
     assert not tracer._active
     assert _groups(tracefs) == {"kprobes"}
+
+
+@pytest.mark.parametrize("shell", ["sh", "busybox"])
+def test_keeper_arms_probes_that_the_sweep_keeps(tracefs: Path, shell: str) -> None:
+    """L1's keeper (harness/sh/l1_keeper.sh, filled in): the available candidates
+    probed in migstall_keep, an instance that never records; a run's setup and
+    teardown leave both alone.  ``busybox``: L1 runs it with busybox ash."""
+    if shell == "busybox" and not shutil.which("busybox"):
+        pytest.skip("no busybox")
+    argv = ["sh", "-c"] if shell == "sh" else [shutil.which("busybox") or "busybox", "sh", "-c"]
+    keep = kvm_trace.KEEP_GROUP
+    (tracefs / "events" / keep).mkdir()          # the kernel makes it for the group's first probe
+    script = kvm_trace.keeper_init_script(str(tracefs))
+    if shell == "busybox":     # its own mkdir applet comes before PATH: a function comes before both
+        script = f'mkdir() {{ "{tracefs.parent}/bin/mkdir" "$@"; }}\n' + script
+    res = subprocess.run([*argv, script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and not res.stderr, res
+    lines = (tracefs / "kprobe_events").read_text().splitlines()
+    assert lines == ["p:kprobes/vfs_read vfs_read",
+                     f"p:{keep}/kvm_set_memslot__e kvm_set_memslot change=%cx:u32",
+                     f"r:{keep}/kvm_set_memslot__r kvm_set_memslot",
+                     f"p:{keep}/kvm_mmu_slot_apply_flags__e kvm_mmu_slot_apply_flags",
+                     f"r:{keep}/kvm_mmu_slot_apply_flags__r kvm_mmu_slot_apply_flags"]
+    inst = tracefs / "instances" / keep
+    assert (inst / "tracing_on").read_text() == "0\n"
+    assert (inst / "buffer_size_kb").read_text() == f"{kvm_trace.KEEP_BUFFER_KB}\n"
+    assert (inst / "events" / keep / "enable").read_text() == "1\n"
+    assert (inst / "events" / "kvm" / "kvm_migstall_slot" / "enable").read_text() == "1\n"
+
+    mine = group_name(int(time.time()))
+    assert _setup(tracefs, mine, "kvm_set_memslot").returncode == 0
+    td = subprocess.run(["sh", "-c", kvm_trace._TEARDOWN, "sh", str(tracefs), mine],
+                        capture_output=True, text=True, timeout=60)
+    assert td.returncode == 0, td
+    assert _groups(tracefs) == {"kprobes", keep} and _instances(tracefs) == {keep}

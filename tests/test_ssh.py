@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import select
 import shlex
@@ -13,9 +15,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 import paramiko
 import pytest
+from qemu.qmp import EventListener, QMPClient
 
 from harness.errors import CommandTimeout, HostError, HostKeyMismatch
 from harness.hosts import ssh as ssh_mod
@@ -321,6 +325,91 @@ def test_connect_unix_forwarding(sshd, tmp_path):
     finally:
         server.close()
         th.join(5)
+
+
+def _fake_qmp(path: str, clients: int) -> Tuple[threading.Thread, List[threading.Thread]]:
+    """A unix-socket QMP server for ``clients`` connections: the greeting, then the
+    answer to every command (``query-status``: paused), after a STOP event once
+    capabilities are negotiated.
+    Returns the accepting thread and the list it fills with one thread per connection."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(clients)
+
+    def serve(conn: socket.socket) -> None:
+        decoder, buf = json.JSONDecoder(), ""
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+                         b'"capabilities": []}}\n')
+            while True:
+                data = conn.recv(65536)
+                if not data:               # the client's end closed: the forward's channel closed
+                    return
+                buf += data.decode()
+                while buf.strip():        # qemu.qmp ends a command with no newline: split by JSON value
+                    try:
+                        cmd, end = decoder.raw_decode(buf.lstrip())
+                    except ValueError:
+                        break
+                    buf = buf.lstrip()[end:]
+                    ret = {"status": "paused", "running": False} if cmd["execute"] == "query-status" else {}
+                    out = b""
+                    if cmd["execute"] != "qmp_capabilities":
+                        out += b'{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}\n'
+                    conn.sendall(out + json.dumps({"return": ret, "id": cmd.get("id")}).encode() + b"\n")
+
+    def accept() -> None:
+        with server:
+            for _ in range(clients):
+                conn, _ = server.accept()
+                th = threading.Thread(target=serve, args=(conn,), daemon=True)
+                th.start()
+                threads.append(th)
+
+    threads: List[threading.Thread] = []
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    return acceptor, threads
+
+
+def test_qmp_over_streamlocal_forwards(sshd, tmp_path):
+    """QMP over SSH as the runner uses it (qemu.qmp on :meth:`SSHHost.connect_unix`):
+    the ``direct-streamlocal@openssh.com`` channel that ``_streamlocal_channel``
+    opens through paramiko's private members, against the real OpenSSH sshd.  Two
+    forwards at once on one connection, a refused one between them, and closing a
+    forward's socket ends the remote connection."""
+    path = str(tmp_path / "qmp.sock")
+    acceptor, served = _fake_qmp(path, clients=2)
+
+    async def session(sock: socket.socket) -> None:
+        client = QMPClient("migstall-test")
+        listener = EventListener()
+        client.register_listener(listener)
+        await asyncio.wait_for(client.connect(sock), 10)
+        try:
+            assert await asyncio.wait_for(client.execute("query-status"), 10) == {"status": "paused",
+                                                                                  "running": False}
+            event = await asyncio.wait_for(listener.get(), 10)
+            assert event["event"] == "STOP"
+        finally:
+            await client.disconnect()
+
+    with sshd.host() as host:
+        first = host.connect_unix(path)
+        with pytest.raises(HostError, match="missing.sock"):
+            host.connect_unix(str(tmp_path / "missing.sock"))
+        second = host.connect_unix(path)        # the connection still forwards after a refusal
+        assert host.run(["echo", "ok"]).text == "ok\n"
+
+        async def both() -> None:
+            await asyncio.gather(session(first), session(second))
+
+        asyncio.run(both())
+    acceptor.join(10)
+    assert not acceptor.is_alive() and len(served) == 2
+    for th in served:
+        th.join(10)                              # the forwards closed: the server saw end of file on both
+        assert not th.is_alive()
 
 
 def _fake_probe(path: str) -> threading.Thread:

@@ -15,9 +15,10 @@ holds everything the runner drives over SSH inside L1:
 * ``migstall-kvm-pin`` (``guests/kvm-pin``), which rcS starts to hold one idle
   KVM VM for L1's lifetime: without it, an L2 QEMU exiting can hang L1 under
   multi-threaded TCG (the reason is in the C file);
-* ``/etc/init.d/rcS``: mounts, modules, network (QEMU user net), sshd, then one
-  line ``MIGSTALL-L1-READY <release>`` (or ``MIGSTALL-L1-FAILED <why>``) on the
-  second serial port, which the host reads as the boot-complete event.
+* ``/etc/init.d/rcS`` (``harness/sh/l1_rcS.sh``): mounts, modules, the probe
+  keeper, network (QEMU user net), sshd, then one line ``MIGSTALL-L1-READY
+  <release>`` (or ``MIGSTALL-L1-FAILED <why>``) on the second serial port, which
+  the host reads as the boot-complete event.
 
 Keys are NOT in the cached image: each VM gets a small second cpio archive
 (fresh sshd host key + the client's public key) appended to it, which the kernel
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from harness import ctools
+from harness import ctools, sh
 from harness.errors import HostError, UserError
 from harness.guest.cpio import Entry, file_entry, write_cpio
 from harness.measure import kvm_trace
@@ -206,58 +207,6 @@ def _busybox_entries() -> List[Entry]:
     return entries
 
 
-RCS = r"""#!/bin/sh
-# migstall L1 init (busybox init runs this as sysinit)
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-fail() { echo "MIGSTALL-L1-FAILED $*" > /dev/ttyS1; echo "migstall-l1: FAILED: $*" > /dev/console; exit 1; }
-stage() { echo "MIGSTALL-L1-STAGE $* $(cut -d' ' -f1 /proc/uptime)" > /dev/ttyS1; }
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-stage init
-mkdir -p /dev/pts /dev/shm /run/sshd /tmp /var/log /root /dev/hugepages
-chmod 0755 /run/sshd; chmod 1777 /tmp
-mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
-mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null
-stage modules
-if [ -f /etc/migstall/modules ]; then
-  while read -r mod path; do
-    params=""
-    for arg in $(cat /proc/cmdline); do
-      case "$arg" in "$mod".*=*) params="$params ${arg#"$mod".}";; esac
-    done
-    insmod "$path" $params || fail "insmod $mod$params failed"
-  done < /etc/migstall/modules
-fi
-[ -c /dev/kvm ] || fail "no /dev/kvm (is the CPU model exposing svm/vmx?)"
-stage tracing
-@KEEPER@
-# Live code patching can hang L1 under multi-threaded TCG (a stale translation of
-# text_poke_bp's transient int3 traps forever; see guests/kvm-pin/kvm-pin.c).
-# Hold one idle VM so L2 launches and exits never flip KVM's static keys, and
-# keep kprobes as plain int3s: no optimizer rewriting them into jumps later.
-stage kvm-pin
-/usr/sbin/migstall-kvm-pin > /dev/console 2>&1 || fail "migstall-kvm-pin could not create the idle KVM VM"
-echo 0 > /proc/sys/debug/kprobes-optimization 2>/dev/null
-stage network
-hostname migstall-l1
-ip link set lo up
-ip link set eth0 up || fail "no eth0"
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
-stage sshd
-/usr/sbin/sshd -f /etc/ssh/sshd_config -E /var/log/sshd.log || fail "sshd did not start: $(cat /var/log/sshd.log)"
-# sshd writes its PidFile once its listening socket is bound
-i=0
-while [ ! -s /run/sshd.pid ]; do
-  i=$((i+1)); [ "$i" -gt 400 ] && fail "sshd wrote no pidfile: $(cat /var/log/sshd.log)"; sleep 0.05
-done
-echo "MIGSTALL-L1-READY $(uname -r)" > /dev/ttyS1
-"""
-
 INITTAB = """::sysinit:/etc/init.d/rcS
 ::shutdown:/bin/umount -a -r
 """
@@ -288,6 +237,15 @@ sshd:x:100:65534:sshd:/run/sshd:/bin/false
 nobody:x:65534:65534:nobody:/nonexistent:/bin/false
 """
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
+
+
+def rcs_script() -> str:
+    """L1's ``/etc/init.d/rcS``: ``harness/sh/l1_rcS.sh`` with its ``@KEEPER@`` line
+    replaced by :func:`~harness.measure.kvm_trace.keeper_init_script` (values baked in)."""
+    text = sh.script("l1_rcS.sh")
+    if text.count("\n@KEEPER@\n") != 1:
+        raise ValueError("l1_rcS.sh needs exactly one @KEEPER@ line")
+    return text.replace("\n@KEEPER@\n", "\n" + kvm_trace.keeper_init_script())
 
 
 def _entries(kernel: L1Kernel, qemu: str) -> List[Entry]:
@@ -325,7 +283,7 @@ def _entries(kernel: L1Kernel, qemu: str) -> List[Entry]:
     if mod_lines:
         entries.append(Entry("etc/migstall/modules", 0o644, data="".join(mod_lines).encode()))
     entries += [
-        Entry("etc/init.d/rcS", 0o755, data=RCS.replace("@KEEPER@\n", kvm_trace.keeper_init_script()).encode()),
+        Entry("etc/init.d/rcS", 0o755, data=rcs_script().encode()),
         Entry("etc/inittab", 0o644, data=INITTAB.encode()),
         Entry("etc/ssh/sshd_config", 0o644, data=SSHD_CONFIG.encode()),
         Entry("etc/passwd", 0o644, data=PASSWD.encode()),

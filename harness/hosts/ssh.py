@@ -121,7 +121,9 @@ def _streamlocal_channel(transport: paramiko.Transport, path: str, timeout: floa
 
     paramiko's ``open_channel`` only knows the tcpip/x11 payloads, so this
     mirrors it with the streamlocal payload: socket path, reserved string,
-    reserved uint32.
+    reserved uint32.  The only use of paramiko's private members: pinned to the
+    major versions tested (pyproject.toml) and run against a real OpenSSH sshd by
+    ``tests/test_ssh.py`` (``test_qmp_over_streamlocal_forwards``).
     """
     if not transport.is_active():
         raise SSHError("SSH session not active")

@@ -69,6 +69,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from harness import sh
 from harness.errors import HostError
 from harness.hosts.base import Host
 
@@ -135,85 +136,10 @@ GROUP_PREFIX = "migstall_"
 _LINE_RE = re.compile(r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+"
                       r"(?:(?P<flags>[^\s:]{4,6})\s+)?(?P<ts>\d+\.\d+):\s+(?P<event>[\w.]+):\s?(?P<rest>.*)$")
 
-#: shell functions shared by the setup and teardown scripts.
-#: remove_group T G: switch the instance T/instances/G off and remove it, then
-#: delete every probe of event group G (appending -:G/EVENT, so other users'
-#: probes survive); complaints on stderr, status 1 when something is left.
-#: put VALUE FILE STEP: write VALUE to FILE; on failure print
-#: "error STEP REASON" on stdout and return 1.
-_FUNCS = r"""
-remove_group() {
-  [ -n "$2" ] || return 1
-  _I=$1/instances/$2; _rc=0
-  if [ -d "$_I" ]; then
-    echo 0 > "$_I/tracing_on"
-    [ -d "$_I/events/$2" ] && echo 0 > "$_I/events/$2/enable"
-    for _e in "$_I"/events/kvm/kvm_migstall_*; do [ -d "$_e" ] && echo 0 > "$_e/enable"; done
-    rmdir "$_I" || { echo "cannot remove $_I" >&2; _rc=1; }
-  fi
-  _evs=$(sed -n "s|^[pr][0-9]*:\($2/[^ ]*\).*|\1|p" "$1/kprobe_events") || _rc=1
-  for _ev in $_evs; do
-    echo "-:$_ev" >> "$1/kprobe_events" || { echo "cannot remove probe $_ev" >&2; _rc=1; }
-  done
-  return $_rc
-}
-put() {
-  _err=$(echo "$1" 2>&1 > "$2") && return 0
-  echo "error $3 $(printf '%s' "${_err:-write failed}" | tr '\n' ' ')"
-  return 1
-}
-"""
-
-_SETUP = _FUNCS + r"""
-T=$1; G=$2; KB=$3; STALE=$4; shift 4
-I=$T/instances/$G
-# sweep groups left by migstall runs that were killed (never younger than STALE)
-now=$(date +%s)
-case $now in ''|*[!0-9]*) echo "error sweep no host time"; now="";; esac
-[ -n "$now" ] && for g in $( { sed -n 's|^[pr][0-9]*:\(migstall_[A-Za-z0-9_]*\)/.*|\1|p' "$T/kprobe_events"
-                               for d in "$T"/instances/migstall_*; do [ -d "$d" ] && echo "${d##*/}"; done
-                             } | sort -u); do
-  [ "$g" = "$G" ] && continue
-  case $g in *[!A-Za-z0-9_]*) continue;; esac
-  case $g in
-    migstall_[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f])  # older versions: no time
-      born=$(stat -c %Y "$T/instances/$g" 2>/dev/null || stat -c %Y "$T/events/$g" 2>/dev/null);;
-    migstall_*_*) born=${g#migstall_}; born=${born%%_*};;
-    *) continue;;
-  esac
-  case $born in ''|*[!0-9]*) continue;; esac
-  age=$((now - born))
-  [ "$age" -gt "$STALE" ] || continue
-  if msg=$(remove_group "$T" "$g" 2>&1); then echo "swept $g $age"
-  else echo "error sweep $g: $(printf '%s' "$msg" | tr '\n' ' ')"; fi
-done
-for spec in "$@"; do
-  f=${spec%%@*}; a=""; [ "$f" != "$spec" ] && a=" ${spec#*@}"
-  # with fetch args if given; without them if the kernel refuses those
-  if echo "p:$G/${f}__e $f$a" >> "$T/kprobe_events" 2>/dev/null ||
-     { [ -n "$a" ] && echo "p:$G/${f}__e $f" >> "$T/kprobe_events" 2>/dev/null; }; then
-    if echo "r:$G/${f}__r $f" >> "$T/kprobe_events" 2>/dev/null; then echo "probed $f"
-    else echo "-:$G/${f}__e" >> "$T/kprobe_events"; echo "failed $f"; fi
-  else echo "failed $f"; fi
-done
-mkdir "$I" || exit 3
-put 0 "$I/tracing_on" tracing_on
-if grep -qw mono "$I/trace_clock"; then c=mono; else c=global; fi
-put $c "$I/trace_clock" trace_clock
-put "$KB" "$I/buffer_size_kb" buffer_size_kb
-# without these two there is nothing to measure: exit 4, tracing unavailable
-if [ -d "$I/events/$G" ]; then put 1 "$I/events/$G/enable" probe_events || exit 4; fi
-for e in "$T"/events/kvm/kvm_migstall_*; do
-  [ -d "$e" ] && put 1 "$I/events/kvm/${e##*/}/enable" "tracepoint_${e##*/}" && echo "tracepoint ${e##*/}"
-done
-put 1 "$I/tracing_on" tracing_on || exit 4
-echo "clock $(cat "$I/trace_clock")"
-exit 0
-"""
-
-_TEARDOWN = _FUNCS + r"""
-remove_group "$1" "$2"
-"""
+#: the tracefs scripts (harness/sh/kvm_trace_*.sh), run as ``sh -c SCRIPT sh ARGS...``:
+#: the shared functions (remove_group, put) and then the script itself
+_SETUP = sh.script("kvm_trace_lib.sh") + sh.script("kvm_trace_setup.sh")
+_TEARDOWN = sh.script("kvm_trace_lib.sh") + sh.script("kvm_trace_teardown.sh")
 
 #: exit status of _SETUP when the probe events or tracing_on cannot be switched
 #: on (3: the instance cannot be created)
@@ -554,24 +480,9 @@ def keeper_init_script(tracefs: str = TRACEFS_CANDIDATES[0]) -> str:
     later run's own probes on the same functions join armed kprobes (the kernel
     aggregates probes at one address): enabling, disabling and removing those
     patches nothing.  The keeper's instance never records (``tracing_on`` 0)."""
-    specs = " ".join(f"{f}@{change_fetcharg('6.1', 'x86_64')}" if f == "kvm_set_memslot" else f
-                     for f in CANDIDATES)
-    names = "|".join(CANDIDATES)
-    # available_filter_functions is read once: generating its ~50k lines takes
-    # over a second under TCG, and a grep per function made this stage 13-15 s
-    return f"""T={tracefs}; G={KEEP_GROUP}
-if [ -w "$T/kprobe_events" ]; then
-  have=" $(grep -oE '^({names})( |$)' "$T/available_filter_functions" | tr -d ' ' | tr '\\n' ' ')"
-  for spec in {specs}; do
-    f=${{spec%%@*}}; a=""; [ "$f" != "$spec" ] && a=" ${{spec#*@}}"
-    case "$have" in *" $f "*) ;; *) continue ;; esac
-    {{ echo "p:$G/${{f}}__e $f$a" >> "$T/kprobe_events" 2>/dev/null || echo "p:$G/${{f}}__e $f" >> "$T/kprobe_events"; }} &&
-      echo "r:$G/${{f}}__r $f" >> "$T/kprobe_events"
-  done
-  if [ -d "$T/events/$G" ] && mkdir "$T/instances/$G"; then
-    echo 0 > "$T/instances/$G/tracing_on"; echo {KEEP_BUFFER_KB} > "$T/instances/$G/buffer_size_kb"
-    echo 1 > "$T/instances/$G/events/$G/enable"
-    for e in "$T"/events/kvm/kvm_migstall_*; do [ -d "$e" ] && echo 1 > "$T/instances/$G/events/kvm/${{e##*/}}/enable"; done
-  fi
-fi
-"""  # noqa: E501  shell lines kept whole: this text is L1's rcS, part of the L1 image's digest
+    specs = [f"{f}@{change_fetcharg('6.1', 'x86_64')}" if f == "kvm_set_memslot" else f for f in CANDIDATES]
+    # baked in (shell-quoted), not passed as arguments: this text runs in L1, from its initramfs
+    return sh.fill(sh.script("l1_keeper.sh"), {
+        "TRACEFS": tracefs, "GROUP": KEEP_GROUP, "BUFFER_KB": str(KEEP_BUFFER_KB),
+        "NAMES_ERE": "^(" + "|".join(CANDIDATES) + ")( |$)", "SPECS": specs,
+    })
