@@ -6,7 +6,12 @@
   sidecars, on the migration's timeline (t = 0 at ``migrate``);
 * :func:`fit_figure`      dirty-log start time vs guest memory, a linear fit
   in ms/GiB per side and its extrapolation to 2 TiB with a 95% CI, next to
-  the original report's figures (about 9 s stock, 0.5 s patched at 2 TiB).
+  the original report's figures (about 9 s stock, 0.5 s patched at 2 TiB);
+* :func:`headline_figure` the report's first figure: per scenario, the medians
+  (bootstrap 95% CI) of ``dirty_log_start_ms`` and of the start window's ``pio``
+  stall, BASE vs NEW, with the ratio of medians and its CI from the comparison;
+* :func:`precopy_figure`  per scenario: the guest's stalled time per second of
+  precopy, per loop class, next to the same rate in the baseline window.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from harness.compare.load import Run
-from harness.compare.stats import Comparison, ScenarioComparison, bootstrap_median_ci
+from harness.compare.stats import Comparison, MetricComparison, Sample, ScenarioComparison, bootstrap_median_ci
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,13 @@ PLOT_METRICS = ("dirty_log_start_ms", "kvm_enable_ms", "kvm_ioctl_ms", "setup_ti
                 # where the start's cost went (a lazy write protect moves it to the first writes)
                 "stall_write_sum_ms", "kvm_pf",
                 "dirty_log_stop_ms", "kvm_disable_ms", "downtime_ms", "total_time_ms")
+#: per loop class: (stalled ms per s of precopy, the same rate in the baseline window); these
+#: have their own figure (:func:`precopy_figure`), not a panel of :func:`metrics_figure`
+PRECOPY_PAIRS = tuple((f"stall_{c}_precopy_ms_per_s", f"baseline_stall_{c}_ms_per_s") for c in CLASS_COLOR)
+PRECOPY_METRICS = tuple(m for pair in PRECOPY_PAIRS for m in pair)
+#: the headline figure: (metric, panel title, divisor to its unit)
+HEADLINE_START = ("dirty_log_start_ms", "dirty-log start (ms)", 1.0)
+HEADLINE_PIO = ("stall_pio_max_us", "pio stall in the start window (ms)", 1000.0)
 
 
 def _png(fig) -> bytes:
@@ -53,7 +65,7 @@ def _png(fig) -> bytes:
 # --- per scenario: BASE vs NEW -------------------------------------------------------------
 
 def metrics_figure(sc: ScenarioComparison, max_metrics: int = 8) -> Optional[bytes]:
-    mets = {m.metric: m for m in sc.metrics if m.base.n or m.new.n}
+    mets = {m.metric: m for m in sc.metrics if (m.base.n or m.new.n) and m.metric not in PRECOPY_METRICS}
     order = [m for m in PLOT_METRICS if m in mets] + [m for m in mets if m not in PLOT_METRICS]
     order = order[:max_metrics]
     if not order:
@@ -64,23 +76,59 @@ def metrics_figure(sc: ScenarioComparison, max_metrics: int = 8) -> Optional[byt
     for ax in axes.flat[len(order):]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, order):
-        m = mets[name]
-        for x, sample, color in ((0, m.base, BASE_COLOR), (1, m.new, NEW_COLOR)):
-            if not sample.n:
-                continue
-            jitter = np.linspace(-0.12, 0.12, sample.n) if sample.n > 1 else np.zeros(1)
-            ax.scatter(x + jitter, sample.values, s=14, color=color, alpha=0.6, zorder=2)
-            lo, hi = bootstrap_median_ci(sample.values)
-            med = sample.median
-            assert med is not None and lo is not None and hi is not None   # the sample has values
-            ax.errorbar([x + 0.3], [med], yerr=[[med - lo], [hi - med]], fmt="D", color="black",
-                        capsize=4, markersize=5, zorder=3)
-        ax.set_xticks([0, 1], ["base", "new"])
-        ax.set_xlim(-0.5, 1.6)
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"{name}\n{m.verdict}", fontsize=9)
-        ax.tick_params(labelsize=8)
+        _sample_panel(ax, mets[name])
     fig.suptitle(f"{sc.label}: median and bootstrap 95% CI (diamond), all runs (dots)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _median_ci(sample: Sample) -> Tuple[float, float, float]:
+    """(median, CI low, CI high) of a sample with values: the comparison's median and the
+    bootstrap CI of :func:`~harness.compare.stats.bootstrap_median_ci`."""
+    lo, hi = bootstrap_median_ci(sample.values)
+    med = sample.median
+    assert med is not None and lo is not None and hi is not None   # the sample has values
+    return med, lo, hi
+
+
+def _sample_panel(ax: Any, m: MetricComparison) -> None:
+    """One metric, BASE vs NEW: every value (dots) and the median with its CI (diamond)."""
+    for x, sample, color in ((0, m.base, BASE_COLOR), (1, m.new, NEW_COLOR)):
+        if not sample.n:
+            continue
+        jitter = np.linspace(-0.12, 0.12, sample.n) if sample.n > 1 else np.zeros(1)
+        ax.scatter(x + jitter, sample.values, s=14, color=color, alpha=0.6, zorder=2)
+        med, lo, hi = _median_ci(sample)
+        ax.errorbar([x + 0.3], [med], yerr=[[med - lo], [hi - med]], fmt="D", color="black",
+                    capsize=4, markersize=5, zorder=3)
+    ax.set_xticks([0, 1], ["base", "new"])
+    ax.set_xlim(-0.5, 1.6)
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{m.metric}\n{m.verdict}", fontsize=9)
+    ax.tick_params(labelsize=8)
+
+
+def precopy_figure(sc: ScenarioComparison) -> Optional[bytes]:
+    """Per loop class with data: stalled ms per s of precopy and the same rate in the baseline
+    window (the noise floor), BASE vs NEW, one row per class with a shared y axis."""
+    mets = {m.metric: m for m in sc.metrics if m.base.n or m.new.n}
+    rows = [pair for pair in PRECOPY_PAIRS if any(p in mets for p in pair)]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 2, figsize=(8.0, 2.8 * len(rows)), squeeze=False)
+    for r, pair in enumerate(rows):
+        for c, name in enumerate(pair):
+            ax = axes[r, c]
+            if name in mets:
+                _sample_panel(ax, mets[name])
+            else:
+                ax.set_title(f"{name}\nnot measured", fontsize=9)
+                ax.set_xticks([])
+                ax.tick_params(labelsize=8)
+        top = max(ax.get_ylim()[1] for ax in axes[r]) * 1.08   # one scale per class: precopy vs baseline
+        for ax in axes[r]:
+            ax.set_ylim(0, top)
+    fig.suptitle(f"{sc.label}:\nguest stalled ms per s, precopy vs baseline window", fontsize=10)
     fig.tight_layout()
     return _png(fig)
 
@@ -322,3 +370,92 @@ def fit_figure(cmp: Comparison) -> Tuple[Optional[bytes], List[Fit]]:
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return _png(fig), fits
+
+
+# --- the headline: dirty-log start and the start's pio stall, per scenario --------------------
+
+def _has_values(m: Optional[MetricComparison]) -> bool:
+    return m is not None and bool(m.base.n or m.new.n)
+
+
+def headline_notes(cmp: Comparison) -> List[str]:
+    """What the headline figure leaves out, one sentence each (scenarios without pio stalls)."""
+    start, pio = HEADLINE_START[0], HEADLINE_PIO[0]
+    notes = []
+    lacking = []
+    for sc in cmp.scenarios:
+        mets = {m.metric: m for m in sc.metrics}
+        m = mets.get(pio)
+        if not _has_values(m):
+            lacking.append(sc.label)
+        elif m is not None and (not m.base.n or not m.new.n):
+            side = "base" if not m.base.n else "new"
+            notes.append(f"{sc.label}: no {pio} on the {side} side; its pio stall is shown for the other side only.")
+    if lacking and len(lacking) == len(cmp.scenarios):
+        notes.insert(0, f"No scenario has {pio} data (no vCPU ran the pio loop, or it was not compared): "
+                        "the headline shows dirty-log start only.")
+    elif lacking:
+        notes.insert(0, f"No {pio} data for {', '.join(lacking)}: dirty-log start only for "
+                        f"{'it' if len(lacking) == 1 else 'them'}.")
+    if not any(_has_values({m.metric: m for m in sc.metrics}.get(start)) for sc in cmp.scenarios):
+        notes.insert(0, f"No scenario has {start} data on either side.")
+    return notes
+
+
+def _variants(labels: Sequence[str], limit: int = 70) -> str:
+    text = " + ".join(dict.fromkeys(labels))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def headline_figure(cmp: Comparison) -> Optional[bytes]:
+    """One horizontal bar pair (BASE, NEW) per scenario and panel: the median with its bootstrap
+    95% CI (whiskers), and the comparison's ratio of medians NEW/BASE with its 95% CI as text.
+    Panels: ``dirty_log_start_ms``; ``stall_pio_max_us`` in ms, left out when no scenario has
+    it (a scenario without it says "no pio data" in its row; see :func:`headline_notes`)."""
+    from harness.compare.table import fmt_ci
+
+    scs = cmp.scenarios
+    per_sc = [{m.metric: m for m in sc.metrics} for sc in scs]
+    panels = [p for p in (HEADLINE_START, HEADLINE_PIO) if any(_has_values(ms.get(p[0])) for ms in per_sc)]
+    if not scs or not panels:
+        return None
+    off, height = 0.19, 0.36
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 + 5.0 * len(panels), 1.4 + 0.8 * len(scs)),
+                             sharey=True, squeeze=False)
+    for ax, (metric, title, div) in zip(axes[0], panels):
+        his = [0.0]
+        texts: List[Tuple[int, str]] = []
+        for i, mets in enumerate(per_sc):
+            m = mets.get(metric)
+            if m is None or not _has_values(m):
+                ax.text(0, i, " no pio data" if metric == HEADLINE_PIO[0] else " no data", va="center",
+                        fontsize=8, color="dimgrey")
+                continue
+            for dy, sample, color in ((-off, m.base, BASE_COLOR), (off, m.new, NEW_COLOR)):
+                if not sample.n:
+                    ax.text(0, i + dy, " no data", va="center", fontsize=7, color="dimgrey")
+                    continue
+                med, lo, hi = (v / div for v in _median_ci(sample))
+                ax.barh([i + dy], [med], height=height, color=color, alpha=0.85, zorder=2)
+                ax.errorbar([med], [i + dy], xerr=[[med - lo], [hi - med]], fmt="none", ecolor="black",
+                            capsize=3, linewidth=1, zorder=3)
+                his.append(hi)
+            if m.ratio is not None:
+                texts.append((i, f"new/base {m.ratio:.3g}\n(CI {fmt_ci(m.ci_low, m.ci_high)})\n{m.verdict}"))
+        right = max(his) * 1.5 or 1.0
+        for i, text in texts:
+            ax.text(max(his) * 1.03, i, text, va="center", fontsize=7)
+        ax.set_xlim(0, right)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0, 0].set_yticks(range(len(scs)), [sc.label for sc in scs], fontsize=8)
+    axes[0, 0].set_ylim(len(scs) - 0.5, -0.5)          # first scenario on top
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (BASE_COLOR, NEW_COLOR)]
+    fig.legend(handles, [f"base: {_variants([sc.base_variant for sc in scs])}",
+                         f"new: {_variants([sc.new_variant for sc in scs])}"],
+               fontsize=8, loc="lower center", ncol=2, frameon=False)
+    fig.suptitle("Median per scenario (bar), bootstrap 95% CI (whiskers);\n"
+                 "new/base: ratio of medians, its 95% CI and the verdict", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if len(scs) > 2 else 0.1, 1, 1))
+    return _png(fig)

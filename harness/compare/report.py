@@ -13,11 +13,11 @@ import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from harness.compare import plots, table
+from harness.compare import plots, provenance, table
 from harness.compare.load import ResultSet
 from harness.compare.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, MIN_N, Comparison
 from harness.errors import UserError
-from harness.results import atomic_write_text
+from harness.results import COLUMNS, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ tr.noisy td:last-child{color:#9a6700}
 .gate-fail{color:#cf222e;font-weight:bold}.gate-pass{color:#1a7f37;font-weight:bold}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 code{background:#f4f4f4;padding:0 3px}
+table.prov td,table.prov th{text-align:left;vertical-align:top}
+table.prov tr.diff td{background:#fff1c2}table.prov tr.diff td:nth-child(2)::after{content:" \\2260"}
+p.note{color:#9a6700}
 """
 
 
@@ -72,7 +75,38 @@ def _section(title: str, cmp: Comparison, base: ResultSet, new: ResultSet, plots
     for sc in cmp.scenarios:
         out.append(f"<h3>{html.escape(sc.label)}</h3>")
         out.append(_img(plots.metrics_figure(sc), f"{sc.label}: metrics"))
+        out.append(_img(plots.precopy_figure(sc), f"{sc.label}: stalled ms per s, precopy vs baseline"))
         out.append(_img(plots.timeline_figure(sc), f"{sc.label}: stall timeline"))
+    return out
+
+
+def _headline(cmp: Comparison) -> List[str]:
+    """The figure a reviewer reads first, and what it leaves out."""
+    out = ["<h2>Headline: dirty-log start and the start's pio stall</h2>",
+           _img(plots.headline_figure(cmp), "headline: dirty-log start and pio stall per scenario")]
+    out += [f"<p class='note'>{html.escape(n)}</p>" for n in plots.headline_notes(cmp)]
+    out.append(f"<p>Per scenario: the median of the ok runs on each side with its bootstrap 95% CI, for "
+               f"<code>{plots.HEADLINE_START[0]}</code> and the longest <code>pio</code> stall in the stall "
+               f"window (<code>{plots.HEADLINE_PIO[0]}</code>, in ms), and the ratio of medians new/base with "
+               "its bootstrap 95% CI and verdict as in the tables below.</p>")
+    return out
+
+
+def _provenance(cmp: Comparison, base: ResultSet, new: ResultSet) -> List[str]:
+    items = provenance.provenance(base, new, compared_scenarios=len(cmp.scenarios))
+    out = ["<h2>Provenance</h2>",
+           "<p>Distinct values per side, over all its rows (row counts in parentheses when there are "
+           "several). <span style='background:#fff1c2'>Highlighted (&ne;)</span>: the values differ between "
+           "the sides; the runs' counts, dates and files are not compared.</p>",
+           "<table class='kv prov'><tr><th></th><th>column</th>"
+           f"<th>base: {html.escape(base.label)}</th><th>new: {html.escape(new.label)}</th></tr>"]
+    for it in items:
+        cls = " class='diff' title='differs between the sides'" if it.differs else ""
+        name = f"<code>{html.escape(it.name)}</code>" if it.name in COLUMNS else html.escape(it.name)
+        out.append(f"<tr{cls}><td>{html.escape(it.group)}</td><td>{name}</td>"
+                   f"<td>{html.escape(it.base_text) or '&mdash;'}</td>"
+                   f"<td>{html.escape(it.new_text) or '&mdash;'}</td></tr>")
+    out.append("</table>")
     return out
 
 
@@ -87,6 +121,7 @@ def write_report(directory: Path, cmp: Comparison, base: ResultSet, new: ResultS
         raise UserError(f"--report {directory}: cannot create it ({exc.strerror}); "
                         "choose a writable directory") from exc
     body = [f"<h1>{html.escape(title)}</h1>"]
+    body += _headline(cmp)
     if gate_specs:
         if gate_failures:
             body.append("<p class='gate-fail'>Gate FAILED:</p><ul>")
@@ -94,6 +129,7 @@ def write_report(directory: Path, cmp: Comparison, base: ResultSet, new: ResultS
             body.append("</ul>")
         else:
             body.append(f"<p class='gate-pass'>Gate passed: {html.escape(', '.join(gate_specs))}</p>")
+    body += _provenance(cmp, base, new)
     body += _section("BASE vs NEW", cmp, base, new, plots_on=True)
     if baseline is not None:
         bcmp, bbase, bnew = baseline
