@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,10 @@ TEST_SERIES = REPO / "patches" / "migstall-dirtylog-tracepoints" / "series.toml"
 KERNEL_MODULES = ("test_kernel_build.py", "test_vhost_cli.py")
 #: the longest a cold build may take (2 cores, busy): 45 min, as test_kernel_build's BUILD_TIMEOUT
 PREBUILD_TIMEOUT = 45 * 60
+
+#: this session's mark on every process it starts (see harness.procs): a second test run
+#: on the same machine does not count our processes as its leftovers, nor we theirs
+SESSION = os.environ.setdefault(procs.SESSION_ENV, uuid.uuid4().hex)
 
 _prebuild: Optional[subprocess.Popen] = None
 _prebuild_log: Optional[Path] = None
@@ -89,9 +94,9 @@ def kernel_prebuild():
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    before = {pid for pid, _ in procs.leftovers()}
+    before = {pid for pid, _ in procs.leftovers(SESSION)}
     yield
-    after = [(pid, cmd) for pid, cmd in procs.leftovers() if pid not in before]
+    after = [(pid, cmd) for pid, cmd in procs.leftovers(SESSION) if pid not in before]
     assert not after, f"processes left running by this test: {after}"
 
 
