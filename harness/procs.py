@@ -7,11 +7,15 @@ nothing survives them.
 
 A test session marks what it starts: it sets :data:`SESSION_ENV` in its own
 environment, which every process it starts inherits (daemonized ones too).
-``leftovers(session=...)`` then leaves out processes that carry *another*
-session's mark, so two test runs on one machine (two clones, a developer's
-``make test`` beside CI) do not report each other's sshd or QEMU.  Processes
-with no mark (started through an SSH session, whose environment sshd builds
-afresh) are still counted.
+``leftovers()`` then leaves out processes that belong to another test run, so
+two suites on one machine (two clones, a developer's ``make test`` beside CI)
+do not report each other's sshd or QEMU.  A process belongs to the first of
+these found walking up from it through its parents: this process (the
+session's pytest), a :data:`SESSION_ENV` mark (ours or another session's), or
+another pytest process (sshd overwrites its own environment with its process
+title, so its mark cannot be read).  A process for which none is found
+(daemonized, or started through an SSH session, whose environment sshd builds
+afresh) counts as ours: the check errs towards reporting.
 """
 
 from __future__ import annotations
@@ -40,12 +44,47 @@ def _session_of(pid: str) -> Optional[str]:
     return None
 
 
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _is_pytest(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"pytest" in fh.read()
+    except OSError:
+        return False
+
+
+def _ours(pid: int, session: str, me: int) -> bool:
+    """Whether ``pid`` belongs to the test run of ``session`` whose pytest is
+    ``me`` (the walk described in the module docstring)."""
+    start = pid
+    for _ in range(64):  # deeper than any real process tree
+        if pid <= 1:
+            break
+        if pid == me:
+            return True
+        mark = _session_of(str(pid))
+        if mark is not None:
+            return mark == session
+        if pid != start and _is_pytest(pid):
+            return False
+        pid = _ppid(pid)
+    return True
+
+
 def leftovers(session: Optional[str] = None) -> List[Tuple[int, str]]:
-    """(pid, cmdline) of live watched processes that carry the token.
-    Processes marked by a test session other than ``session`` (default: this
-    process's own :data:`SESSION_ENV`, if it has one) are left out."""
+    """(pid, cmdline) of live watched processes that carry the token, leaving
+    out those of another test run when ``session`` (default: this process's own
+    :data:`SESSION_ENV`) is set."""
     if session is None:
         session = os.environ.get(SESSION_ENV)
+    me = os.getpid()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -62,7 +101,7 @@ def leftovers(session: Optional[str] = None) -> List[Tuple[int, str]]:
         exe = os.path.basename(argv[0].decode(errors="replace"))
         cmd = b" ".join(argv).decode(errors="replace")
         if any(exe.startswith(w) for w in WATCHED) and TOKEN in cmd:
-            if session is not None and _session_of(entry) not in (None, session):
+            if session is not None and not _ours(int(entry), session, me):
                 continue
             found.append((int(entry), cmd))
     return found

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 
 from harness import procs
 
@@ -29,3 +31,22 @@ def test_other_sessions_processes_are_not_ours():
             p.kill()
             p.wait()
     assert not {other.pid, unmarked.pid} & {pid for pid, _ in procs.leftovers()}
+
+
+def test_processes_under_another_pytest_are_not_ours():
+    """sshd overwrites its environment with its process title, so its mark is
+    unreadable: it belongs to the other pytest it runs under."""
+    env = {k: v for k, v in os.environ.items() if k != procs.SESSION_ENV}
+    code = ("import subprocess, sys\n"
+            "p = subprocess.Popen(['sshd-migstall-fake', '60'], executable='/bin/sleep')\n"
+            "print(p.pid, flush=True)\n"
+            "p.wait()\n")
+    parent = subprocess.Popen([sys.executable, "-c", code, "pytest-of-another-run"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert child not in {pid for pid, _ in procs.leftovers("this-session")}
+    finally:
+        parent.kill()
+        parent.wait()
+        os.kill(child, signal.SIGKILL)
