@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import doctor
+from harness.qemu import bootcheck
 from harness.errors import KVMUnusable
 from harness.hosts.local import LocalHost
 
@@ -95,14 +96,14 @@ def test_cli_doctor_bad_host():
 def test_boot_sector_reaches_long_mode_under_tcg():
     """The boot check's first stage, proven on real QEMU (TCG here)."""
     host = LocalHost()
-    result = doctor._boot_sector_check(host, doctor.find_qemu(host), "tcg", timeout=30)
+    result = bootcheck._boot_sector_check(host, doctor.find_qemu(host), "tcg", timeout=30)
     assert result.startswith("ok"), result
 
 
 def test_linux_boot_check_under_tcg():
     """The second stage boots the real guest kernel to its root-mount panic."""
     host = LocalHost()
-    result = doctor.boot_check(host, doctor.find_qemu(host), "tcg", timeout=90)
+    result = bootcheck.boot_check(host, doctor.find_qemu(host), "tcg", timeout=90)
     assert result.startswith("ok (boot sector"), result
 
 
@@ -114,7 +115,7 @@ def test_boot_check_of_this_kvm_fails_in_bounded_time():
         pytest.skip("no /dev/kvm here")
     host = LocalHost()
     t0 = time.monotonic()
-    result = doctor.boot_check(host, doctor.find_qemu(host), "kvm", timeout=5)
+    result = bootcheck.boot_check(host, doctor.find_qemu(host), "kvm", timeout=5)
     elapsed = time.monotonic() - t0
     assert result.startswith("failed"), result
     assert elapsed < 5 * 2 + 15, elapsed
