@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from harness.errors import KVMUnusable, UserError
+from harness.hosts.facts import HugePool
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -351,13 +352,6 @@ def load_scenarios(path: Any, overrides: Optional[Mapping[str, Any]] = None) -> 
 # --- validation ---------------------------------------------------------------
 
 @dataclass(frozen=True)
-class HugePool:
-    page_kib: int
-    total: int
-    free: int
-
-
-@dataclass(frozen=True)
 class HostFacts:
     """What validation needs to know about the host (see :func:`gather_host_facts`)."""
 
@@ -514,7 +508,7 @@ def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
         mem_total_mib=mem.total_mib,
         mem_available_mib=mem.available_mib,
         online_cpus=hostfacts.online_cpus(host),
-        hugepages={p.page_kib: HugePool(p.page_kib, p.total, p.free) for p in hostfacts.hugepage_pools(host)},
+        hugepages={p.page_kib: p for p in hostfacts.hugepage_pools(host)},
         thp_mode=hostfacts.thp_mode(host),
         accel_auto="kvm" if usable else "tcg",
         kvm_usable=usable,

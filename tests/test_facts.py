@@ -11,6 +11,7 @@ from pathlib import Path
 from harness import doctor
 from harness.hosts import facts
 from harness.hosts.local import LocalHost
+from harness.scenario import Scenario, gather_host_facts
 
 
 class NoVirtHost(LocalHost):
@@ -71,3 +72,10 @@ def test_gather_and_doctor_report(tmp_path):
     text = r.to_text()
     assert "KVM usable      no: KVM unusable: CPU has neither vmx nor svm" in text
     assert "--accel auto    tcg" in text and "(vmx/svm absent)" in text
+
+
+def test_validation_uses_the_same_pools(tmp_path):
+    host = _novirt(tmp_path)
+    v = gather_host_facts(host, [Scenario()])
+    assert v.hugepages == {p.page_kib: p for p in facts.hugepage_pools(host)}
+    assert v.accel_auto == "tcg" and "neither vmx nor svm" in v.kvm_reason
