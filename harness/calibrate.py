@@ -260,7 +260,7 @@ async def calibrate(host: Host, pauses_ms: Sequence[int] = DEFAULT_PAUSES_MS, *,
     """Boot, inject, measure (see the module docstring).  ``bql_ms <= 0`` skips
     the BQL hold.  Raises InfraError subclasses on failure; every QEMU started
     is stopped before it returns or raises."""
-    from harness.doctor import choose_accel
+    from harness.hosts.facts import choose_accel
     from harness.guest.channel import ProbeChannel
     from harness.guest.image import build_guest_image, guest_qemu_args
     from harness.measure import clock as clockmod

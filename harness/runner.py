@@ -216,7 +216,7 @@ class _Run:
 
     # -- the run ---------------------------------------------------------------------------
     async def execute(self) -> None:
-        from harness.doctor import resolve_accel
+        from harness.hosts.facts import qemu_version, resolve_accel
         from harness.guest.channel import ProbeChannel
 
         sc, host = self.sc, self.host
@@ -227,7 +227,6 @@ class _Run:
         kernel = await asyncio.to_thread(host.stage, Path(self.image.kernel))
         initrd = await asyncio.to_thread(host.stage, Path(self.image.initrd))
         qemu = sc.qemu or "qemu-system-x86_64"
-        from harness.doctor import qemu_version
         qver = backing.parse_version(await asyncio.to_thread(qemu_version, host, qemu))
         prefix = await asyncio.to_thread(backing.exec_prefix, sc.backing, host)
         # verified TCG guests on QEMU < 9.0 get 8 KiB more RAM, which steers QEMU

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from harness.errors import KVMUnusable, UserError
+from harness.hosts.facts import HugePool
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -351,13 +352,6 @@ def load_scenarios(path: Any, overrides: Optional[Mapping[str, Any]] = None) -> 
 # --- validation ---------------------------------------------------------------
 
 @dataclass(frozen=True)
-class HugePool:
-    page_kib: int
-    total: int
-    free: int
-
-
-@dataclass(frozen=True)
 class HostFacts:
     """What validation needs to know about the host (see :func:`gather_host_facts`)."""
 
@@ -498,24 +492,24 @@ def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
 
     The KVM check (which may boot a guest) runs only if a scenario asks for
     ``auto`` or ``kvm``, once, with the first such scenario's QEMU."""
-    from harness import doctor
+    from harness.hosts import facts as hostfacts
 
-    mem = doctor.read_meminfo(host)
-    executables = {q: doctor.find_qemu(host, q) for q in sorted({s.qemu for s in scenarios})}
+    mem = hostfacts.read_memory(host)
+    executables = {q: hostfacts.find_qemu(host, q) for q in sorted({s.qemu for s in scenarios})}
     wants_kvm = [s for s in scenarios if s.accel in ("auto", "kvm")]
     if wants_kvm:
         qemu = executables.get(wants_kvm[0].qemu, "")
-        status = doctor.kvm_status(host, qemu or None)
+        status = hostfacts.kvm_status(host, qemu or None)
         usable = status.usable
         reason = status.reason if usable else f"{status.reason}; {status.fix}"
     else:
         usable, reason = False, "not checked (every scenario asks for tcg)"
     return HostFacts(
-        mem_total_mib=mem.get("MemTotal", 0) // 1024,
-        mem_available_mib=mem.get("MemAvailable", 0) // 1024,
-        online_cpus=doctor.online_cpus(host),
-        hugepages={p.page_kib: HugePool(p.page_kib, p.total, p.free) for p in doctor.hugepage_pools(host)},
-        thp_mode=doctor.thp_mode(host),
+        mem_total_mib=mem.total_mib,
+        mem_available_mib=mem.available_mib,
+        online_cpus=hostfacts.online_cpus(host),
+        hugepages={p.page_kib: p for p in hostfacts.hugepage_pools(host)},
+        thp_mode=hostfacts.thp_mode(host),
         accel_auto="kvm" if usable else "tcg",
         kvm_usable=usable,
         kvm_reason=reason,

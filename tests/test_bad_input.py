@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import doctor
+from harness.hosts import facts
 from harness.hosts.local import LocalHost
 
 REPO = Path(__file__).resolve().parent.parent
 MIGSTALL = REPO / ".venv" / "bin" / "migstall"
-HAS_VIRT = doctor.read_cpu(LocalHost()).has_vmx or doctor.read_cpu(LocalHost()).has_svm
+HAS_VIRT = facts.read_cpu(LocalHost()).has_vmx or facts.read_cpu(LocalHost()).has_svm
 
 
 @pytest.fixture

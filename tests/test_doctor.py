@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from harness import doctor
+from harness.hosts import facts
+from harness.qemu import bootcheck
 from harness.errors import KVMUnusable
 from harness.hosts.local import LocalHost
 
 REPO = Path(__file__).resolve().parent.parent
 MIGSTALL = REPO / ".venv" / "bin" / "migstall"
-HAS_VIRT = doctor.read_cpu(LocalHost()).has_vmx or doctor.read_cpu(LocalHost()).has_svm
+HAS_VIRT = facts.read_cpu(LocalHost()).has_vmx or facts.read_cpu(LocalHost()).has_svm
 no_virt_only = pytest.mark.skipif(HAS_VIRT, reason="this host has vmx/svm")
 
 
@@ -54,7 +56,7 @@ def test_report_contents(report):
 @no_virt_only
 def test_kvm_unusable_here_at_once():
     t0 = time.monotonic()
-    status = doctor.check_kvm(LocalHost())
+    status = facts.check_kvm(LocalHost())
     assert time.monotonic() - t0 < 2
     assert not status.usable
     assert status.reason == "KVM unusable: CPU has neither vmx nor svm"
@@ -64,12 +66,12 @@ def test_kvm_unusable_here_at_once():
 @no_virt_only
 def test_resolve_accel_here():
     host = LocalHost()
-    assert doctor.resolve_accel(host, "tcg") == "tcg"
-    assert doctor.resolve_accel(host, "auto") == "tcg"
-    choice = doctor.choose_accel(host, "auto")
+    assert facts.resolve_accel(host, "tcg") == "tcg"
+    assert facts.resolve_accel(host, "auto") == "tcg"
+    choice = facts.choose_accel(host, "auto")
     assert choice.accel == "tcg" and "falling back to tcg" in choice.reason and "vmx" in choice.reason
     with pytest.raises(KVMUnusable) as exc:
-        doctor.resolve_accel(host, "kvm")
+        facts.resolve_accel(host, "kvm")
     assert exc.value.exit_code == 2
     assert "neither vmx nor svm" in exc.value.one_line() and "--accel tcg" in exc.value.one_line()
 
@@ -95,14 +97,14 @@ def test_cli_doctor_bad_host():
 def test_boot_sector_reaches_long_mode_under_tcg():
     """The boot check's first stage, proven on real QEMU (TCG here)."""
     host = LocalHost()
-    result = doctor._boot_sector_check(host, doctor.find_qemu(host), "tcg", timeout=30)
+    result = bootcheck._boot_sector_check(host, facts.find_qemu(host), "tcg", timeout=30)
     assert result.startswith("ok"), result
 
 
 def test_linux_boot_check_under_tcg():
     """The second stage boots the real guest kernel to its root-mount panic."""
     host = LocalHost()
-    result = doctor.boot_check(host, doctor.find_qemu(host), "tcg", timeout=90)
+    result = bootcheck.boot_check(host, facts.find_qemu(host), "tcg", timeout=90)
     assert result.startswith("ok (boot sector"), result
 
 
@@ -114,7 +116,7 @@ def test_boot_check_of_this_kvm_fails_in_bounded_time():
         pytest.skip("no /dev/kvm here")
     host = LocalHost()
     t0 = time.monotonic()
-    result = doctor.boot_check(host, doctor.find_qemu(host), "kvm", timeout=5)
+    result = bootcheck.boot_check(host, facts.find_qemu(host), "kvm", timeout=5)
     elapsed = time.monotonic() - t0
     assert result.startswith("failed"), result
     assert elapsed < 5 * 2 + 15, elapsed
@@ -178,11 +180,11 @@ def test_vmx_host_without_dev_kvm(tmp_path):
     for name, value in (("ept", "Y"), ("pml", "Y"), ("nested", "N")):
         (params / name).write_text(value + "\n")
     host = OverlayHost(tmp_path, hidden={"/dev/kvm"})
-    cpu = doctor.read_cpu(host)
+    cpu = facts.read_cpu(host)
     assert (cpu.vendor, cpu.has_vmx, cpu.has_svm) == ("GenuineIntel", True, False)
     assert {"vmx", "ept", "pdpe1gb"} <= set(cpu.flags)
-    got = doctor.kvm_params(host)
+    got = facts.kvm_params(host)
     assert (got["kvm_intel.ept"], got["kvm_intel.pml"], got["kvm_intel.nested"]) == ("Y", "Y", "N")
-    status = doctor.check_kvm(host)
+    status = facts.check_kvm(host)
     assert not status.usable and status.reason == "KVM unusable: /dev/kvm does not exist"
     assert "modprobe kvm_intel" in status.fix and status.cpu_flag == "ok"

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from harness.errors import KVMUnusable, UserError
+from harness.hosts.facts import HugePool
 from harness.hosts.local import LocalHost
 from harness.scenario import (
-    HostFacts, HugePool, Scenario, add_scenario_arguments, check_static, gather_host_facts,
+    HostFacts, Scenario, add_scenario_arguments, check_static, gather_host_facts,
     load_scenarios, parse_size_mib, scenarios_from_args, validate,
 )
 

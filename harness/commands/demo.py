@@ -64,7 +64,7 @@ def _execute(out: Path, host: str, **flags: Any) -> List[Dict[str, Any]]:
 
 
 def _local_kvm_usable() -> bool:
-    from harness.doctor import kvm_status
+    from harness.hosts.facts import kvm_status
 
     with open_host("local") as host:
         return bool(kvm_status(host).usable)

@@ -41,6 +41,9 @@ DEFAULT_KERNEL_LOG_TIMEOUT = 15.0
 #: seconds a :class:`HostStream` process may take to exit once its input is closed
 #: (the mark relay exits at once; 5 s covers an SSH round trip to a busy nested host)
 DEFAULT_STREAM_CLOSE_TIMEOUT = 5.0
+#: seconds for small host commands (ls, qemu --version, sh -c ...) of the host
+#: facts (harness.hosts.facts) and the KVM boot check's set-up
+QUICK_COMMAND_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from harness import sh
 from harness.errors import HostError
 from harness.hosts.base import Host
+from harness.hosts.facts import RECORDED_KVM_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,6 @@ CANDIDATES = (
     "kvm_mmu_write_protect_all",
     # dirty log harvesting
     "kvm_vm_ioctl_clear_dirty_log", "kvm_vm_ioctl_get_dirty_log",
-)
-#: KVM module parameters recorded as provenance
-PARAMS = (
-    "kvm/parameters/tdp_mmu", "kvm/parameters/eager_page_split",
-    "kvm_intel/parameters/pml", "kvm_intel/parameters/ept",
-    "kvm_amd/parameters/npt", "kvm_amd/parameters/nested",
 )
 #: seconds for one tracefs command on the host
 TRACE_CMD_TIMEOUT = 60.0
@@ -337,7 +332,9 @@ class KvmTracer:
         return [f for f in CANDIDATES if f in found]
 
     def params(self) -> Dict[str, str]:
-        paths = [f"/sys/module/{p}" for p in PARAMS]
+        """The KVM module parameters recorded as provenance (``kvm_params`` column;
+        the list is :data:`harness.hosts.facts.RECORDED_KVM_PARAMS`), read in one command."""
+        paths = [p.sys_path for p in RECORDED_KVM_PARAMS]
         res = self.host.run(["grep", "-H", ".", *paths], check=False, timeout=TRACE_CMD_TIMEOUT)
         out = {}
         for line in res.text.splitlines():
