@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import UserError
 
@@ -170,3 +170,8 @@ def validate(model: Type[M], data: Any, file: Optional[str], *,
         return model.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_error(exc, model, file, label)) from None
+
+
+def optional(description: str) -> Any:
+    """A key that may be left out (None when it is): ``key: Optional[str] = optional("what it is")``."""
+    return Field(default=None, description=description)

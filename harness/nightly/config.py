@@ -46,7 +46,7 @@ from pydantic import Field
 
 from harness import config_schema as schema
 from harness.compare.gate import GateSpec, parse_spec
-from harness.config_schema import ConfigModel
+from harness.config_schema import ConfigModel, optional
 from harness.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -62,42 +62,41 @@ class KernelTable(ConfigModel):
     """``[kernels.VARIANT]``: a prebuilt kernel."""
 
     bzimage: str = Field(description="path of the bzImage")
-    modules: Optional[str] = Field(None, description="modules tarball (lib/modules/<release>/...) or that directory")
-    release: Optional[str] = Field(None, description="expected uname -r")
-    series_id: Optional[str] = Field(None, description="series hash written to the series_id column")
+    modules: Optional[str] = optional("modules tarball (lib/modules/<release>/...) or that directory")
+    release: Optional[str] = optional("expected uname -r")
+    series_id: Optional[str] = optional("series hash written to the series_id column")
 
 
 class HostTable(ConfigModel):
     """One ``[[host]]`` entry."""
 
     name: str = Field(description="short name, used in paths and the host column")
-    ssh: Optional[str] = Field(None, description="ssh://[user@]host[:port] of a bare-metal host")
-    virtual: Optional[str] = Field(None, description="the virtual host; its default kernel (debian or a bzImage)")
-    key: Optional[str] = Field(None, description="SSH private key")
-    known_hosts: Optional[str] = Field(None, description="known_hosts file that pins the host key")
-    boot: Optional[str] = Field(None, description="kexec (default for ssh) | grub-reboot | virtual")
-    cmdline_extra: Optional[str] = Field(None, description="extra kernel command line for the test kernels")
-    interleave: Optional[bool] = Field(None, description="overrides the top-level interleave")
-    initramfs: Optional[str] = Field(None, description="auto (default: update-initramfs/dracut if present) | none")
-    l1_mem_mib: Optional[int] = Field(None, description="virtual host: L1 memory")
+    ssh: Optional[str] = optional("ssh://[user@]host[:port] of a bare-metal host")
+    virtual: Optional[str] = optional("the virtual host; its default kernel (debian or a bzImage)")
+    key: Optional[str] = optional("SSH private key")
+    known_hosts: Optional[str] = optional("known_hosts file that pins the host key")
+    boot: Optional[str] = optional("kexec (default for ssh) | grub-reboot | virtual")
+    cmdline_extra: Optional[str] = optional("extra kernel command line for the test kernels")
+    interleave: Optional[bool] = optional("overrides the top-level interleave")
+    initramfs: Optional[str] = optional("auto (default: update-initramfs/dracut if present) | none")
+    l1_mem_mib: Optional[int] = optional("virtual host: L1 memory")
 
 
 class NightlyFile(ConfigModel):
     """``nightly.toml`` as written (paths still relative to the file)."""
 
     scenarios: str = Field(description="scenario TOML file")
-    out: Optional[str] = Field(None, description="results directory (default results/nightly next to the config)")
-    manifest: Optional[str] = Field(None, description="series manifest; kernels are built with migstall kernel")
-    variants: Optional[List[str]] = Field(None, description="kernel variants, first is BASE (default stock, patched)")
-    kernels: Optional[Dict[str, KernelTable]] = Field(None, description="prebuilt kernels per variant")
-    baseline: Optional[str] = Field(None, description="stored baseline results (CSV or dir)")
-    report: Optional[str] = Field(None, description="report directory (default <out>/report)")
-    fail_on: Optional[List[str]] = Field(None, description="gates METRIC:+PCT")
-    threshold: Optional[float] = Field(None, description="verdict threshold, percent")
-    interleave: Optional[bool] = Field(None, description="alternate variants A B A B (default true)")
-    boot_timeout_s: Optional[float] = Field(None, description="seconds to wait for SSH after a boot")
-    restore_default: Optional[bool] = Field(
-        None, description="boot each host back into its default kernel at the end")
+    out: Optional[str] = optional("results directory (default results/nightly next to the config)")
+    manifest: Optional[str] = optional("series manifest; kernels are built with migstall kernel")
+    variants: Optional[List[str]] = optional("kernel variants, first is BASE (default stock, patched)")
+    kernels: Optional[Dict[str, KernelTable]] = optional("prebuilt kernels per variant")
+    baseline: Optional[str] = optional("stored baseline results (CSV or dir)")
+    report: Optional[str] = optional("report directory (default <out>/report)")
+    fail_on: Optional[List[str]] = optional("gates METRIC:+PCT")
+    threshold: Optional[float] = optional("verdict threshold, percent")
+    interleave: Optional[bool] = optional("alternate variants A B A B (default true)")
+    boot_timeout_s: Optional[float] = optional("seconds to wait for SSH after a boot")
+    restore_default: Optional[bool] = optional("boot each host back into its default kernel at the end")
     host: List[HostTable] = Field(description="[[host]] entries")
 
 
