@@ -188,40 +188,63 @@ IntAxis = Annotated[List[int], BeforeValidator(_axis)]
 StrAxis = Annotated[List[str], BeforeValidator(_axis)]
 
 
-def _key(description: str, flag: Optional[str], field: Optional[str] = None) -> Any:
-    """A scenario key: its help text, its command-line flag (None: file only) and
-    its :class:`Scenario` field (default: the key's own name)."""
-    return Field(default=None, description=description, json_schema_extra={"flag": flag, "field": field})
+def _key(flag: Optional[str], metavar: Optional[str], description: str, field: Optional[str] = None) -> Any:
+    """A scenario key: its command-line flag (None: file only) and the flag's
+    metavar, its help text (``migstall run --help``) and its :class:`Scenario`
+    field (default: the key's own name)."""
+    return Field(default=None, description=description,
+                 json_schema_extra={"flag": flag, "metavar": metavar, "field": field})
 
 
 class ScenarioTable(ConfigModel):
     """One ``[defaults]`` or ``[[scenario]]`` table, or the scenario flags of one run.
-    Every key is optional (None: not given); lists are matrix axes."""
+    Every key is optional (None: not given); lists are matrix axes.  The order is
+    that of ``migstall run --help``."""
 
-    name: Optional[str] = _key("scenario name written to the CSV", "--name")
-    mem: Optional[SizeAxis] = _key("guest memory", "--mem", "mem_mib")
-    vcpus: Optional[IntAxis] = _key("vCPUs", "--vcpus")
-    backing: Optional[StrAxis] = _key("guest RAM backing", "--backing")
-    prealloc: Optional[bool] = _key("preallocate guest RAM in QEMU", "--prealloc")
-    accel: Optional[str] = _key("auto|kvm|tcg", "--accel")
-    cpu_model: Optional[str] = _key("QEMU -cpu model", "--cpu-model")
-    dirty_log_mode: Optional[StrAxis] = _key("default|legacy|ring", "--dirty-log-mode")
-    dirty_ring: Optional[int] = _key("dirty ring entries per vCPU", "--dirty-ring")
-    touch: Optional[Size] = _key("MiB the probe prefaults", "--touch", "touch_mib")
-    loops: Optional[Loops] = _key("loop per vCPU", "--loops")
-    threshold_us: Optional[int] = _key("record guest gaps at or above this", "--threshold-us")
-    baseline_s: Optional[float] = _key("baseline window before migrate", "--baseline-s")
-    end: Optional[str] = _key("complete|cancel", "--end", "end_action")
-    cancel_after_s: Optional[float] = _key("with end cancel: seconds after the first pass", "--cancel-after-s")
-    margin_ms: Optional[float] = _key("stall window ends this long after the first pass", "--margin-ms")
-    ready_timeout_s: Optional[float] = _key("seconds to wait for the probe's READY", "--ready-timeout")
-    migration_timeout_s: Optional[float] = _key("seconds a migration may take", "--migration-timeout")
-    repeat: Optional[int] = _key("runs of each scenario", "--repeat")
-    overcommit: Optional[bool] = _key("allow more guest memory or vCPUs than the host has", "--overcommit")
-    qemu: Optional[str] = _key("QEMU binary on the host", "--qemu")
-    guest_kernel: Optional[str] = _key("guest kernel", "--guest-kernel")
-    l1_cmdline: Optional[str] = _key("virtual host only: extra L1 kernel arguments", None)
-    verify: Optional[bool] = _key("compare guest RAM on both sides after a completed migration", "--verify")
+    name: Optional[str] = _key("--name", None, "scenario name written to the CSV (default: adhoc)")
+    mem: Optional[SizeAxis] = _key(
+        "--mem", "SIZE", "guest memory: MiB (512) or with a suffix (512M, 1G); default 1G", "mem_mib")
+    vcpus: Optional[IntAxis] = _key(
+        "--vcpus", "N", "vCPUs (default 2; at most the host's CPUs without --overcommit)")
+    backing: Optional[StrAxis] = _key(
+        "--backing", "KIND", f"guest RAM backing: {'|'.join(BACKINGS)} (default anon)")
+    prealloc: Optional[bool] = _key("--prealloc", None, "preallocate guest RAM in QEMU")
+    accel: Optional[str] = _key("--accel", "ACCEL", "auto|kvm|tcg (default auto: kvm where usable, else tcg)")
+    cpu_model: Optional[str] = _key(
+        "--cpu-model", "MODEL", "QEMU -cpu model (default host under kvm, max under tcg)")
+    dirty_log_mode: Optional[StrAxis] = _key(
+        "--dirty-log-mode", "MODE",
+        "default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); kvm only except default")
+    dirty_ring: Optional[int] = _key(
+        "--dirty-ring", "N", "dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
+    touch: Optional[Size] = _key(
+        "--touch", "MIB", "MiB the probe prefaults (default 0 = as much as the guest can spare)", "touch_mib")
+    loops: Optional[Loops] = _key(
+        "--loops", "L,L,..",
+        "loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
+    threshold_us: Optional[int] = _key("--threshold-us", "US", "record guest gaps at or above this (default 50)")
+    baseline_s: Optional[float] = _key("--baseline-s", "S", "baseline window before migrate (default 2)")
+    end: Optional[str] = _key(
+        "--end", "END", "complete|cancel: let migration finish, or migrate_cancel (default complete)", "end_action")
+    cancel_after_s: Optional[float] = _key(
+        "--cancel-after-s", "S", "with --end cancel: seconds after the first pass (default 1)")
+    margin_ms: Optional[float] = _key(
+        "--margin-ms", "MS", "stall window ends this long after the first pass (default 200)")
+    repeat: Optional[int] = _key("--repeat", "N", "runs of each scenario (default 1)")
+    overcommit: Optional[bool] = _key(
+        "--overcommit", None, "allow more guest memory or vCPUs than the host has")
+    verify: Optional[bool] = _key(
+        "--verify", None, "after a completed migration, compare guest RAM on both sides page by page "
+        "(the write loops keep writing until the source stops)")
+    qemu: Optional[str] = _key("--qemu", "PATH", "QEMU binary on the host (default qemu-system-x86_64 on PATH)")
+    guest_kernel: Optional[str] = _key(
+        "--guest-kernel", "PATH", "guest kernel (default Debian's linux-image, cached)")
+    ready_timeout_s: Optional[float] = _key(
+        "--ready-timeout", "S", "seconds to wait for the probe's READY (default 300)")
+    migration_timeout_s: Optional[float] = _key(
+        "--migration-timeout", "S", "seconds a migration may take (default 600)")
+    l1_cmdline: Optional[str] = _key(
+        None, None, "virtual host only: extra L1 kernel arguments (e.g. kvm.tdp_mmu=0); file only")
 
     @field_validator("repeat")
     @classmethod
@@ -547,38 +570,14 @@ def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
     None so that, with ``--scenario``, only the flags given override the file."""
     g = parser.add_argument_group("scenario (a file, or flags for one run; flags override the file)")
     g.add_argument("--scenario", metavar="FILE", help="scenario TOML file (a matrix; see README)")
-    g.add_argument("--name", help="scenario name written to the CSV (default: adhoc)")
-    g.add_argument("--mem", metavar="SIZE", help="guest memory: MiB (512) or with a suffix (512M, 1G); default 1G")
-    g.add_argument("--vcpus", metavar="N", help="vCPUs (default 2; at most the host's CPUs without --overcommit)")
-    g.add_argument("--backing", metavar="KIND", help=f"guest RAM backing: {'|'.join(BACKINGS)} (default anon)")
-    g.add_argument("--prealloc", action="store_true", default=None, help="preallocate guest RAM in QEMU")
-    g.add_argument("--accel", metavar="ACCEL", help="auto|kvm|tcg (default auto: kvm where usable, else tcg)")
-    g.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu model (default host under kvm, max under tcg)")
-    g.add_argument("--dirty-log-mode", metavar="MODE",
-                   help="default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); "
-                        "kvm only except default")
-    g.add_argument("--dirty-ring", metavar="N",
-                   help="dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
-    g.add_argument("--touch", metavar="MIB",
-                   help="MiB the probe prefaults (default 0 = as much as the guest can spare)")
-    g.add_argument("--loops", metavar="L,L,..",
-                   help="loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
-    g.add_argument("--threshold-us", metavar="US", help="record guest gaps at or above this (default 50)")
-    g.add_argument("--baseline-s", metavar="S", help="baseline window before migrate (default 2)")
-    g.add_argument("--end", metavar="END",
-                   help="complete|cancel: let migration finish, or migrate_cancel (default complete)")
-    g.add_argument("--cancel-after-s", metavar="S", help="with --end cancel: seconds after the first pass (default 1)")
-    g.add_argument("--margin-ms", metavar="MS", help="stall window ends this long after the first pass (default 200)")
-    g.add_argument("--repeat", metavar="N", help="runs of each scenario (default 1)")
-    g.add_argument("--overcommit", action="store_true", default=None,
-                   help="allow more guest memory or vCPUs than the host has")
-    g.add_argument("--verify", action="store_true", default=None,
-                   help="after a completed migration, compare guest RAM on both sides page by page "
-                        "(the write loops keep writing until the source stops)")
-    g.add_argument("--qemu", metavar="PATH", help="QEMU binary on the host (default qemu-system-x86_64 on PATH)")
-    g.add_argument("--guest-kernel", metavar="PATH", help="guest kernel (default Debian's linux-image, cached)")
-    g.add_argument("--ready-timeout", metavar="S", help="seconds to wait for the probe's READY (default 300)")
-    g.add_argument("--migration-timeout", metavar="S", help="seconds a migration may take (default 600)")
+    for key, spec in ScenarioTable.model_fields.items():
+        flag = _extra(key, "flag")
+        if flag is None:
+            continue
+        if _scalar_type(key) is bool:
+            g.add_argument(flag, action="store_true", default=None, help=spec.description)
+        else:
+            g.add_argument(flag, metavar=_extra(key, "metavar"), help=spec.description)
 
 
 def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
