@@ -18,7 +18,9 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import (
+    Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, get_args, get_origin,
+)
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,8 +31,6 @@ if sys.version_info >= (3, 10):
     _UNIONS: Tuple[Any, ...] = (Union, UnionType)
 else:  # pragma: no cover - exercised on Python 3.9 only
     _UNIONS = (Union,)
-
-from typing import get_args, get_origin
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class _Where:
         self.table = ""                  # "" = the top level, else "[base]", "[[host]] #2", "[kernels.x]"
         self.model: Type[BaseModel] = model
         self.key: Optional[str] = None   # the key the error is about (None: the table itself)
-        self.table_shape = ""            # with key None: what the table should have been
+        self.table_shape = ""            # key is a table/array/map of the wrong type: which of them
         parts = list(loc)
         while parts:
             part = parts.pop(0)
@@ -109,10 +109,6 @@ class _Where:
 
     def label(self) -> str:
         return self.table or "the top level"
-
-
-def _shown(value: Any) -> str:
-    return repr(value)
 
 
 def _first(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -147,7 +143,9 @@ def format_error(exc: ValidationError, model: Type[BaseModel], file: Optional[st
         return f"{at}missing {key!r} in {where.label()}{what}; add it"
     if kind == "value_error":
         return f"{prefix}{shown_key} {err['ctx']['error']}"
-    shown = _shown(err["input"])
+    shown = repr(err["input"])
+    if where.key is None and not where.table:   # the document itself (never from TOML): pydantic's words
+        return f"{at}{err['msg']}"
     if where.key is None:           # [kernels.NAME] = 3: the entry of a map of tables
         return f"{at}{where.table} {shown} is not a table; write it as {where.table}"
     if where.table_shape == "array":
