@@ -39,8 +39,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Annotated, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin
 
+from pydantic import BeforeValidator, Field, field_validator
+
+from harness import config_schema as schema
+from harness.config_schema import ConfigModel
 from harness.errors import KVMUnusable, UserError
 from harness.hosts.facts import HugePool
 
@@ -114,43 +118,8 @@ class Scenario:
         validate(self, facts)
 
 
-# --- keys: TOML name -> (Scenario field, kind, command-line flag) ---------------
-
-_KEYS: Dict[str, Tuple[str, str, Optional[str]]] = {
-    "name": ("name", "str", "--name"),
-    "mem": ("mem_mib", "size", "--mem"),
-    "vcpus": ("vcpus", "int", "--vcpus"),
-    "backing": ("backing", "str", "--backing"),
-    "prealloc": ("prealloc", "bool", "--prealloc"),
-    "accel": ("accel", "str", "--accel"),
-    "cpu_model": ("cpu_model", "str", "--cpu-model"),
-    "dirty_log_mode": ("dirty_log_mode", "str", "--dirty-log-mode"),
-    "dirty_ring": ("dirty_ring", "int", "--dirty-ring"),
-    "touch": ("touch_mib", "size0", "--touch"),
-    "loops": ("loops", "loops", "--loops"),
-    "threshold_us": ("threshold_us", "int", "--threshold-us"),
-    "baseline_s": ("baseline_s", "float", "--baseline-s"),
-    "end": ("end_action", "str", "--end"),
-    "cancel_after_s": ("cancel_after_s", "float", "--cancel-after-s"),
-    "margin_ms": ("margin_ms", "float", "--margin-ms"),
-    "ready_timeout_s": ("ready_timeout_s", "float", "--ready-timeout"),
-    "migration_timeout_s": ("migration_timeout_s", "float", "--migration-timeout"),
-    "repeat": ("repeat", "int", "--repeat"),
-    "overcommit": ("overcommit", "bool", "--overcommit"),
-    "qemu": ("qemu", "str", "--qemu"),
-    "guest_kernel": ("guest_kernel", "str", "--guest-kernel"),
-    "l1_cmdline": ("l1_cmdline", "str", None),
-    "verify": ("verify", "bool", "--verify"),
-}
 #: keys that may be lists in a file; each list is one axis of the matrix
 MATRIX_KEYS = ("mem", "vcpus", "backing", "dirty_log_mode")
-_FIELD_TO_KEY = {f: k for k, (f, _, _) in _KEYS.items()}
-_KIND_HINT = {
-    "str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-    "size": "a size such as 512, \"512M\" or \"1G\"", "size0": "a size in MiB such as 256 or \"256M\"",
-    "loops": "a list such as [\"pio\", \"write\"]",
-}
-_TOP_KEYS = ("description", "defaults", "scenario")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _SIZE_FACTOR = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
@@ -180,10 +149,172 @@ def parse_size_mib(value: Any) -> int:
     return int(mib)
 
 
+# --- the schema: one [defaults] / [[scenario]] table / the command-line flags ------
+
+def _size(value: Any) -> int:
+    try:
+        return parse_size_mib(value)
+    except ValueError as exc:
+        shown = f"{value!r}" if not isinstance(value, (int, float)) else f"{value}"
+        why = "" if str(exc) == "not a size" else f" ({exc})"
+        raise ValueError(f"{shown} is not a size{why}; use MiB (512) or a suffix M/G/T (512M, 1G)") from None
+
+
+def _loops(value: Any) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ValueError(f"{value!r} is not a list such as [\"pio\", \"write\"]; fix the value")
+    if not items or any(not v for v in items):
+        raise ValueError(f"{value!r} has an empty item; "
+                         f"give one loop per vCPU from {', '.join(LOOPS)}, e.g. pio,write")
+    return tuple(items)
+
+
+def _axis(value: Any) -> List[Any]:
+    """A matrix key: one value, or a list of them (one axis of the matrix)."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("is an empty list; give at least one value")
+        return value
+    return [value]
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Loops = Annotated[Tuple[str, ...], BeforeValidator(_loops)]
+SizeAxis = Annotated[List[Size], BeforeValidator(_axis)]
+IntAxis = Annotated[List[int], BeforeValidator(_axis)]
+StrAxis = Annotated[List[str], BeforeValidator(_axis)]
+
+
+def _key(flag: Optional[str], metavar: Optional[str], description: str, field: Optional[str] = None) -> Any:
+    """A scenario key: its command-line flag (None: file only) and the flag's
+    metavar, its help text (``migstall run --help``) and its :class:`Scenario`
+    field (default: the key's own name)."""
+    return Field(default=None, description=description,
+                 json_schema_extra={"flag": flag, "metavar": metavar, "field": field})
+
+
+class ScenarioTable(ConfigModel):
+    """One ``[defaults]`` or ``[[scenario]]`` table, or the scenario flags of one run.
+    Every key is optional (None: not given); lists are matrix axes.  The order is
+    that of ``migstall run --help``."""
+
+    name: Optional[str] = _key("--name", None, "scenario name written to the CSV (default: adhoc)")
+    mem: Optional[SizeAxis] = _key(
+        "--mem", "SIZE", "guest memory: MiB (512) or with a suffix (512M, 1G); default 1G", "mem_mib")
+    vcpus: Optional[IntAxis] = _key(
+        "--vcpus", "N", "vCPUs (default 2; at most the host's CPUs without --overcommit)")
+    backing: Optional[StrAxis] = _key(
+        "--backing", "KIND", f"guest RAM backing: {'|'.join(BACKINGS)} (default anon)")
+    prealloc: Optional[bool] = _key("--prealloc", None, "preallocate guest RAM in QEMU")
+    accel: Optional[str] = _key("--accel", "ACCEL", "auto|kvm|tcg (default auto: kvm where usable, else tcg)")
+    cpu_model: Optional[str] = _key(
+        "--cpu-model", "MODEL", "QEMU -cpu model (default host under kvm, max under tcg)")
+    dirty_log_mode: Optional[StrAxis] = _key(
+        "--dirty-log-mode", "MODE",
+        "default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); kvm only except default")
+    dirty_ring: Optional[int] = _key(
+        "--dirty-ring", "N", "dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
+    touch: Optional[Size] = _key(
+        "--touch", "MIB", "MiB the probe prefaults (default 0 = as much as the guest can spare)", "touch_mib")
+    loops: Optional[Loops] = _key(
+        "--loops", "L,L,..",
+        "loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
+    threshold_us: Optional[int] = _key("--threshold-us", "US", "record guest gaps at or above this (default 50)")
+    baseline_s: Optional[float] = _key("--baseline-s", "S", "baseline window before migrate (default 2)")
+    end: Optional[str] = _key(
+        "--end", "END", "complete|cancel: let migration finish, or migrate_cancel (default complete)", "end_action")
+    cancel_after_s: Optional[float] = _key(
+        "--cancel-after-s", "S", "with --end cancel: seconds after the first pass (default 1)")
+    margin_ms: Optional[float] = _key(
+        "--margin-ms", "MS", "stall window ends this long after the first pass (default 200)")
+    repeat: Optional[int] = _key("--repeat", "N", "runs of each scenario (default 1)")
+    overcommit: Optional[bool] = _key(
+        "--overcommit", None, "allow more guest memory or vCPUs than the host has")
+    verify: Optional[bool] = _key(
+        "--verify", None, "after a completed migration, compare guest RAM on both sides page by page "
+        "(the write loops keep writing until the source stops)")
+    qemu: Optional[str] = _key("--qemu", "PATH", "QEMU binary on the host (default qemu-system-x86_64 on PATH)")
+    guest_kernel: Optional[str] = _key(
+        "--guest-kernel", "PATH", "guest kernel (default Debian's linux-image, cached)")
+    ready_timeout_s: Optional[float] = _key(
+        "--ready-timeout", "S", "seconds to wait for the probe's READY (default 300)")
+    migration_timeout_s: Optional[float] = _key(
+        "--migration-timeout", "S", "seconds a migration may take (default 600)")
+    l1_cmdline: Optional[str] = _key(
+        None, None, "virtual host only: extra L1 kernel arguments (e.g. kvm.tdp_mmu=0); file only")
+
+    @field_validator("repeat")
+    @classmethod
+    def _repeat_positive(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < 1:
+            raise ValueError(f"{value} is below 1; give the number of repeats (1 or more)")
+        return value
+
+    def given(self) -> Dict[str, Any]:
+        """The keys set in this table, with their (converted) values."""
+        return {k: getattr(self, k) for k in self.model_fields_set}
+
+
+class ScenarioFile(ConfigModel):
+    """A scenario TOML file (see the module docstring)."""
+
+    description: Optional[str] = Field(default=None, description="optional text")
+    defaults: Optional[ScenarioTable] = Field(default=None, description="applies to every [[scenario]]")
+    scenario: Optional[List[ScenarioTable]] = Field(default=None, description="the scenarios")
+
+
+def _extra(key: str, name: str) -> Any:
+    extra = ScenarioTable.model_fields[key].json_schema_extra
+    return extra.get(name) if isinstance(extra, dict) else None
+
+
+#: TOML key -> (Scenario field, command-line flag or None): read off the model
+_KEYS: Dict[str, Tuple[str, Optional[str]]] = {
+    k: (_extra(k, "field") or k, _extra(k, "flag")) for k in ScenarioTable.model_fields}
+
+
+def _scalar_type(key: str) -> Any:
+    t = ScenarioTable.model_fields[key].annotation
+    if get_origin(t) is Union:
+        t = next(a for a in get_args(t) if a is not type(None))
+    if get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    if get_origin(t) in (list, List):
+        t = get_args(t)[0]
+    return t
+
+
+def _flag_label(key: str) -> str:
+    return _KEYS[key][1] or key if key in _KEYS else key
+
+
+def _from_flags(flags: Mapping[str, Any]) -> Dict[str, Any]:
+    """Command-line values (strings) checked by the same model as a file's table.
+
+    A number flag is converted first (``--vcpus 2``); what does not look like one
+    stays a string and fails the model's strict type check, naming the flag."""
+    raw: Dict[str, Any] = {}
+    for key, value in flags.items():
+        kind = _scalar_type(key) if key in _KEYS else None
+        if isinstance(value, str) and kind is int and re.fullmatch(r"-?\d+", value.strip()):
+            value = int(value)
+        elif isinstance(value, str) and kind is float:
+            try:
+                value = float(value)
+            except ValueError:
+                pass            # reported by the model: --baseline-s 'x' is not a number
+        raw[key] = value
+    return schema.validate(ScenarioTable, raw, None, label=_flag_label).given()
+
+
 # --- where a problem is: names the file/entry or the flag ----------------------
 
 def _key_name(s_origin: str, flag_keys: Sequence[str], key: str) -> str:
-    flag = _KEYS[key][2] if key in _KEYS else None
+    flag = _KEYS[key][1] if key in _KEYS else None
     if (not s_origin or key in flag_keys) and flag:
         return flag
     return key
@@ -194,86 +325,17 @@ def _err(s: Scenario, key: str, problem: str, fix: str) -> UserError:
     return UserError(f"{where}{_key_name(s.origin, s.flag_keys, key)} {problem}; {fix}")
 
 
-# --- building Scenario objects from raw key/value maps ---------------------------
+# --- building Scenario objects from checked tables ------------------------------
 
-def _convert(key: str, value: Any, where: str, *, from_flag: bool) -> Any:
-    """Check the type of one raw value and convert it to the Scenario field's type."""
-    kind = _KEYS[key][1]
-    label = _KEYS[key][2] if from_flag else key
-
-    def bad(reason: str = "") -> UserError:
-        shown = value if isinstance(value, str) else repr(value)
-        why = f" ({reason})" if reason else ""
-        return UserError(f"{where}{label} {shown!s} is not {_KIND_HINT[kind]}{why}; fix the value")
-
-    if kind in ("size", "size0"):
-        try:
-            return parse_size_mib(value)
-        except ValueError as exc:
-            shown = f"{value!r}" if not isinstance(value, (int, float)) else f"{value}"
-            why = "" if str(exc) == "not a size" else f" ({exc})"
-            raise UserError(f"{where}{label} {shown} is not a size{why}; "
-                            f"use MiB (512) or a suffix M/G/T (512M, 1G)") from None
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and from_flag and re.fullmatch(r"-?\d+", value.strip()):
-                return int(value)
-            raise bad()
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str) and from_flag:
-                try:
-                    return float(value)
-                except ValueError:
-                    raise bad() from None
-            raise bad()
-        return float(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if kind == "loops":
-        if isinstance(value, str):
-            items = [v.strip() for v in value.split(",")]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            items = [v.strip() for v in value]
-        else:
-            raise bad()
-        if not items or any(not v for v in items):
-            raise UserError(f"{where}{label} {value!r} has an empty item; "
-                            f"give one loop per vCPU from {', '.join(LOOPS)}, e.g. pio,write")
-        return tuple(items)
-    raise AssertionError(kind)
-
-
-def _expand(raw: Mapping[str, Any], origin: str, flag_keys: Sequence[str], where: str) -> List[Scenario]:
-    """One raw entry (defaults | entry | flags) -> the list of its matrix scenarios."""
-    axes: Dict[str, List[Any]] = {}
-    scalars: Dict[str, Any] = {}
-    for key, value in raw.items():
-        from_flag = key in flag_keys
-        w = "" if from_flag else where
-        if key in MATRIX_KEYS and isinstance(value, list):
-            if not value:
-                raise UserError(f"{w}{key} is an empty list; give at least one value")
-            axes[key] = [_convert(key, v, w, from_flag=from_flag) for v in value]
-        else:
-            scalars[key] = _convert(key, value, w, from_flag=from_flag)
-    repeats = scalars.pop("repeat", 1)
-    if repeats < 1:
-        raise UserError(f"{'' if 'repeat' in flag_keys else where}"
-                        f"{'--repeat' if ('repeat' in flag_keys or not origin) else 'repeat'} "
-                        f"{repeats} is below 1; give the number of repeats (1 or more)")
-    base = {_KEYS[k][0]: v for k, v in scalars.items()}
-    axis_keys = [k for k in MATRIX_KEYS if k in axes]
+def _expand(given: Mapping[str, Any], origin: str, flag_keys: Sequence[str]) -> List[Scenario]:
+    """One checked entry (defaults | entry | flags) -> the list of its matrix scenarios."""
+    values = dict(given)
+    repeats = values.pop("repeat", 1)
+    axis_keys = [k for k in MATRIX_KEYS if k in values]
+    base = {_KEYS[k][0]: v for k, v in values.items() if k not in axis_keys}
     out = []
     for r in range(1, repeats + 1):
-        for combo in itertools.product(*(axes[k] for k in axis_keys)):
+        for combo in itertools.product(*(values[k] for k in axis_keys)):
             fields = dict(base)
             fields.update({_KEYS[k][0]: v for k, v in zip(axis_keys, combo)})
             out.append(Scenario(**fields, repeat=r, origin=origin, flag_keys=tuple(flag_keys)))
@@ -297,16 +359,6 @@ def _read_toml(path: Path) -> Dict[str, Any]:
         raise UserError(f"{path} is not valid TOML: {' '.join(str(exc).split())}; fix the syntax there") from None
 
 
-def _check_keys(table: Mapping[str, Any], where: str, allowed: Iterable[str], what: str) -> None:
-    allowed = list(allowed)
-    for key in table:
-        if key not in allowed:
-            import difflib
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
-            raise UserError(f"{where}unknown key {key!r} in {what}; {hint}")
-
-
 def load_scenarios(path: Any, overrides: Optional[Mapping[str, Any]] = None) -> List[Scenario]:
     """Read a scenario TOML file and expand it (see the module docstring).
 
@@ -315,37 +367,24 @@ def load_scenarios(path: Any, overrides: Optional[Mapping[str, Any]] = None) -> 
     names are checked here; run :func:`check_static` / :func:`validate` next.
     """
     path = Path(path)
-    doc = _read_toml(path)
-    overrides = dict(overrides or {})
-    _check_keys(doc, f"{path}: ", _TOP_KEYS, "the top level (use [defaults] and [[scenario]])")
-    if "description" in doc and not isinstance(doc["description"], str):
-        raise UserError(f"{path}: description must be a string; quote it")
-    defaults = doc.get("defaults", {})
-    if not isinstance(defaults, dict):
-        raise UserError(f"{path}: defaults must be a table; write it as [defaults]")
-    _check_keys(defaults, f"{path} [defaults]: ", _KEYS, "[defaults]")
-    entries = doc.get("scenario")
-    if entries is None:
+    doc = schema.validate(ScenarioFile, _read_toml(path), str(path))
+    flags = _from_flags(overrides or {})
+    if not doc.scenario:
         raise UserError(f"{path} has no [[scenario]] entries; add at least one [[scenario]] table")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise UserError(f"{path}: scenario must be an array of tables; write each entry as [[scenario]]")
-    if not entries:
-        raise UserError(f"{path} has no [[scenario]] entries; add at least one [[scenario]] table")
+    defaults = doc.defaults.given() if doc.defaults is not None else {}
     out: List[Scenario] = []
-    for i, entry in enumerate(entries, 1):
-        where = f"{path} [[scenario]] #{i}: "
-        _check_keys(entry, where, _KEYS, f"[[scenario]] #{i}")
-        raw = {**defaults, **entry}
-        raw.setdefault("name", f"{path.stem}-{i}")
+    for i, entry in enumerate(doc.scenario, 1):
+        given = {**defaults, **entry.given()}
+        given.setdefault("name", f"{path.stem}-{i}")
         for key in ("guest_kernel",):  # local paths: relative to the file
-            value = raw.get(key)
-            if key not in overrides and isinstance(value, str) and value and not os.path.isabs(value):
-                raw[key] = str((path.parent / value))
-        raw.update(overrides)
+            value = given.get(key)
+            if key not in flags and value and not os.path.isabs(value):
+                given[key] = str((path.parent / value))
+        given.update(flags)
         origin = f"{path} [[scenario]] #{i}"
-        if isinstance(raw.get("name"), str) and "name" not in overrides:
-            origin += f" ({raw['name']})"
-        out.extend(_expand(raw, origin, tuple(overrides), where))
+        if "name" not in flags:
+            origin += f" ({given['name']})"
+        out.extend(_expand(given, origin, tuple(flags)))
     return out
 
 
@@ -525,43 +564,19 @@ def add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
     None so that, with ``--scenario``, only the flags given override the file."""
     g = parser.add_argument_group("scenario (a file, or flags for one run; flags override the file)")
     g.add_argument("--scenario", metavar="FILE", help="scenario TOML file (a matrix; see README)")
-    g.add_argument("--name", help="scenario name written to the CSV (default: adhoc)")
-    g.add_argument("--mem", metavar="SIZE", help="guest memory: MiB (512) or with a suffix (512M, 1G); default 1G")
-    g.add_argument("--vcpus", metavar="N", help="vCPUs (default 2; at most the host's CPUs without --overcommit)")
-    g.add_argument("--backing", metavar="KIND", help=f"guest RAM backing: {'|'.join(BACKINGS)} (default anon)")
-    g.add_argument("--prealloc", action="store_true", default=None, help="preallocate guest RAM in QEMU")
-    g.add_argument("--accel", metavar="ACCEL", help="auto|kvm|tcg (default auto: kvm where usable, else tcg)")
-    g.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu model (default host under kvm, max under tcg)")
-    g.add_argument("--dirty-log-mode", metavar="MODE",
-                   help="default (QEMU's choice) | legacy (no manual protect) | ring (needs --dirty-ring); "
-                        "kvm only except default")
-    g.add_argument("--dirty-ring", metavar="N",
-                   help="dirty ring entries per vCPU with --dirty-log-mode ring (power of two, 1024..65536)")
-    g.add_argument("--touch", metavar="MIB",
-                   help="MiB the probe prefaults (default 0 = as much as the guest can spare)")
-    g.add_argument("--loops", metavar="L,L,..",
-                   help="loop per vCPU: pio,write,cpu (default pio for vCPU0, write for the rest; the last repeats)")
-    g.add_argument("--threshold-us", metavar="US", help="record guest gaps at or above this (default 50)")
-    g.add_argument("--baseline-s", metavar="S", help="baseline window before migrate (default 2)")
-    g.add_argument("--end", metavar="END",
-                   help="complete|cancel: let migration finish, or migrate_cancel (default complete)")
-    g.add_argument("--cancel-after-s", metavar="S", help="with --end cancel: seconds after the first pass (default 1)")
-    g.add_argument("--margin-ms", metavar="MS", help="stall window ends this long after the first pass (default 200)")
-    g.add_argument("--repeat", metavar="N", help="runs of each scenario (default 1)")
-    g.add_argument("--overcommit", action="store_true", default=None,
-                   help="allow more guest memory or vCPUs than the host has")
-    g.add_argument("--verify", action="store_true", default=None,
-                   help="after a completed migration, compare guest RAM on both sides page by page "
-                        "(the write loops keep writing until the source stops)")
-    g.add_argument("--qemu", metavar="PATH", help="QEMU binary on the host (default qemu-system-x86_64 on PATH)")
-    g.add_argument("--guest-kernel", metavar="PATH", help="guest kernel (default Debian's linux-image, cached)")
-    g.add_argument("--ready-timeout", metavar="S", help="seconds to wait for the probe's READY (default 300)")
-    g.add_argument("--migration-timeout", metavar="S", help="seconds a migration may take (default 600)")
+    for key, spec in ScenarioTable.model_fields.items():
+        flag = _extra(key, "flag")
+        if flag is None:
+            continue
+        if _scalar_type(key) is bool:
+            g.add_argument(flag, action="store_true", default=None, help=spec.description)
+        else:
+            g.add_argument(flag, metavar=_extra(key, "metavar"), help=spec.description)
 
 
 def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    for key, (_, _, flag) in _KEYS.items():
+    for key, (_, flag) in _KEYS.items():
         if flag is None:
             continue
         value = getattr(args, flag[2:].replace("-", "_"), None)
@@ -577,7 +592,7 @@ def static_scenarios(args: argparse.Namespace) -> List[Scenario]:
     if getattr(args, "scenario", None):
         scenarios = load_scenarios(args.scenario, overrides=flags)
     else:
-        scenarios = _expand(flags, "", tuple(flags), "")
+        scenarios = _expand(_from_flags(flags), "", tuple(flags))
     for s in scenarios:
         check_static(s)
     return scenarios

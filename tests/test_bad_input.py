@@ -109,7 +109,7 @@ def test_unknown_toml_key(sandbox):
 def test_wrong_type_in_toml(sandbox):
     path = write(sandbox[0], "types.toml", '[[scenario]]\nvcpus = "two"\n')
     r, out, rt = run_cli(sandbox, "--scenario", path)
-    check(r, out, rt, "vcpus two is not an integer")
+    check(r, out, rt, "vcpus 'two' is not an integer")
 
 
 def test_bad_entry_late_in_matrix_starts_nothing(sandbox):

@@ -10,13 +10,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from harness import paths
 from harness.errors import UserError
 from harness.kernel.config import harness_fragments, resolve_config
-from harness.kernel.manifest import SCHEMA, load_manifest
+from harness.kernel.manifest import ManifestFile, SeriesTable, load_manifest
 from harness.kernel.series import load_series, read_patches
 from harness.kernel.toolchain import resolve_toolchain, working_engine
 
@@ -118,7 +119,8 @@ def test_missing_manifest_exits_2(tmp_path):
     ('name="x"\n[base]\ndebian_source="p"\n[series]\nmbox="m"\n', "missing 'description'"),
     ('name="x"\ndescription="d"\n[base]\ndebian_source="p"\npath="/"\n[series]\nmbox="m"\n', "exactly one of"),
     ('name="x"\ndescription="d"\n[base]\ndebian_source="p"\n[series]\nmessage_id="a@b"\n', "patches = N"),
-    ('name="x"\ndescription="d"\n[base]\ndebian_source="p"\n[series]\nmbox="m"\npatches="2"\n', "must be a int"),
+    ('name="x"\ndescription="d"\n[base]\ndebian_source="p"\n[series]\nmbox="m"\npatches="2"\n',
+     "[series]: patches '2' is not an integer"),
     ('name = \n', "not valid TOML"),
 ])
 def test_bad_manifest_exits_2(tmp_path, text, needle):
@@ -131,8 +133,9 @@ def test_bad_manifest_exits_2(tmp_path, text, needle):
 
 
 def test_schema_is_data():
-    assert set(SCHEMA) == {"", "base", "series", "build", "toolchain", "verify"}
-    assert SCHEMA["series"]["patches"][0] is int
+    assert set(ManifestFile.model_fields) == {"name", "description", "base", "series", "build", "toolchain", "verify"}
+    assert ManifestFile.model_fields["series"].annotation is SeriesTable
+    assert SeriesTable.model_fields["patches"].annotation == Optional[int]
 
 
 @pytest.fixture

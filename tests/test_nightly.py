@@ -72,7 +72,7 @@ def test_good_config(tmp_path):
     (("fail_on = [\"dirty_log_start_ms:+10\"]", "fail_on = [\"dirty_log_start_ms:10\"]"), "METRIC:+PCT"),
     (("bzimage = \"bzImage-stock\"", "bzimage = \"nope\""), "does not exist"),
     (("scenarios = \"scen.toml\"", "scenarios = \"missing.toml\""), "does not exist"),
-    (("scenarios = \"scen.toml\"", "scenarios = 3"), "scenarios must be a str"),
+    (("scenarios = \"scen.toml\"", "scenarios = 3"), "scenarios 3 is not a string"),
     (("out = \"res\"", "out = \"res\"\nthreshold = -1"), "threshold"),
     (("out = \"res\"", "out = \"res\"\nboot_timeout_s = 1"), "boot_timeout_s"),
     (("[kernels.stock]\nbzimage = \"bzImage-stock\"", ""), "no kernel for variant(s) stock"),

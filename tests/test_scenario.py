@@ -124,7 +124,7 @@ def test_shipped_scenario_files_are_valid():
     ("[[scenario]]\nmemory = 512\n", "did you mean 'mem'"),
     ("[defaults]\nvcpu = 2\n[[scenario]]\n", "unknown key 'vcpu' in [defaults]"),
     ("[[scenarios]]\nmem = 1\n", "unknown key 'scenarios' in the top level"),
-    ("[[scenario]]\nmem = 512\nvcpus = \"two\"\n", "vcpus two is not an integer"),
+    ("[[scenario]]\nmem = 512\nvcpus = \"two\"\n", "vcpus 'two' is not an integer"),
     ("[[scenario]]\nprealloc = 1\n", "prealloc 1 is not true or false"),
     ("[[scenario]]\nmem = \"1X\"\n", "mem '1X' is not a size"),
     ("[[scenario]]\nmem = []\n", "mem is an empty list"),
@@ -133,7 +133,7 @@ def test_shipped_scenario_files_are_valid():
     ("[[scenario]\nmem = 1\n", "is not valid TOML"),
     ("mem = 512\n", "unknown key 'mem' in the top level"),
     ("[defaults]\nmem = 512\n", "has no [[scenario]] entries"),
-    ("scenario = 3\n", "scenario must be an array of tables"),
+    ("scenario = 3\n", "scenario 3 is not an array of tables"),
 ])
 def test_file_errors_name_file_and_key(tmp_path, text, needle):
     p = write(tmp_path, text)

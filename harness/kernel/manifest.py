@@ -1,8 +1,9 @@
 """Series manifests: ``patches/<name>/series.toml``.
 
-The schema is data (:data:`SCHEMA`): every table, its keys, their types and
-whether they are required.  Unknown tables or keys are a :class:`UserError`
-naming the key and the allowed ones, so a typo never silently changes a build.
+The schema is data (:class:`ManifestFile` and its tables, pydantic models of
+:mod:`harness.config_schema`): every table, its keys, their types and whether
+they are required.  Unknown tables or keys are a :class:`UserError` naming the
+key (with a "did you mean"), so a typo never silently changes a build.
 
 Example::
 
@@ -36,8 +37,12 @@ import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from pydantic import Field
+
+from harness import config_schema as schema
+from harness.config_schema import ConfigModel, optional
 from harness.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -45,47 +50,61 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-#: table -> key -> (type, required, description).  "" is the top level.
-SCHEMA: Dict[str, Dict[str, Tuple[type, bool, str]]] = {
-    "": {
-        "name": (str, True, "short name of the series"),
-        "description": (str, True, "one line"),
-        "base": (dict, True, "the tree the series applies to"),
-        "series": (dict, True, "the patches"),
-        "build": (dict, False, "base config and fragments"),
-        "toolchain": (dict, False, "compiler and QEMU of the era"),
-        "verify": (dict, False, "what the booted patched kernel exposes"),
-    },
-    "base": {
-        "git": (str, False, "git URL to shallow-clone"),
-        "ref": (str, False, "tag, branch or commit (with git or a git path)"),
-        "path": (str, False, "a local kernel tree (git or plain)"),
-        "debian_source": (str, False, "a Debian source package, e.g. linux-source-6.1"),
-    },
-    "series": {
-        "message_id": (str, False, "cover letter Message-ID, fetched with b4 am"),
-        "mbox": (str, False, "a local mbox file"),
-        "patch_dir": (str, False, "a directory of *.patch files (git format-patch)"),
-        "patches": (int, False, "expected number of patches (without the cover letter)"),
-        "title": (str, False, "the series title"),
-        "link": (str, False, "where the series was posted"),
-        "lore_url": (str, False, "with message_id: the public-inbox b4 fetches from "
-                                 "(default: b4.midmask from git config, else https://lore.kernel.org/all)"),
-    },
-    "build": {
-        "config": (str, False, "tiny | defconfig | distro | PATH"),
-        "fragments": (list, False, "harness fragment names or PATHs of kconfig fragments"),
-    },
-    "toolchain": {
-        "compiler": (str, False, "tuxmake toolchain name (gcc, gcc-8, clang, ...)"),
-        "qemu": (str, False, "QEMU version of the era (informational)"),
-        "notes": (str, False, "free text"),
-    },
-    "verify": {
-        "events": (list, False, "tracefs events SYSTEM/NAME the patched kernel exposes"),
-        "markers": (dict, False, "PATH = expected content, read on the booted patched kernel"),
-    },
-}
+class BaseTable(ConfigModel):
+    """``[base]``: the tree the series applies to."""
+
+    git: Optional[str] = optional("git URL to shallow-clone")
+    ref: Optional[str] = optional("tag, branch or commit (with git or a git path)")
+    path: Optional[str] = optional("a local kernel tree (git or plain)")
+    debian_source: Optional[str] = optional("a Debian source package, e.g. linux-source-6.1")
+
+
+class SeriesTable(ConfigModel):
+    """``[series]``: the patches."""
+
+    message_id: Optional[str] = optional("cover letter Message-ID, fetched with b4 am")
+    mbox: Optional[str] = optional("a local mbox file")
+    patch_dir: Optional[str] = optional("a directory of *.patch files (git format-patch)")
+    patches: Optional[int] = optional("expected number of patches (without the cover letter)")
+    title: Optional[str] = optional("the series title")
+    link: Optional[str] = optional("where the series was posted")
+    lore_url: Optional[str] = optional("with message_id: the public-inbox b4 fetches from "
+                                    "(default: b4.midmask from git config, else https://lore.kernel.org/all)")
+
+
+class BuildTable(ConfigModel):
+    """``[build]``: base config and fragments."""
+
+    config: Optional[str] = optional("tiny | defconfig | distro | PATH")
+    fragments: Optional[List[str]] = optional("harness fragment names or PATHs of kconfig fragments")
+
+
+class ToolchainTable(ConfigModel):
+    """``[toolchain]``: compiler and QEMU of the era."""
+
+    compiler: Optional[str] = optional("tuxmake toolchain name (gcc, gcc-8, clang, ...)")
+    qemu: Optional[str] = optional("QEMU version of the era (informational)")
+    notes: Optional[str] = optional("free text")
+
+
+class VerifyTable(ConfigModel):
+    """``[verify]``: what the booted patched kernel exposes."""
+
+    events: Optional[List[str]] = optional("tracefs events SYSTEM/NAME the patched kernel exposes")
+    markers: Optional[Dict[str, str]] = optional("PATH = expected content, read on the booted patched kernel")
+
+
+class ManifestFile(ConfigModel):
+    """``series.toml`` as written (paths still relative to the file)."""
+
+    name: str = Field(description="short name of the series")
+    description: str = Field(description="one line")
+    base: BaseTable = Field(description="the tree the series applies to")
+    series: SeriesTable = Field(description="the patches")
+    build: BuildTable = Field(default_factory=BuildTable, description="base config and fragments")
+    toolchain: ToolchainTable = Field(default_factory=ToolchainTable, description="compiler and QEMU of the era")
+    verify: VerifyTable = Field(default_factory=VerifyTable, description="what the booted patched kernel exposes")
+
 
 DEFAULT_FRAGMENTS = ("kvm-host", "tracing", "virtual-host")
 
@@ -138,25 +157,8 @@ class Manifest:
         return self.path.parent
 
 
-def _check_table(where: str, table: Mapping[str, Any], path: Path) -> None:
-    schema = SCHEMA[where]
-    label = f"[{where}]" if where else "the top level"
-    for key, value in table.items():
-        if key not in schema:
-            allowed = ", ".join(sorted(schema))
-            raise UserError(f"{path}: unknown key '{key}' in {label}; allowed keys: {allowed}")
-        typ = schema[key][0]
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-        if not ok:
-            raise UserError(f"{path}: '{key}' in {label} must be a {typ.__name__}, "
-                            f"not {type(value).__name__}; fix the manifest")
-    for key, (_typ, required, doc) in schema.items():
-        if required and key not in table:
-            raise UserError(f"{path}: missing '{key}' in {label} ({doc}); add it to the manifest")
-
-
-def _one_of(where: str, table: Mapping[str, Any], keys: Tuple[str, ...], path: Path) -> str:
-    present = [k for k in keys if k in table]
+def _one_of(where: str, table: ConfigModel, keys: Tuple[str, ...], path: Path) -> str:
+    present = [k for k in keys if getattr(table, k) is not None]
     if len(present) != 1:
         got = ", ".join(present) if present else "none"
         raise UserError(f"{path}: [{where}] needs exactly one of {', '.join(keys)} (got {got}); fix the manifest")
@@ -199,60 +201,54 @@ def load_manifest(path: "str | Path") -> Manifest:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML ({' '.join(str(exc).split())}); fix the syntax") from exc
     path = path.resolve()
-    _check_table("", data, path)
-    for table in ("base", "series", "build", "toolchain", "verify"):
-        if table in data:
-            _check_table(table, data[table], path)
+    doc = schema.validate(ManifestFile, data, str(path))
 
-    b = data["base"]
+    b = doc.base
     kind = _one_of("base", b, ("git", "path", "debian_source"), path)
-    if kind == "debian_source" and "ref" in b:
+    if kind == "debian_source" and b.ref is not None:
         raise UserError(f"{path}: [base] ref does not apply to debian_source; remove it")
-    if kind == "git" and "ref" not in b:
+    if kind == "git" and b.ref is None:
         raise UserError(f"{path}: [base] git needs a ref (tag, branch or commit); add ref = \"...\"")
-    base = BaseSpec(kind="debian" if kind == "debian_source" else kind, git=b.get("git"), ref=b.get("ref"),
-                    path=_rel(path, b["path"]) if kind == "path" else None,
-                    debian_source=b.get("debian_source"))
+    base = BaseSpec(kind="debian" if kind == "debian_source" else kind, git=b.git, ref=b.ref,
+                    path=_rel(path, b.path) if b.path is not None and kind == "path" else None,
+                    debian_source=b.debian_source)
 
-    s = data["series"]
+    s = doc.series
     skind = _one_of("series", s, ("message_id", "mbox", "patch_dir"), path)
-    if skind == "message_id" and "patches" not in s:
+    if skind == "message_id" and s.patches is None:
         raise UserError(f"{path}: [series] message_id needs patches = N (the expected count); add it")
-    if "patches" in s and s["patches"] < 1:
+    if s.patches is not None and s.patches < 1:
         raise UserError(f"{path}: [series] patches must be >= 1; fix the count")
-    msgid = s.get("message_id")
+    msgid = s.message_id
     if msgid is not None:
         msgid = msgid.strip().strip("<>")
         if not msgid or any(c.isspace() for c in msgid):
-            raise UserError(f"{path}: [series] message_id {s['message_id']!r} is not a Message-ID; "
+            raise UserError(f"{path}: [series] message_id {s.message_id!r} is not a Message-ID; "
                             f"fix it (e.g. 1547733331-16140-1-git-send-email-ann.zhuangyanying@huawei.com)")
-    lore_url = s.get("lore_url")
+    lore_url = s.lore_url
     if lore_url is not None:
         if skind != "message_id":
             raise UserError(f"{path}: [series] lore_url applies only to message_id, not {skind}; remove it")
         lore_url = check_lore_url(lore_url, f"{path}: [series] lore_url")
     series = SeriesSpec(kind=skind, message_id=msgid, lore_url=lore_url,
-                        mbox=_rel(path, s["mbox"]) if skind == "mbox" else None,
-                        patch_dir=_rel(path, s["patch_dir"]) if skind == "patch_dir" else None,
-                        patches=s.get("patches"), title=s.get("title", ""), link=s.get("link", ""))
+                        mbox=_rel(path, s.mbox) if s.mbox is not None and skind == "mbox" else None,
+                        patch_dir=_rel(path, s.patch_dir) if s.patch_dir is not None and skind == "patch_dir"
+                        else None,
+                        patches=s.patches, title=s.title or "", link=s.link or "")
     if series.mbox is not None and not series.mbox.is_file():
         raise UserError(f"{path}: series mbox {series.mbox} does not exist; fix [series] mbox")
     if series.patch_dir is not None and not series.patch_dir.is_dir():
         raise UserError(f"{path}: series patch_dir {series.patch_dir} does not exist; fix [series] patch_dir")
 
-    build = data.get("build", {})
-    fragments = build.get("fragments", list(DEFAULT_FRAGMENTS))
-    if not all(isinstance(f, str) for f in fragments):
-        raise UserError(f"{path}: [build] fragments must be a list of strings; fix the manifest")
-    tc = data.get("toolchain", {})
-    verify = data.get("verify", {})
-    events = verify.get("events", [])
-    if not all(isinstance(e, str) and e.count("/") == 1 for e in events):
+    build, tc, verify = doc.build, doc.toolchain, doc.verify
+    fragments = build.fragments if build.fragments is not None else list(DEFAULT_FRAGMENTS)
+    events = verify.events or []
+    if not all(e.count("/") == 1 for e in events):
         raise UserError(f"{path}: [verify] events must be strings SYSTEM/NAME, e.g. \"kvm/kvm_exit\"; fix the manifest")
-    markers = verify.get("markers", {})
-    if not all(isinstance(v, str) and k.startswith("/") for k, v in markers.items()):
+    markers = verify.markers or {}
+    if not all(k.startswith("/") for k in markers):
         raise UserError(f"{path}: [verify] markers must map absolute paths to strings; fix the manifest")
-    return Manifest(path=path, name=data["name"], description=data["description"], base=base, series=series,
-                    config=build.get("config", "tiny"), fragments=tuple(fragments),
-                    compiler=tc.get("compiler"), qemu=tc.get("qemu"), toolchain_notes=tc.get("notes", ""),
+    return Manifest(path=path, name=doc.name, description=doc.description, base=base, series=series,
+                    config=build.config if build.config is not None else "tiny", fragments=tuple(fragments),
+                    compiler=tc.compiler, qemu=tc.qemu, toolchain_notes=tc.notes or "",
                     events=tuple(events), markers=tuple(sorted(markers.items())))

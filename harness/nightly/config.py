@@ -1,4 +1,4 @@
-"""``nightly.toml``: the schema (as data) and its up-front validation.
+"""``nightly.toml``: the schema (pydantic models, :mod:`harness.config_schema`) and its up-front validation.
 
 Everything is checked before any host is contacted or kernel built: unknown
 keys (with a "did you mean"), types, the boot method against the host kind,
@@ -37,13 +37,16 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from pydantic import Field
+
+from harness import config_schema as schema
 from harness.compare.gate import GateSpec, parse_spec
+from harness.config_schema import ConfigModel, optional
 from harness.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -55,40 +58,46 @@ BOOT_METHODS = ("kexec", "grub-reboot", "virtual")
 DEFAULT_BOOT_TIMEOUT_S = 600.0
 DEFAULT_VARIANTS = ("stock", "patched")
 
-#: key -> (types, required, help)
-TOP_KEYS: Dict[str, Tuple[tuple, bool, str]] = {
-    "scenarios": ((str,), True, "scenario TOML file"),
-    "out": ((str,), False, "results directory (default results/nightly next to the config)"),
-    "manifest": ((str,), False, "series manifest; kernels are built with migstall kernel"),
-    "variants": ((list,), False, "kernel variants, first is BASE (default stock, patched)"),
-    "kernels": ((dict,), False, "prebuilt kernels per variant"),
-    "baseline": ((str,), False, "stored baseline results (CSV or dir)"),
-    "report": ((str,), False, "report directory (default <out>/report)"),
-    "fail_on": ((list,), False, "gates METRIC:+PCT"),
-    "threshold": ((int, float), False, "verdict threshold, percent"),
-    "interleave": ((bool,), False, "alternate variants A B A B (default true)"),
-    "boot_timeout_s": ((int, float), False, "seconds to wait for SSH after a boot"),
-    "restore_default": ((bool,), False, "boot each host back into its default kernel at the end"),
-    "host": ((list,), True, "[[host]] entries"),
-}
-KERNEL_KEYS: Dict[str, Tuple[tuple, bool, str]] = {
-    "bzimage": ((str,), True, "path of the bzImage"),
-    "modules": ((str,), False, "modules tarball (lib/modules/<release>/...) or that directory"),
-    "release": ((str,), False, "expected uname -r"),
-    "series_id": ((str,), False, "series hash written to the series_id column"),
-}
-HOST_KEYS: Dict[str, Tuple[tuple, bool, str]] = {
-    "name": ((str,), True, "short name, used in paths and the host column"),
-    "ssh": ((str,), False, "ssh://[user@]host[:port] of a bare-metal host"),
-    "virtual": ((str,), False, "the virtual host; its default kernel (debian or a bzImage)"),
-    "key": ((str,), False, "SSH private key"),
-    "known_hosts": ((str,), False, "known_hosts file that pins the host key"),
-    "boot": ((str,), False, "kexec (default for ssh) | grub-reboot | virtual"),
-    "cmdline_extra": ((str,), False, "extra kernel command line for the test kernels"),
-    "interleave": ((bool,), False, "overrides the top-level interleave"),
-    "initramfs": ((str,), False, "auto (default: update-initramfs/dracut if present) | none"),
-    "l1_mem_mib": ((int,), False, "virtual host: L1 memory"),
-}
+class KernelTable(ConfigModel):
+    """``[kernels.VARIANT]``: a prebuilt kernel."""
+
+    bzimage: str = Field(description="path of the bzImage")
+    modules: Optional[str] = optional("modules tarball (lib/modules/<release>/...) or that directory")
+    release: Optional[str] = optional("expected uname -r")
+    series_id: Optional[str] = optional("series hash written to the series_id column")
+
+
+class HostTable(ConfigModel):
+    """One ``[[host]]`` entry."""
+
+    name: str = Field(description="short name, used in paths and the host column")
+    ssh: Optional[str] = optional("ssh://[user@]host[:port] of a bare-metal host")
+    virtual: Optional[str] = optional("the virtual host; its default kernel (debian or a bzImage)")
+    key: Optional[str] = optional("SSH private key")
+    known_hosts: Optional[str] = optional("known_hosts file that pins the host key")
+    boot: Optional[str] = optional("kexec (default for ssh) | grub-reboot | virtual")
+    cmdline_extra: Optional[str] = optional("extra kernel command line for the test kernels")
+    interleave: Optional[bool] = optional("overrides the top-level interleave")
+    initramfs: Optional[str] = optional("auto (default: update-initramfs/dracut if present) | none")
+    l1_mem_mib: Optional[int] = optional("virtual host: L1 memory")
+
+
+class NightlyFile(ConfigModel):
+    """``nightly.toml`` as written (paths still relative to the file)."""
+
+    scenarios: str = Field(description="scenario TOML file")
+    out: Optional[str] = optional("results directory (default results/nightly next to the config)")
+    manifest: Optional[str] = optional("series manifest; kernels are built with migstall kernel")
+    variants: Optional[List[str]] = optional("kernel variants, first is BASE (default stock, patched)")
+    kernels: Optional[Dict[str, KernelTable]] = optional("prebuilt kernels per variant")
+    baseline: Optional[str] = optional("stored baseline results (CSV or dir)")
+    report: Optional[str] = optional("report directory (default <out>/report)")
+    fail_on: Optional[List[str]] = optional("gates METRIC:+PCT")
+    threshold: Optional[float] = optional("verdict threshold, percent")
+    interleave: Optional[bool] = optional("alternate variants A B A B (default true)")
+    boot_timeout_s: Optional[float] = optional("seconds to wait for SSH after a boot")
+    restore_default: Optional[bool] = optional("boot each host back into its default kernel at the end")
+    host: List[HostTable] = Field(description="[[host]] entries")
 
 
 @dataclass(frozen=True)
@@ -137,25 +146,6 @@ class NightlyConfig:
         return self.out / host / f"{variant}.csv"
 
 
-def _check(table: Mapping[str, Any], schema: Mapping[str, Tuple[tuple, bool, str]], where: str) -> None:
-    for key, value in table.items():
-        if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(schema)}"
-            raise UserError(f"{where}unknown key {key!r}; {hint}")
-        types = schema[key][0]
-        if isinstance(value, bool) and bool not in types:
-            ok = False
-        else:
-            ok = isinstance(value, types)
-        if not ok:
-            names = " or ".join(t.__name__ for t in types)
-            raise UserError(f"{where}{key} must be a {names}, not {type(value).__name__} ({value!r})")
-    for key, (_, required, help_) in schema.items():
-        if required and key not in table:
-            raise UserError(f"{where}missing {key!r} ({help_}); add it")
-
-
 def _path(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -175,32 +165,29 @@ def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyCo
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML ({' '.join(str(exc).split())}); fix the syntax") from exc
     where = f"{path}: "
-    _check(doc, TOP_KEYS, where)
+    cfg = schema.validate(NightlyFile, doc, str(path))
     base = path.resolve().parent
 
-    variants = tuple(doc.get("variants", DEFAULT_VARIANTS))
-    if not variants or not all(isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum() for v in variants):
+    variants = tuple(cfg.variants) if cfg.variants is not None else DEFAULT_VARIANTS
+    if not variants or not all(v.replace("-", "").replace("_", "").isalnum() for v in variants):
         raise UserError(f"{where}variants must be a non-empty list of names (letters, digits, - and _)")
     if len(set(variants)) != len(variants):
         raise UserError(f"{where}variants has duplicates; list each once")
 
     kernels: Dict[str, KernelSpec] = {}
-    for name, table in doc.get("kernels", {}).items():
+    for name, table in (cfg.kernels or {}).items():
         kwhere = f"{where}[kernels.{name}] "
         if name not in variants:
             raise UserError(f"{kwhere}is not one of variants {list(variants)}; add it to variants or remove it")
-        if not isinstance(table, dict):
-            raise UserError(f"{kwhere}must be a table with bzimage = ...")
-        _check(table, KERNEL_KEYS, kwhere)
-        bz = _path(base, table["bzimage"])
+        bz = _path(base, table.bzimage)
         if not bz.is_file():
             raise UserError(f"{kwhere}bzimage {bz} does not exist; build it (migstall kernel build) or fix the path")
-        mods = _path(base, table["modules"]) if table.get("modules") else None
+        mods = _path(base, table.modules) if table.modules else None
         if mods is not None and not mods.exists():
             raise UserError(f"{kwhere}modules {mods} does not exist; fix the path or remove the key")
-        kernels[name] = KernelSpec(bz, mods, table.get("release", ""), table.get("series_id", ""))
+        kernels[name] = KernelSpec(bz, mods, table.release or "", table.series_id or "")
 
-    manifest = _path(base, doc["manifest"]) if doc.get("manifest") else None
+    manifest = _path(base, cfg.manifest) if cfg.manifest else None
     if manifest is not None:
         from harness.kernel.manifest import load_manifest
 
@@ -211,25 +198,23 @@ def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyCo
                         f"or add [kernels.{missing[0]}] bzimage = ...")
 
     gates = []
-    for spec in doc.get("fail_on", []):
-        if not isinstance(spec, str):
-            raise UserError(f"{where}fail_on entries must be strings like 'dirty_log_start_ms:+10'")
+    for spec in cfg.fail_on or []:
         try:
             gates.append(parse_spec(spec))
         except ValueError as exc:
             raise UserError(f"{where}{exc}") from exc
-    threshold = float(doc.get("threshold", 10.0))
+    threshold = cfg.threshold if cfg.threshold is not None else 10.0
     if not 0 < threshold < 1000:
         raise UserError(f"{where}threshold {threshold:g} is out of range; give a percentage such as 10")
-    boot_timeout = float(doc.get("boot_timeout_s", DEFAULT_BOOT_TIMEOUT_S))
+    boot_timeout = cfg.boot_timeout_s if cfg.boot_timeout_s is not None else DEFAULT_BOOT_TIMEOUT_S
     if not 10 <= boot_timeout <= 7200:
         raise UserError(f"{where}boot_timeout_s {boot_timeout:g} is out of range 10..7200")
-    baseline = _path(base, doc["baseline"]) if doc.get("baseline") else None
+    baseline = _path(base, cfg.baseline) if cfg.baseline else None
     if baseline is not None and not baseline.exists():
         raise UserError(f"{where}baseline {baseline} does not exist; remove the key or point it at stored results")
 
-    hosts = _hosts(doc["host"], where, bool(doc.get("interleave", True)))
-    scen_path = _path(base, doc["scenarios"])
+    hosts = _hosts(cfg.host, where, cfg.interleave is not False)
+    scen_path = _path(base, cfg.scenarios)
     if not scen_path.is_file():
         raise UserError(f"{where}scenarios {scen_path} does not exist; point it at a scenario TOML file")
     scenario_list: Tuple[Any, ...] = ()
@@ -239,30 +224,29 @@ def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyCo
         scenario_list = tuple(scen.load_scenarios(scen_path))
         for s in scenario_list:
             scen.check_static(s)
-    out = _path(base, doc.get("out", "results/nightly"))
-    report = _path(base, doc["report"]) if doc.get("report") else out / "report"
+    out = _path(base, cfg.out if cfg.out is not None else "results/nightly")
+    report = _path(base, cfg.report) if cfg.report else out / "report"
     return NightlyConfig(
         path=path, scenarios=scen_path, out=out, report=report, hosts=hosts, variants=variants,
         manifest=manifest, kernels=tuple(sorted(kernels.items())), baseline=baseline, gates=tuple(gates),
-        threshold=threshold, boot_timeout_s=boot_timeout, restore_default=bool(doc.get("restore_default", True)),
+        threshold=threshold, boot_timeout_s=boot_timeout, restore_default=cfg.restore_default is not False,
         scenario_list=scenario_list,
     )
 
 
-def _hosts(entries: Any, where: str, interleave: bool) -> Tuple[HostConfig, ...]:
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+def _hosts(entries: Sequence[HostTable], where: str, interleave: bool) -> Tuple[HostConfig, ...]:
+    if not entries:
         raise UserError(f"{where}host must be one or more [[host]] tables")
     hosts: List[HostConfig] = []
     for i, h in enumerate(entries):
         hwhere = f"{where}[[host]] #{i + 1} "
-        _check(h, HOST_KEYS, hwhere)
-        name = h["name"]
+        name = h.name
         if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
             raise UserError(f"{hwhere}name {name!r} must be letters, digits, '-', '_' or '.'")
-        if ("ssh" in h) == ("virtual" in h):
+        if (h.ssh is not None) == (h.virtual is not None):
             raise UserError(f"{hwhere}({name}) needs exactly one of ssh = 'ssh://...' or virtual = 'debian'")
-        kind = "ssh" if "ssh" in h else "virtual"
-        boot = h.get("boot", "kexec" if kind == "ssh" else "virtual")
+        kind = "ssh" if h.ssh is not None else "virtual"
+        boot = h.boot if h.boot is not None else ("kexec" if kind == "ssh" else "virtual")
         if boot not in BOOT_METHODS:
             raise UserError(f"{hwhere}({name}) boot {boot!r} is unknown; use one of {', '.join(BOOT_METHODS)}")
         if (kind == "virtual") != (boot == "virtual"):
@@ -270,19 +254,19 @@ def _hosts(entries: Any, where: str, interleave: bool) -> Tuple[HostConfig, ...]
                             f"use {'virtual' if kind == 'virtual' else 'kexec or grub-reboot'}")
         from harness.hosts.factory import parse_host_spec
 
-        if kind == "ssh":
-            parse_host_spec(h["ssh"])
+        if h.ssh is not None:
+            parse_host_spec(h.ssh)
         else:
-            parse_host_spec("virtual" + (f":{h['virtual']}" if h["virtual"] else ""))
-        initramfs = h.get("initramfs", "auto")
+            parse_host_spec("virtual" + (f":{h.virtual}" if h.virtual else ""))
+        initramfs = h.initramfs if h.initramfs is not None else "auto"
         if initramfs not in ("auto", "none"):
             raise UserError(f"{hwhere}({name}) initramfs must be 'auto' or 'none'")
         hosts.append(HostConfig(
-            name=name, boot=boot, ssh=h.get("ssh", ""), virtual=h.get("virtual", ""),
-            key=str(Path(h["key"]).expanduser()) if h.get("key") else None,
-            known_hosts=str(Path(h["known_hosts"]).expanduser()) if h.get("known_hosts") else None,
-            cmdline_extra=h.get("cmdline_extra", ""), interleave=bool(h.get("interleave", interleave)),
-            initramfs=initramfs, l1_mem_mib=int(h.get("l1_mem_mib", 0)),
+            name=name, boot=boot, ssh=h.ssh or "", virtual=h.virtual or "",
+            key=str(Path(h.key).expanduser()) if h.key else None,
+            known_hosts=str(Path(h.known_hosts).expanduser()) if h.known_hosts else None,
+            cmdline_extra=h.cmdline_extra or "", interleave=interleave if h.interleave is None else h.interleave,
+            initramfs=initramfs, l1_mem_mib=h.l1_mem_mib or 0,
         ))
     names = [h.name for h in hosts]
     if len(set(names)) != len(names):
