@@ -73,6 +73,9 @@ KVM_PARAMS: Tuple[KvmParam, ...] = (
     KvmParam("kvm", "eager_page_split", recorded=True),
     KvmParam("kvm", "nx_huge_pages"),
     KvmParam("kvm", "halt_poll_ns"),
+    # patches/fast-write-protect-6.1's run-time switch: absent on other kernels, so the
+    # column tells which behaviour a patched kernel's row measured
+    KvmParam("kvm", "fast_write_protect", recorded=True),
     KvmParam("kvm_intel", "ept", recorded=True),
     KvmParam("kvm_intel", "pml", recorded=True),
     KvmParam("kvm_intel", "nested"),
