@@ -5,10 +5,11 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.migstall-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-host lint kernels bench soak clean help
+.PHONY: setup demo demo-series test test-slow test-host lint kernels bench soak clean help
 
 help:
 	@echo "make demo       run the default scenario here and print the results"
+	@echo "make demo-series build the fast-write-protect series, measure it against stock in the virtual host"
 	@echo "make test       run the test suite (installs what it needs first)"
 	@echo "make test-slow  the long end-to-end tests (nightly against the virtual host)"
 	@echo "make test-host  the host scenario matrix with KVM (needs an Intel VMX/AMD SVM host)"
@@ -27,6 +28,9 @@ $(STAMP): pyproject.toml scripts/setup-host
 
 demo: setup
 	$(BIN)/migstall demo
+
+demo-series: setup
+	$(BIN)/migstall demo-series
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ from typing import Any, List, NoReturn, Optional
 from harness import __version__
 from harness.errors import MigstallError
 
-COMMANDS = ("doctor", "run", "calibrate", "demo", "kernel", "vhost", "compare", "nightly")
+COMMANDS = ("doctor", "run", "calibrate", "demo", "demo_series", "kernel", "vhost", "compare", "nightly")
 
 
 class _Parser(argparse.ArgumentParser):

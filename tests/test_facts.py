@@ -39,7 +39,8 @@ def test_one_list_of_kvm_params():
     assert len(keys) == len(set(keys))
     # the kvm_params column keeps the parameters it always recorded, plus the series' switch
     assert sorted(p.key for p in facts.RECORDED_KVM_PARAMS) == sorted(
-        ["kvm.tdp_mmu", "kvm.eager_page_split", "kvm.fast_write_protect", "kvm_intel.pml", "kvm_intel.ept", "kvm_amd.npt", "kvm_amd.nested"])
+        ["kvm.tdp_mmu", "kvm.eager_page_split", "kvm.fast_write_protect", "kvm_intel.pml", "kvm_intel.ept",
+         "kvm_amd.npt", "kvm_amd.nested"])
     assert facts.KVM_PARAMS[0].sys_path == "/sys/module/kvm/parameters/tdp_mmu"
 
 
