@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, List, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional, Sequence, Tuple
 
 from harness import __version__
 from harness.errors import MigstallError
@@ -46,12 +46,20 @@ def _named_command(argv: Optional[List[str]]) -> Optional[str]:
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    named = _named_command(argv)
+    if named is not None:
+        parser, sub = _parser_with((named,))
+        if named in sub.choices:          # else (a module registering another name): all of them
+            return parser
+    return _parser_with(COMMANDS)[0]
+
+
+def _parser_with(names: Sequence[str]) -> Tuple[argparse.ArgumentParser, Any]:
     parser = _Parser(prog="migstall", description="Measure vCPU stalls when QEMU/KVM live migration starts.")
     parser.add_argument("--version", action="version", version=f"migstall {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    named = _named_command(argv)
-    for name in COMMANDS if named is None else (named,):
+    for name in names:
         try:
             module = importlib.import_module(f"harness.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -59,7 +67,7 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
-    return parser
+    return parser, sub
 
 
 def _setup_logging(verbose: int) -> None:
