@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, List, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional, Sequence, Tuple
 
 from harness import __version__
 from harness.errors import MigstallError
@@ -33,12 +33,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"migstall: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_command(argv: Optional[List[str]]) -> Optional[str]:
+    """The subcommand ``argv`` runs, when nothing before it but -v can print the top-level
+    help or usage (then only that command's module needs importing: ``compare`` does not pay
+    for asyncio, the hosts and doctor).  None: register every command."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg in COMMANDS:
+            return arg
+        if not (arg == "--verbose" or (arg.startswith("-v") and set(arg[1:]) == {"v"})):
+            return None
+    return None
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    named = _named_command(argv)
+    if named is not None:
+        parser, sub = _parser_with((named,))
+        if named in sub.choices:          # else (a module registering another name): all of them
+            return parser
+    return _parser_with(COMMANDS)[0]
+
+
+def _parser_with(names: Sequence[str]) -> Tuple[argparse.ArgumentParser, Any]:
     parser = _Parser(prog="migstall", description="Measure vCPU stalls when QEMU/KVM live migration starts.")
     parser.add_argument("--version", action="version", version=f"migstall {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
+    for name in names:
         try:
             module = importlib.import_module(f"harness.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -46,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
-    return parser
+    return parser, sub
 
 
 def _setup_logging(verbose: int) -> None:
@@ -69,7 +90,7 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):

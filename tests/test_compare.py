@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness import cli, results
@@ -273,3 +274,23 @@ def test_large_comparison_is_quick_and_deterministic(tmp_path):
     assert all(by[(s.label, "dirty_log_start_ms")].verdict == "improved" for s in cmp.scenarios)
     assert table.to_csv(stats.compare(load.load(str(stock)), load.load(str(patched)))) == table.to_csv(cmp)
     assert elapsed < 20, elapsed          # generous: the machine is shared; the benchmark measures
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "separated", "equal_medians"])
+@pytest.mark.parametrize("nb,nn", [(9, 9), (9, 40), (120, 75), (2000, 2000)])
+def test_mann_whitney_without_scipy_stats_is_scipys_float(kind, nb, nn):
+    """Above 8 values per side the p-value is computed without scipy.stats: bit for bit the same."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(nb * 7 + nn)
+    if kind == "normal":
+        base, new = rng.normal(100, 10, nb), rng.normal(103, 10, nn)
+    elif kind == "ties":
+        base, new = rng.integers(0, 5, nb).astype(float), rng.integers(0, 6, nn).astype(float)
+    elif kind == "separated":
+        base, new = rng.normal(0, 1, nb), rng.normal(50, 1, nn)
+    else:
+        base, new = np.arange(nb, dtype=float), np.arange(nn, dtype=float) + (nb - nn) / 2
+    want = float(mannwhitneyu(new, base, alternative="two-sided").pvalue)
+    assert stats._mann_whitney_normal_p(new, base) == want
+    assert stats.mann_whitney_p(base, new) == want
