@@ -114,6 +114,7 @@ def summary_lines(rows_by_variant: Mapping[str, Sequence[Dict[str, Any]]]) -> Li
 
 
 def run(args: argparse.Namespace) -> int:
+    from harness.commands.run import print_rows
     from harness.compare import api, table
     from harness.kernel.manifest import load_manifest
 
@@ -126,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     for rnd in range(1, args.repeat + 1):
         for variant in VARIANTS:
             print(f"2/3 round {rnd}/{args.repeat}: {variant} kernel in the virtual host ({args.scenario})")
-            rows[variant] += _run_one(args.scenario, images[variant], variant, series_id, out / f"{variant}.csv")
+            got = _run_one(args.scenario, images[variant], variant, series_id, out / f"{variant}.csv")
+            print_rows(got)
+            rows[variant] += got
     print("3/3 comparing")
     if all(any(r.get("status") == "ok" for r in rows[v]) for v in VARIANTS):
         outcome = api.run([str(out / "stock.csv")], [str(out / "patched.csv")], report_dir=out / "report",
