@@ -34,12 +34,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _named_command(argv: Optional[List[str]]) -> Optional[str]:
-    """The subcommand ``argv`` runs, when nothing before it but -v can print the top-level
-    help or usage (then only that command's module needs importing: ``compare`` does not pay
-    for asyncio, the hosts and doctor).  None: register every command."""
+    """The module of the subcommand ``argv`` runs (``demo-series`` is ``demo_series``), when
+    nothing before it but -v can print the top-level help or usage (then only that command's
+    module needs importing: ``compare`` does not pay for asyncio, the hosts and doctor).
+    None: register every command."""
     for arg in sys.argv[1:] if argv is None else argv:
-        if arg in COMMANDS:
-            return arg
+        if arg.replace("-", "_") in COMMANDS:
+            return arg.replace("-", "_")
         if not (arg == "--verbose" or (arg.startswith("-v") and set(arg[1:]) == {"v"})):
             return None
     return None
@@ -49,7 +50,7 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     named = _named_command(argv)
     if named is not None:
         parser, sub = _parser_with((named,))
-        if named in sub.choices:          # else (a module registering another name): all of them
+        if sub.choices:                   # else (no such module installed): all of them, as argparse expects
             return parser
     return _parser_with(COMMANDS)[0]
 

@@ -53,11 +53,17 @@ def _ppid(pid: int) -> int:
 
 
 def _is_pytest(pid: int) -> bool:
+    """A pytest run: ``pytest``/``py.test`` as the program, or ``python -m pytest``
+    (a mere argument that mentions pytest, such as a path under
+    ``/tmp/pytest-of-USER``, does not count)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"pytest" in fh.read()
+            argv = fh.read().split(b"\0")
     except OSError:
         return False
+    if os.path.basename(argv[0]) in (b"pytest", b"py.test"):
+        return True
+    return any(a == b"-m" and b == b"pytest" for a, b in zip(argv, argv[1:]))
 
 
 def _ours(pid: int, session: str, me: int) -> bool:

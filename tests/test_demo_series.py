@@ -22,6 +22,15 @@ def test_bad_input_exits_2_before_building(argv, needle, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_bad_scenario_content_exits_2_before_building(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[scenario]]\nname = "x"\nmemory = "512M"\n')
+    res = subprocess.run([sys.executable, "-m", "harness", "demo-series", "--scenario", str(bad),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown key 'memory'" in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_results_are_not_appended_to(tmp_path):
     (tmp_path / "stock.csv").write_text("x\n")
     res = subprocess.run([sys.executable, "-m", "harness", "demo-series", "--out", str(tmp_path)],

@@ -41,12 +41,21 @@ def test_processes_under_another_pytest_are_not_ours():
             "p = subprocess.Popen(['sshd-migstall-fake', '60'], executable='/bin/sleep')\n"
             "print(p.pid, flush=True)\n"
             "p.wait()\n")
-    parent = subprocess.Popen([sys.executable, "-c", code, "pytest-of-another-run"], env=env,
+    # argv[0] "pytest": what another run's pytest looks like; a mere argument naming pytest
+    # (a path under /tmp/pytest-of-USER) must not count, see the second parent
+    parent = subprocess.Popen(["pytest", "-c", code], executable=sys.executable, env=env,
                               stdout=subprocess.PIPE, text=True)
+    lookalike = subprocess.Popen([sys.executable, "-c", code, "/tmp/pytest-of-root/x"], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+    children = []
     try:
-        child = int(parent.stdout.readline())
-        assert child not in {pid for pid, _ in procs.leftovers("this-session")}
+        children = [int(parent.stdout.readline()), int(lookalike.stdout.readline())]
+        mine = {pid for pid, _ in procs.leftovers("this-session")}
+        assert children[0] not in mine
+        assert children[1] in mine, "an argument that mentions pytest is not a pytest run"
     finally:
-        parent.kill()
-        parent.wait()
-        os.kill(child, signal.SIGKILL)
+        for p in (parent, lookalike):
+            p.kill()
+            p.wait()
+        for child in children:
+            os.kill(child, signal.SIGKILL)

@@ -55,14 +55,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> Path:
+    """Bad input is refused here, before any build: the rounds, the scenario
+    file's content (the same checks as ``migstall run``) and the output files."""
+    from harness import results
+    from harness.commands.demo import _scenario_args
+    from harness.scenario import static_scenarios
+
     if args.repeat < 1:
         raise UserError(f"--repeat {args.repeat} must be at least 1; give a positive number of rounds")
     if not Path(args.scenario).is_file():
         raise UserError(f"--scenario {args.scenario}: no such file; give a scenario TOML file")
+    static_scenarios(_scenario_args(scenario=args.scenario))
     out = Path(args.out) if args.out else Path("results") / f"series-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     for variant in VARIANTS:
         if (out / f"{variant}.csv").exists():
             raise UserError(f"{out / (variant + '.csv')} exists; give a new --out directory")
+        results.check_writable(out / f"{variant}.csv")
     return out
 
 
@@ -75,33 +83,30 @@ def _build() -> Dict[str, Path]:
 
 
 def _run_one(scenario: str, bzimage: Path, variant: str, series_id: str, out: Path) -> List[Dict[str, Any]]:
+    """One ``migstall run --scenario`` with L1 on ``bzimage``: the scenarios are
+    loaded before L1 boots, so it boots once, on the scenario's ``l1_cmdline``."""
     from harness.commands.demo import _scenario_args
     from harness.commands.run import execute
-    from harness.scenario import scenarios_from_args
 
-    args = argparse.Namespace(host=f"virtual:{bzimage}", out=str(out), kernel_variant=variant, series_id=series_id)
-    return execute(args, lambda _args, h: scenarios_from_args(_scenario_args(scenario=scenario), h))
-
-
-def _num(row: Dict[str, Any], key: str) -> float:
-    try:
-        return float(row.get(key) or "nan")
-    except ValueError:
-        return float("nan")
+    args = _scenario_args(scenario=scenario, host=f"virtual:{bzimage}", out=str(out), kernel_variant=variant,
+                          series_id=series_id)
+    return execute(args)
 
 
 def summary_lines(rows_by_variant: Mapping[str, Sequence[Dict[str, Any]]]) -> List[str]:
     """Plain words: per kernel, ok runs, verified runs, median enable and start."""
+    from harness.runtable import number
+
     lines = []
     for variant in VARIANTS:
         rows = rows_by_variant.get(variant, ())
         ok = [r for r in rows if r.get("status") == "ok"]
-        verified = [r for r in ok if str(r.get("verify_mismatch_pages", "")) in ("0", "0.0")]
+        verified = [r for r in ok if number(r.get("verify_mismatch_pages")) == 0]
         parts = [f"{variant}: {len(ok)} of {len(rows)} runs ok"]
-        if any(r.get("verify_pages") not in (None, "") for r in ok):
+        if any(number(r.get("verify_pages")) is not None for r in ok):
             parts.append(f"{len(verified)} with migrated memory verified equal")
         for key, label in (("kvm_enable_ms", "KVM enable"), ("dirty_log_start_ms", "dirty-log start")):
-            vals = [v for v in (_num(r, key) for r in ok) if v == v]
+            vals = [v for v in (number(r.get(key)) for r in ok) if v is not None]
             if vals:
                 parts.append(f"{label} median {statistics.median(vals):.1f} ms")
         lines.append("; ".join(parts))
