@@ -437,12 +437,18 @@ class VM:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QEMUError(f"QEMU {self.name}: no {name} event within {timeout:g}s", self.log_path)
+            # asyncio.wait, not wait_for: on Python < 3.12 wait_for swallows a
+            # cancellation that arrives as the inner wait completes, and this loop
+            # then waited out the whole timeout.  migration.wait_pass cancels the
+            # waiter it no longer needs as soon as the other one's event arrives,
+            # which wakes both: a CI run lost 120 s there (fault_window_ms 120307).
             waiter = asyncio.Event()
             self._waiters.add(waiter)
+            woken = asyncio.ensure_future(waiter.wait())
             try:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), left)
+                await asyncio.wait({woken}, timeout=left)
             finally:
+                woken.cancel()
                 self._waiters.discard(waiter)
 
     # -- shutdown ------------------------------------------------------------------
