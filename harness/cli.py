@@ -13,6 +13,7 @@ This module owns the exit-code contract:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -98,8 +99,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     # SIGTERM (a CI job cancelled, `kill`) takes Ctrl-C's path: every QEMU, SSH
-    # session and L1 VM is stopped by its context manager and the row is written
+    # session and L1 VM is stopped by its context manager and the row is written.
+    # So does SIGHUP (the terminal went away: an SSH connection dropped, a tmux
+    # pane closed), which used to kill migstall on the spot and leave its L1
+    # running; not where it is ignored (nohup).
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    previous_hup = signal.getsignal(signal.SIGHUP)
+    if previous_hup != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminate_as_interrupt)
     # A background job of a non-interactive shell (`migstall run ... &` in a
     # script) starts with SIGINT ignored; asyncio then installs no SIGINT handler
     # and SIGTERM would have nothing to go through.  Python's default handler
@@ -113,12 +120,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"migstall: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("migstall: interrupted; everything started was stopped", file=sys.stderr)
+        with contextlib.suppress(OSError):      # stderr may be a terminal that hung up
+            print("migstall: interrupted; everything started was stopped", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)   # main() may run inside another program
+        signal.signal(signal.SIGHUP, previous_hup)
         if previous_int == signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.SIG_IGN)

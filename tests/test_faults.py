@@ -85,12 +85,13 @@ def test_guest_never_ready_times_out(tmp_path, guest_image):
 
 
 @pytest.mark.parametrize("sig,sigint_ignored", [(signal.SIGINT, False), (signal.SIGTERM, False),
-                                                (signal.SIGTERM, True)],
-                         ids=["SIGINT", "SIGTERM", "SIGTERM-with-SIGINT-ignored"])
+                                                (signal.SIGTERM, True), (signal.SIGHUP, False)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-with-SIGINT-ignored", "SIGHUP"])
 def test_sigint_cleans_up_and_writes_failed_row(tmp_path, sig, sigint_ignored):
     """Ctrl-C, and SIGTERM the same way: everything stopped, the row written.
     SIGTERM works too where SIGINT is ignored, as in a background job of a
-    non-interactive shell (``cmd &`` in a script)."""
+    non-interactive shell (``cmd &`` in a script).  SIGHUP (the terminal went
+    away) too: it used to kill migstall at once and leave its VMs running."""
     out = tmp_path / "int.csv"
     env = dict(os.environ, CI="true")
     argv = [sys.executable, "-m", "harness", "-v", "run", "--name", "sigint", "--accel", "tcg", "--mem", "512M",
