@@ -98,7 +98,11 @@ def test_sigint_cleans_up_and_writes_failed_row(tmp_path, sig, sigint_ignored):
             "--touch", "200", "--out", str(out)]
     if sigint_ignored:        # started the way a script's `cmd &` is: SIGINT ignored, inherited over exec
         argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGHUP as a terminal would deliver it: default disposition in the child even when
+    # this suite runs under nohup (an ignored SIGHUP is inherited, and migstall keeps it so)
+    hup_default = (lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)) if sig == signal.SIGHUP else None
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=hup_default)
     try:
         # wait until the source QEMU runs (its pid is logged), then interrupt
         deadline = time.monotonic() + 120
