@@ -52,14 +52,19 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequ
 from harness import results
 from harness.errors import (GuestError, HostError, InfraError, MeasurementError, MigrationError, MigstallError,
                             QEMUError, best_effort)
+from harness.guest.channel import ProbeChannel
+from harness.guest.image import GuestImage, build_guest_image
 from harness.hosts import kernel_log
 from harness.hosts.base import Host
+from harness.hosts.facts import qemu_version, resolve_accel
 from harness.measure import clock as clockmod
 from harness.measure import kvm_stats, qemu_trace, stalls, verify
 from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
 from harness.qemu import backing, dirtylog, migration, schema, stuck
 from harness.qemu.machine import VM, event_time_ns
+from harness.run.plan import (CONSOLE_LOG, PROBE_SOCKET, HostFacts, RunPlan, default_cpu_model, plan_run, ram_pad_kib,
+                              verifying)
 from harness.scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -86,18 +91,6 @@ INVARIANT_SLACK_MS = 0.05
 CLOCK_DRIFT_PER_S = 0.06
 #: ms always allowed on top of the drift in the causality check
 CAUSALITY_SLACK_MS = 1.0
-
-#: seconds ``qemu -daemonize`` may take to return: generous, because a nested
-#: host under TCG starts QEMU slowly, plus 10 s per GiB with prealloc (QEMU
-#: touches all guest RAM before it returns)
-LAUNCH_TIMEOUT_BASE = 300.0
-LAUNCH_TIMEOUT_PER_PREALLOC_GIB = 10.0
-
-
-def launch_timeout_s(scenario: Scenario) -> float:
-    extra = LAUNCH_TIMEOUT_PER_PREALLOC_GIB * scenario.mem_mib / 1024 if scenario.prealloc else 0.0
-    return LAUNCH_TIMEOUT_BASE + extra
-
 
 #: test seam: ``await hook(point, vms)`` at named points ("migrating", ...)
 Hook = Callable[[str, Dict[str, VM]], Awaitable[None]]
@@ -140,16 +133,10 @@ def base_row(ctx: RunContext, scenario: Scenario, run_id: str, accel: str = "") 
     }
 
 
-def _accel_args(accel: str, scenario: Scenario, mode: dirtylog.ModeSetup) -> List[str]:
-    if accel == "kvm":
-        return ["-accel", ",".join(["kvm", *mode.accel_opts]), "-cpu", scenario.cpu_model or "host"]
-    return ["-accel", "tcg,thread=multi", "-cpu", scenario.cpu_model or "max"]
-
-
 class _Run:
     """State of one run; ``row`` and ``side`` fill up as it goes."""
 
-    def __init__(self, ctx: RunContext, scenario: Scenario, image: Any, run_id: str) -> None:
+    def __init__(self, ctx: RunContext, scenario: Scenario, image: GuestImage, run_id: str) -> None:
         self.ctx, self.sc, self.image, self.run_id = ctx, scenario, image, run_id
         self.host = ctx.host
         self.sidecar = results.sidecar_path(ctx.out, run_id)
@@ -159,6 +146,8 @@ class _Run:
                                      "doctor": ctx.doctor, "commands": {}, "events": {}, "logs": {},
                                      "marks": [], "timeline_ns": {}, "qemu_exit": {}}
         self.vms: Dict[str, VM] = {}
+        #: the QEMU command lines (set once the host facts are read)
+        self.plan: Optional[RunPlan] = None
         self.records: List[Any] = []
         self.marks: List[Any] = []
         #: the run's timeline, QEMU host wall clock (ns); see the module docstring
@@ -177,7 +166,7 @@ class _Run:
     @property
     def verifying(self) -> bool:
         """Migrated memory is compared: ``verify`` and a migration that completes."""
-        return self.sc.verify and self.sc.end_action == "complete"
+        return verifying(self.sc)
 
     # -- helpers ------------------------------------------------------------------------
     async def _hook(self, point: str) -> None:
@@ -190,13 +179,6 @@ class _Run:
             self.marks.append({"id": s.id, "host_send_ns": s.host_send_ns, "host_recv_ns": s.host_recv_ns,
                                "guest_ns": s.guest_ns, "harness_send_ns": s.harness_send_ns,
                                "harness_recv_ns": s.harness_recv_ns, "label": label})
-
-    def _guest_args(self, rundir: str, tag: str, kernel: str, initrd: str) -> List[str]:
-        from harness.guest.image import guest_qemu_args
-
-        return list(guest_qemu_args(self.image, kernel=kernel, initrd=initrd,
-                                    channel_socket=f"{rundir}/probe.sock",
-                                    console_log=f"{rundir}/console.log", scenario=self.sc))
 
     def _host_kernel(self) -> None:
         """``host_kernel`` (``uname -r``).  Not needed to run, so a failure does not fail the
@@ -216,22 +198,17 @@ class _Run:
 
     # -- the run ---------------------------------------------------------------------------
     async def execute(self) -> None:
-        from harness.hosts.facts import qemu_version, resolve_accel
-        from harness.guest.channel import ProbeChannel
-
         sc, host = self.sc, self.host
         accel = await asyncio.to_thread(resolve_accel, host, sc.accel)
         self.row["accel"] = accel
-        self.row["cpu_model"] = sc.cpu_model or ("host" if accel == "kvm" else "max")
+        self.row["cpu_model"] = default_cpu_model(sc, accel)
         self._host_kernel()
         kernel = await asyncio.to_thread(host.stage, Path(self.image.kernel))
         initrd = await asyncio.to_thread(host.stage, Path(self.image.initrd))
         qemu = sc.qemu or "qemu-system-x86_64"
         qver = backing.parse_version(await asyncio.to_thread(qemu_version, host, qemu))
         prefix = await asyncio.to_thread(backing.exec_prefix, sc.backing, host)
-        # verified TCG guests on QEMU < 9.0 get 8 KiB more RAM, which steers QEMU
-        # around its dirty-sync bug (verify.tcg_ram_pad_kib; README "Migrated memory verified")
-        self.ram_pad_kib = verify.tcg_ram_pad_kib(accel, qver, sc.backing) if self.verifying else 0
+        self.ram_pad_kib = ram_pad_kib(sc, accel, qver)
         self.side["ram_pad_kib"] = self.ram_pad_kib
 
         with contextlib.ExitStack() as dirs:
@@ -240,34 +217,23 @@ class _Run:
             mode = dirtylog.setup(sc.dirty_log_mode, sc.dirty_ring, accel, host, src_rd)
             self.side["mode"] = {"accel_opts": list(mode.accel_opts), "env": dict(mode.env),
                                  "trace_events": list(mode.trace_events)}
-
-            def common(rundir: str, tag: str) -> List[str]:
-                return [*_accel_args(accel, sc, mode),
-                        *backing.attach_args(qver),
-                        "-smp", str(sc.vcpus),
-                        *backing.memory_args(sc.backing, sc.mem_mib, sc.prealloc, self.ram_pad_kib),
-                        "-nodefaults", "-no-user-config",
-                        *self._guest_args(rundir, tag, kernel, initrd)]
-
-            launch_timeout = launch_timeout_s(sc)
-            src = VM(host, f"{self.run_id}-src", common(src_rd, "src"), qemu=qemu, prefix=prefix,
-                     runtime_dir=src_rd, env={**mode.env, **self.ctx.src_env}, log_dir=self.log_dir,
-                     launch_timeout=launch_timeout, collect=("console.log",))
-            # with verify the destination stays paused after the migration (-S) until RAM is compared
-            paused = ["-S"] if self.verifying else []
-            dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS) + paused,
-                     qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir,
-                     launch_timeout=launch_timeout, collect=("console.log",))
+            facts = HostFacts(accel=accel, qemu_version=qver, kernel=kernel, initrd=initrd,
+                              src_rundir=src_rd, dst_rundir=dst_rd, mode=mode, prefix=tuple(prefix))
+            self.plan = plan = plan_run(sc, facts, self.image, self.run_id, src_env=self.ctx.src_env)
+            src, dst = (VM(host, p.name, list(p.argv), qemu=plan.qemu, prefix=plan.prefix, runtime_dir=p.runtime_dir,
+                           env=p.env, log_dir=self.log_dir, launch_timeout=plan.launch_timeout_s,
+                           collect=(CONSOLE_LOG,))
+                        for p in (plan.src, plan.dst))
             self.vms = {"src": src, "dst": dst}
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    await self._measure(stack, src, dst, ProbeChannel, mode)
+                    await self._measure(stack, src, dst, mode)
             finally:
                 for tag, vm in self.vms.items():
                     self.side["commands"][tag] = vm.command_line
                     self.side["events"][tag] = [{k: v for k, v in e.items()} for e in vm.events]
                     self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
-                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path("console.log"))
+                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path(CONSOLE_LOG))
                     self.side["qemu_exit"][tag] = vm.exit_info()
                 await asyncio.to_thread(self._host_kernel_log, src.launch_uptime_s)
             self._trace_columns(src, mode, accel, src_rd)
@@ -285,8 +251,7 @@ class _Run:
         self.side["host_kernel_log"] = {"since_uptime_s": since_s, "lines": lines,
                                         "problems": kernel_log.problems(lines)}
 
-    async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
-                       mode: dirtylog.ModeSetup) -> None:
+    async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, mode: dirtylog.ModeSetup) -> None:
         sc, host, prog = self.sc, self.host, self.ctx.progress
         # tracing is set up before any QEMU of the run starts and torn down after
         # both have exited (the stack unwinds in reverse): arming kprobes patches
@@ -302,7 +267,7 @@ class _Run:
         self.side["traces_enabled"] = await schema.enable_traces(
             src, info, list(schema.WANTED_TRACE_EVENTS) + list(mode.trace_events))
 
-        chan = await ProbeChannel.open_on(host, src.path("probe.sock"), log_path=src.path("console.log"))
+        chan = await ProbeChannel.open_on(host, src.path(PROBE_SOCKET), log_path=src.path(CONSOLE_LOG))
         stack.push_async_callback(_aclose, chan)
         try:
             hello = await chan.wait_hello(max(0.0, ready_deadline - time.monotonic()))
@@ -402,13 +367,13 @@ class _Run:
                 q = await migration.query_completed(src)
                 await self._hook("completed")
                 if not self.verifying:
-                    await self._destination_answers(stack, dst, ProbeChannel)
+                    await self._destination_answers(stack, dst)
                 if self.verifying:
                     task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
                     await self._verify(src, dst)
                     await dst.cmd("cont")
-                    dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"),
-                                                       log_path=dst.path("console.log"))
+                    dchan = await ProbeChannel.open_on(host, dst.path(PROBE_SOCKET),
+                                                       log_path=dst.path(CONSOLE_LOG))
                     stack.push_async_callback(_aclose, dchan)
                     self.records = await self._dump(dchan, dst)
         self.side["query_migrate"] = q
@@ -437,11 +402,11 @@ class _Run:
         self.fault_window_s = max(0.0, time.monotonic() - migrate_mono)
         self.kvm_samples["after"] = await kvm_stats.sample(src) if self.kvm_samples.get("migrate") else None
 
-    async def _destination_answers(self, stack: contextlib.AsyncExitStack, dst: VM, ProbeChannel: Any) -> None:
+    async def _destination_answers(self, stack: contextlib.AsyncExitStack, dst: VM) -> None:
         """A completed migration must leave a running guest: the probe on the
         destination echoes one mark (the records came from the source).  A
         guest that does not answer fails the run, saying what its vCPUs do."""
-        dchan = await ProbeChannel.open_on(self.host, dst.path("probe.sock"), log_path=dst.path("console.log"))
+        dchan = await ProbeChannel.open_on(self.host, dst.path(PROBE_SOCKET), log_path=dst.path(CONSOLE_LOG))
         stack.push_async_callback(_aclose, dchan)
         try:
             s = await dchan.mark(MARK_TIMEOUT)
@@ -709,7 +674,7 @@ def _lost_note(host: Host) -> str:
         return ""
 
 
-async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, Any]:
+async def run_one(ctx: RunContext, scenario: Scenario, image: GuestImage) -> Dict[str, Any]:
     """Run ``scenario`` once; append its row to ``ctx.out`` and write its sidecar.
 
     Returns the row.  Never raises for a failed run (the row says
@@ -755,18 +720,16 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, 
     return row
 
 
-def build_image(ctx: RunContext, kernel: Optional[str] = None) -> Any:
-    from harness.guest.image import build_guest_image
-
+def build_image(ctx: RunContext, kernel: Optional[str] = None) -> GuestImage:
     return build_guest_image(kernel=Path(kernel) if kernel else None, progress=ctx.progress)
 
 
 async def run_matrix(ctx: RunContext, scenarios: Sequence[Scenario],
-                     image: Any = None) -> List[Dict[str, Any]]:
+                     image: Optional[GuestImage] = None) -> List[Dict[str, Any]]:
     """Run every scenario in order (each writes its row).  The guest image is
     built once (per guest kernel) before the first run."""
     rows = []
-    images: Dict[str, Any] = {}
+    images: Dict[str, GuestImage] = {}
     for sc in scenarios:
         kernel = ctx.guest_kernel or sc.guest_kernel or ""
         if image is not None:
