@@ -63,7 +63,7 @@ from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
 from harness.qemu import backing, dirtylog, migration, schema, stuck
 from harness.qemu.machine import VM, event_time_ns
-from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Timeline
+from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Stages, Timeline
 from harness.run.plan import CONSOLE_LOG, PROBE_SOCKET, HostFacts, RunPlan, plan_run, ram_pad_kib
 from harness.run.row import Derived, check_causality, check_invariants, derive, identity_columns
 from harness.scenario import Scenario
@@ -154,6 +154,7 @@ class _Run:
         self.side: Dict[str, Any] = {"run_id": run_id, "scenario": dataclasses.asdict(scenario),
                                      "doctor": ctx.doctor, "commands": {}, "events": {}, "logs": {},
                                      "marks": [], "timeline_ns": {}, "qemu_exit": {}}
+        self.stages = Stages()
         self.vms: Dict[str, VM] = {}
         #: the QEMU command lines (set once the host facts are read)
         self.plan: Optional[RunPlan] = None
@@ -218,6 +219,7 @@ class _Run:
     # -- the run ---------------------------------------------------------------------------
     async def execute(self) -> None:
         sc, host = self.sc, self.host
+        self.stages.start("plan")
         accel = await asyncio.to_thread(resolve_accel, host, sc.accel)
         self._observe(accel=accel)
         self._host_kernel()
@@ -246,6 +248,7 @@ class _Run:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     await self._measure(stack, src, dst, mode)
+                    self.stages.start("collection")     # the QEMUs exit and leave their logs
             finally:
                 for tag, vm in self.vms.items():
                     self.side["commands"][tag] = vm.command_line
@@ -254,6 +257,7 @@ class _Run:
                     self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path(CONSOLE_LOG))
                     self.side["qemu_exit"][tag] = vm.exit_info()
                 await asyncio.to_thread(self._host_kernel_log, src.launch_uptime_s)
+            self.stages.start("verification")
             self._trace_columns(src, mode, accel, src_rd)
             if self.side["host_kernel_log"]["problems"]:
                 bad = self.side["host_kernel_log"]["problems"]
@@ -271,6 +275,7 @@ class _Run:
 
     async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, mode: dirtylog.ModeSetup) -> None:
         sc, host, prog = self.sc, self.host, self.ctx.progress
+        self.stages.start("boot")
         # tracing is set up before any QEMU of the run starts and torn down after
         # both have exited (the stack unwinds in reverse): arming kprobes patches
         # kernel text, best done while no guest runs (README "The virtual host")
@@ -287,6 +292,7 @@ class _Run:
 
         chan = await ProbeChannel.open_on(host, src.path(PROBE_SOCKET), log_path=src.path(CONSOLE_LOG))
         stack.push_async_callback(_aclose, chan)
+        self.stages.start("ready")
         try:
             hello = await chan.wait_hello(max(0.0, ready_deadline - time.monotonic()))
             self.side["hello"] = _jsonable(hello)
@@ -304,6 +310,7 @@ class _Run:
         self._observe(page_size_kib=page.page_size_kib)
         self.side["ram_mapping"] = page.mapping
 
+        self.stages.start("baseline")
         await stack.enter_async_context(dst)
         uri = await migration.prepare_destination(dst)
 
@@ -324,6 +331,7 @@ class _Run:
         # what KVM has mapped when dirty logging starts (kvm_mapped_mib)
         self._sample("migrate", await kvm_stats.sample(src) if kvm else None)
 
+        self.stages.start("migration")
         tracer.phase("enable")
         with prog.task(f"{sc.name} r{sc.repeat}: migration", total=None) as task:
             since = len(src.events)
@@ -386,7 +394,8 @@ class _Run:
                     await self._destination_answers(stack, dst)
                 if self.verifying:
                     task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
-                    await self._verify(src, dst)
+                    with self.stages.within("verification"):
+                        await self._verify(src, dst)
                     await dst.cmd("cont")
                     dchan = await ProbeChannel.open_on(host, dst.path(PROBE_SOCKET),
                                                        log_path=dst.path(CONSOLE_LOG))
@@ -394,10 +403,12 @@ class _Run:
                     await self._dump(dchan, dst)
         self.side["query_migrate"] = q
         self._observe(migration=MigrationEnd(query=q, query_active=q_active))
+        self.stages.start("collection")
         timing: KvmTiming = tracer.collect()
         self._observe(kvm=timing)
         self.side["kvm"] = {"breakdown": timing.breakdown, "params": timing.params, "raw": timing.raw}
-        self._check_clocks()
+        with self.stages.within("verification"):
+            self._check_clocks()
         await self._hook("measured")
 
     def _sample(self, point: str, sample: Optional[kvm_stats.Sample]) -> None:
@@ -432,12 +443,13 @@ class _Run:
     async def _dump(self, chan: ProbeChannel, vm: VM) -> None:
         """The probe's records; when it does not answer, the error says what the
         guest's vCPUs were doing instead (:mod:`harness.qemu.stuck`)."""
-        try:
-            records = tuple(await chan.dump(DUMP_TIMEOUT))
-        except GuestError as exc:
-            if not vm.alive:
-                raise
-            raise GuestError(f"{exc.args[0]}{await self._stuck_note(vm)}", exc.log_path) from exc
+        with self.stages.within("collection"):
+            try:
+                records = tuple(await chan.dump(DUMP_TIMEOUT))
+            except GuestError as exc:
+                if not vm.alive:
+                    raise
+                raise GuestError(f"{exc.args[0]}{await self._stuck_note(vm)}", exc.log_path) from exc
         self._observe(records=records)
 
     async def _stuck_note(self, vm: VM) -> str:
@@ -593,6 +605,7 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: GuestImage) -> Dic
     error: Optional[BaseException] = None
     try:
         await run.execute()
+        run.stages.stop()
         derived = run.derived()
         row = dataclasses.replace(derived.row, status=results.STATUS_OK, sidecar=str(run.sidecar)).to_dict()
     except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
@@ -613,6 +626,7 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: GuestImage) -> Dic
                 exc_for_row += f"; {lost}"
             if not isinstance(exc, MigstallError):
                 log.exception("run %s failed unexpectedly", run_id)
+        run.stages.stop()
         derived = run.derived()
         measured = derived.row.to_dict()
         row = results.failed_row(measured, exc_for_row, sidecar=str(run.sidecar))
@@ -621,6 +635,7 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: GuestImage) -> Dic
     run.side["row"] = row
     run.side["timeline_ns"] = run.t.to_json()
     run.side["marks"] = [m.to_json() for m in run.obs.marks]
+    run.side["stages"] = run.stages.to_json()
     run.side["wall_s"] = round(time.monotonic() - t0, 3)
     if error is not None:
         run.side["error"] = {"type": type(error).__name__, "message": str(error)}

@@ -11,7 +11,7 @@ from harness.measure.clock import ClockMap
 from harness.measure.kvm_stats import Sample
 from harness.measure.kvm_trace import KvmTiming
 from harness.measure.qemu_trace import Span
-from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Timeline
+from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Stages, Timeline
 from harness.run.row import Row, derive, identity_columns
 from harness.scenario import Scenario
 
@@ -119,3 +119,20 @@ def test_timeline_json_has_the_points_reached():
     assert tl.to_json() == {"setup": 5, "pass1": 7}
     with pytest.raises(dataclasses.FrozenInstanceError):
         tl.setup = 6  # type: ignore[misc]
+
+
+def test_stages_time_each_stage():
+    now = [0.0]
+    st = Stages(clock=lambda: now[0])
+    st.start("boot")
+    now[0] = 2.0
+    st.start("migration")
+    now[0] = 3.0
+    with st.within("collection"):      # pauses the migration
+        now[0] = 3.5
+    now[0] = 5.0
+    st.start("collection")
+    now[0] = 6.0
+    st.stop()
+    assert st.to_json() == {"boot": 2.0, "migration": 2.5, "collection": 1.5}
+    assert st.current is None

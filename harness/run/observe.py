@@ -1,4 +1,4 @@
-"""What one run observed, as frozen values.
+"""What one run observed, as frozen values, and how long each stage took.
 
 The session (:class:`harness.runner._Run`) starts with an :class:`Observations`
 that holds only the run's identity and replaces it (``dataclasses.replace``)
@@ -7,13 +7,18 @@ as it learns more: the resolved accelerator, the probe's READY, the
 timing and counters, the trace's dirty-log bounds.  A field left at its
 default was not reached (the run failed before); :func:`harness.run.row.derive`
 reads the observations and nothing else.
+
+:class:`Stages` times the stages into the sidecar's ``stages`` (stage name ->
+seconds), as tuxmake's ``Build.run()`` times validate/prepare/build/collect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from harness.measure import kvm_stats
 from harness.measure.clock import ClockMap
@@ -21,6 +26,10 @@ from harness.measure.kvm_trace import KvmTiming
 from harness.measure.qemu_trace import Span
 from harness.qemu.dirtylog import MemslotIoctl
 from harness.scenario import Scenario
+
+#: the stages of a run, in order (the sidecar's ``stages`` keeps this order)
+STAGES = ("plan", "boot", "ready", "baseline", "migration", "collection", "verification")
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -127,3 +136,62 @@ class Observations:
     def verifying(self) -> bool:
         """Migrated memory is compared: ``verify`` and a migration that completes."""
         return self.scenario.verify and self.scenario.end_action == "complete"
+
+
+class Stages:
+    """Seconds per stage, for the sidecar's ``stages``.
+
+    :meth:`start` ends the current top-level stage and starts the next one
+    (boot, then READY, ...); :meth:`within` runs a block as another stage
+    inside the current one (the probe's dump during the migration counts as
+    collection), which pauses the outer stage meanwhile, so the figures add up
+    to at most the run's wall time.  A stage entered twice adds up."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seconds: Dict[str, float] = {}
+        self._stack: List[Tuple[str, float]] = []    # (stage, since)
+
+    def _add(self, name: str, now: float, since: float) -> None:
+        self._seconds[name] = self._seconds.get(name, 0.0) + max(0.0, now - since)
+
+    def start(self, name: str) -> None:
+        now = self._clock()
+        if self._stack:
+            self._close_top(now)
+        self._stack.append((name, now))
+
+    def _close_top(self, now: float) -> None:
+        name, since = self._stack.pop()
+        self._add(name, now, since)
+
+    @contextlib.contextmanager
+    def within(self, name: str) -> Iterator[None]:
+        now = self._clock()
+        if self._stack:
+            outer, since = self._stack[-1]
+            self._add(outer, now, since)
+        self._stack.append((name, now))
+        depth = len(self._stack)
+        try:
+            yield
+        finally:
+            now = self._clock()
+            while len(self._stack) >= depth:
+                self._close_top(now)
+            if self._stack:
+                self._stack[-1] = (self._stack[-1][0], now)
+
+    def stop(self) -> None:
+        """End every open stage (the run ended, or failed in the current one)."""
+        now = self._clock()
+        while self._stack:
+            self._close_top(now)
+
+    @property
+    def current(self) -> Optional[str]:
+        return self._stack[-1][0] if self._stack else None
+
+    def to_json(self) -> Dict[str, float]:
+        known = [s for s in STAGES if s in self._seconds] + [s for s in self._seconds if s not in STAGES]
+        return {s: round(self._seconds[s], 3) for s in known}
