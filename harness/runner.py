@@ -1,38 +1,56 @@
 """One measured run, and a matrix of them.  Always a CSV row.
 
-Flow of one run (:func:`run_one`), every wait bounded:
+A run goes in stages, each timed into the sidecar's ``stages``
+(:class:`~harness.run.observe.Stages`, after tuxmake's ``Build.run()``):
 
-1. boot the source QEMU (guest kernel + initramfs with the probe) and ask it
+* the **plan** (:mod:`harness.run.plan`): the host facts are read (accel,
+  QEMU version, staged guest kernel, runtime dirs, dirty-log shim), then a
+  pure function gives both QEMUs' argv (:class:`~harness.run.plan.RunPlan`);
+* the **session** (:class:`_Run`, below) drives QEMU and the probe and
+  records what it sees as frozen :class:`~harness.run.observe.Observations`
+  (the :class:`~harness.run.observe.Timeline`, marks, records, QMP answers,
+  KVM timing, the trace's dirty-log bounds);
+* the **row** (:mod:`harness.run.row`): a pure function of the observations,
+  a :class:`~harness.run.row.Row` whose fields are the CSV columns.
+
+The session, every wait bounded:
+
+1. boot: the source QEMU (guest kernel + initramfs with the probe); ask it
    what it offers (:mod:`harness.qemu.schema`); enable the trace events;
-2. wait for the probe's READY (``scenario.ready_timeout_s``), read the page
-   size actually obtained from ``/proc/<pid>/smaps``; start the destination
-   QEMU (``-incoming defer`` + ``migrate-incoming``);
-3. clock marks, then the baseline window (``scenario.baseline_s``);
-4. ``KvmTracer.phase("enable")`` and QMP ``migrate``;
-5. ``MIGRATION_PASS`` 1 (the stall window runs from ``MIGRATION setup`` to
+2. ready: wait for the probe's READY (``scenario.ready_timeout_s``), read the
+   page size actually obtained from ``/proc/<pid>/smaps``;
+3. baseline: start the destination QEMU (``-incoming defer`` +
+   ``migrate-incoming``); clock marks, then the baseline window
+   (``scenario.baseline_s``);
+4. migration: ``KvmTracer.phase("enable")`` and QMP ``migrate``;
+   ``MIGRATION_PASS`` 1 (the stall window runs from ``MIGRATION setup`` to
    ``margin_ms`` after it), marks;
-6. ``end_action = complete``: collect the probe's data (``dump`` also stops the
+   ``end_action = complete``: collect the probe's data (``dump`` also stops the
    loops), lift the migration's bandwidth hold (:data:`migration.HOLD_BANDWIDTH`:
    until then precopy cannot complete and pause the source guest), wait for
    ``completed``, then one mark round trip with the probe on the destination:
-   the migrated guest must run there (with ``verify`` the records come from
-   the destination, which answers the same way).
+   the migrated guest must run there (with ``verify`` guest RAM is compared
+   first, and the records come from the destination, which answers the same way).
    ``end_action = cancel``: ``cancel_after_s`` after pass 1,
    ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
    ``cancelled``, then collect the probe's data;
-7. shut both QEMUs down; parse the source's trace lines into
-   ``dirty_log_start_ms``/``dirty_log_stop_ms``; ``dirtylog.verify``; check
-   the invariants between the columns (:func:`check_invariants`).
+5. collection: KVM's timing; shut both QEMUs down, keep their logs;
+6. verification: the clock check (:func:`~harness.run.row.check_causality`,
+   before the shutdown); parse the source's trace lines into
+   ``dirty_log_start_ms``/``dirty_log_stop_ms``; check the invariants between
+   the columns (:func:`~harness.run.row.check_invariants`); ``dirtylog.verify``;
+   the host's kernel log.
 
-One clock per duration: every time on the run's timeline (``_Run.t``) is the
-QEMU host's wall clock, the clock of QEMU's trace lines and QMP event
-timestamps.  The marks that place the guest's clock on it are stamped there too,
-by the mark relay (:meth:`ProbeChannel.open_on`).  This machine's clock is used
-only for waiting and for the causality check of a remote host's clock
-(:func:`check_causality`).
+One clock per duration: every time on the run's timeline (``_Run.t``, a
+:class:`~harness.run.observe.Timeline`) is the QEMU host's wall clock, the
+clock of QEMU's trace lines and QMP event timestamps.  The marks that place
+the guest's clock on it are stamped there too, by the mark relay
+(:meth:`ProbeChannel.open_on`).  This machine's clock is used only for waiting
+and for the causality check of a remote host's clock.
 
 Whatever happens (QEMU dies, no READY, migration fails, Ctrl-C), the row is
-written (``status=failed`` + ``error``) with its sidecar, and no process is left.
+written (``status=failed`` + ``error``, derived from what was observed up to
+then) with its sidecar, and no process is left.
 """
 
 from __future__ import annotations
