@@ -88,10 +88,15 @@ def test_complete_run_row():
 
 
 def test_stall_columns_wait_for_the_clock_check():
-    """Before the clock check passed (or when it failed) no stall column is derived, as before."""
-    obs = dataclasses.replace(complete_run(), clock_offset=None)
+    """Before the clock check passed (or when it failed) no stall column is derived, as
+    before: nor the fault-cost and mapped-memory ones, whose samples were already taken."""
+    samples = {"before": Sample(1.0, {"pf_taken": 1}), "migrate": Sample(3.0, {"pf_taken": 2}, {"pages_4k": 256}),
+               "after": Sample(5.0, {"pf_taken": 3})}
+    obs = dataclasses.replace(complete_run(), clock_offset=None, fault_window_s=2.0, kvm_samples=samples)
     row = derive(obs).row
     assert row.stall_pio_max_us is None and row.baseline_stall_max_us is None and derive(obs).side == {}
+    assert row.fault_window_ms is None and row.kvm_pf is None and row.kvm_mapped_mib is None
+    assert derive(dataclasses.replace(obs, clock_offset={})).row.fault_window_ms == 2000.0
     assert row.first_pass_ms == 10.0 and row.touched_mib == 200
 
 
