@@ -1,38 +1,56 @@
 """One measured run, and a matrix of them.  Always a CSV row.
 
-Flow of one run (:func:`run_one`), every wait bounded:
+A run goes in stages, each timed into the sidecar's ``stages``
+(:class:`~harness.run.observe.Stages`, after tuxmake's ``Build.run()``):
 
-1. boot the source QEMU (guest kernel + initramfs with the probe) and ask it
+* the **plan** (:mod:`harness.run.plan`): the host facts are read (accel,
+  QEMU version, staged guest kernel, runtime dirs, dirty-log shim), then a
+  pure function gives both QEMUs' argv (:class:`~harness.run.plan.RunPlan`);
+* the **session** (:class:`_Run`, below) drives QEMU and the probe and
+  records what it sees as frozen :class:`~harness.run.observe.Observations`
+  (the :class:`~harness.run.observe.Timeline`, marks, records, QMP answers,
+  KVM timing, the trace's dirty-log bounds);
+* the **row** (:mod:`harness.run.row`): a pure function of the observations,
+  a :class:`~harness.run.row.Row` whose fields are the CSV columns.
+
+The session, every wait bounded:
+
+1. boot: the source QEMU (guest kernel + initramfs with the probe); ask it
    what it offers (:mod:`harness.qemu.schema`); enable the trace events;
-2. wait for the probe's READY (``scenario.ready_timeout_s``), read the page
-   size actually obtained from ``/proc/<pid>/smaps``; start the destination
-   QEMU (``-incoming defer`` + ``migrate-incoming``);
-3. clock marks, then the baseline window (``scenario.baseline_s``);
-4. ``KvmTracer.phase("enable")`` and QMP ``migrate``;
-5. ``MIGRATION_PASS`` 1 (the stall window runs from ``MIGRATION setup`` to
+2. ready: wait for the probe's READY (``scenario.ready_timeout_s``), read the
+   page size actually obtained from ``/proc/<pid>/smaps``;
+3. baseline: start the destination QEMU (``-incoming defer`` +
+   ``migrate-incoming``); clock marks, then the baseline window
+   (``scenario.baseline_s``);
+4. migration: ``KvmTracer.phase("enable")`` and QMP ``migrate``;
+   ``MIGRATION_PASS`` 1 (the stall window runs from ``MIGRATION setup`` to
    ``margin_ms`` after it), marks;
-6. ``end_action = complete``: collect the probe's data (``dump`` also stops the
+   ``end_action = complete``: collect the probe's data (``dump`` also stops the
    loops), lift the migration's bandwidth hold (:data:`migration.HOLD_BANDWIDTH`:
    until then precopy cannot complete and pause the source guest), wait for
    ``completed``, then one mark round trip with the probe on the destination:
-   the migrated guest must run there (with ``verify`` the records come from
-   the destination, which answers the same way).
+   the migrated guest must run there (with ``verify`` guest RAM is compared
+   first, and the records come from the destination, which answers the same way).
    ``end_action = cancel``: ``cancel_after_s`` after pass 1,
    ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
    ``cancelled``, then collect the probe's data;
-7. shut both QEMUs down; parse the source's trace lines into
-   ``dirty_log_start_ms``/``dirty_log_stop_ms``; ``dirtylog.verify``; check
-   the invariants between the columns (:func:`check_invariants`).
+5. collection: KVM's timing; shut both QEMUs down, keep their logs;
+6. verification: the clock check (:func:`~harness.run.row.check_causality`,
+   before the shutdown); parse the source's trace lines into
+   ``dirty_log_start_ms``/``dirty_log_stop_ms``; check the invariants between
+   the columns (:func:`~harness.run.row.check_invariants`); ``dirtylog.verify``;
+   the host's kernel log.
 
-One clock per duration: every time on the run's timeline (``_Run.t``) is the
-QEMU host's wall clock, the clock of QEMU's trace lines and QMP event
-timestamps.  The marks that place the guest's clock on it are stamped there too,
-by the mark relay (:meth:`ProbeChannel.open_on`).  This machine's clock is used
-only for waiting and for the causality check of a remote host's clock
-(:func:`check_causality`).
+One clock per duration: every time on the run's timeline (``_Run.t``, a
+:class:`~harness.run.observe.Timeline`) is the QEMU host's wall clock, the
+clock of QEMU's trace lines and QMP event timestamps.  The marks that place
+the guest's clock on it are stamped there too, by the mark relay
+(:meth:`ProbeChannel.open_on`).  This machine's clock is used only for waiting
+and for the causality check of a remote host's clock.
 
 Whatever happens (QEMU dies, no READY, migration fails, Ctrl-C), the row is
-written (``status=failed`` + ``error``) with its sidecar, and no process is left.
+written (``status=failed`` + ``error``, derived from what was observed up to
+then) with its sidecar, and no process is left.
 """
 
 from __future__ import annotations
@@ -47,19 +65,25 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 from harness import results
 from harness.errors import (GuestError, HostError, InfraError, MeasurementError, MigrationError, MigstallError,
                             QEMUError, best_effort)
+from harness.guest.channel import ProbeChannel
+from harness.guest.image import GuestImage, build_guest_image
 from harness.hosts import kernel_log
 from harness.hosts.base import Host
+from harness.hosts.facts import qemu_version, resolve_accel
 from harness.measure import clock as clockmod
-from harness.measure import kvm_stats, qemu_trace, stalls, verify
+from harness.measure import kvm_stats, qemu_trace, verify
 from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
 from harness.qemu import backing, dirtylog, migration, schema, stuck
 from harness.qemu.machine import VM, event_time_ns
+from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Stages, Timeline
+from harness.run.plan import CONSOLE_LOG, PROBE_SOCKET, HostFacts, RunPlan, plan_run, ram_pad_kib
+from harness.run.row import Derived, check_causality, check_invariants, derive, identity_columns
 from harness.scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -76,28 +100,6 @@ FAULT_WINDOW_S = 2.0
 HOST_KERNEL_LOG_LINES = 100
 #: marks taken before the baseline and after the stall window
 MARKS_PER_BATCH = 3
-
-#: ms: trace lines and kprobe times have microsecond resolution; invariants between
-#: durations measured by different means allow this much
-INVARIANT_SLACK_MS = 0.05
-#: drift allowed between the QEMU host's clock and ours, per second between the
-#: marks that measured the offset and the command checked against them (L1 under
-#: TCG drifted up to 53 ms between two offsets taken ~1 s apart: README "Clocks")
-CLOCK_DRIFT_PER_S = 0.06
-#: ms always allowed on top of the drift in the causality check
-CAUSALITY_SLACK_MS = 1.0
-
-#: seconds ``qemu -daemonize`` may take to return: generous, because a nested
-#: host under TCG starts QEMU slowly, plus 10 s per GiB with prealloc (QEMU
-#: touches all guest RAM before it returns)
-LAUNCH_TIMEOUT_BASE = 300.0
-LAUNCH_TIMEOUT_PER_PREALLOC_GIB = 10.0
-
-
-def launch_timeout_s(scenario: Scenario) -> float:
-    extra = LAUNCH_TIMEOUT_PER_PREALLOC_GIB * scenario.mem_mib / 1024 if scenario.prealloc else 0.0
-    return LAUNCH_TIMEOUT_BASE + extra
-
 
 #: test seam: ``await hook(point, vms)`` at named points ("migrating", ...)
 Hook = Callable[[str, Dict[str, VM]], Awaitable[None]]
@@ -127,112 +129,125 @@ def new_run_id(scenario: Scenario) -> str:
 
 
 def base_row(ctx: RunContext, scenario: Scenario, run_id: str, accel: str = "") -> Dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": ctx.host_label, "kernel_variant": ctx.kernel_variant or "stock",
-        "series_id": ctx.series_id, "scenario": scenario.name,
-        "accel": accel or scenario.accel, "cpu_model": scenario.cpu_model,
-        "guest_mem_mib": scenario.mem_mib, "vcpus": scenario.vcpus, "backing": scenario.backing,
-        "dirty_log_mode": scenario.dirty_log_mode, "dirty_ring": scenario.dirty_ring or None,
-        "loops": list(scenario.loop_list), "end_action": scenario.end_action,
-        "repeat": scenario.repeat,
-    }
+    """The identity columns of a run of ``scenario`` (a failed row's, before it started)."""
+    return identity_columns(_identity(ctx, scenario, run_id), accel)
 
 
-def _accel_args(accel: str, scenario: Scenario, mode: dirtylog.ModeSetup) -> List[str]:
-    if accel == "kvm":
-        return ["-accel", ",".join(["kvm", *mode.accel_opts]), "-cpu", scenario.cpu_model or "host"]
-    return ["-accel", "tcg,thread=multi", "-cpu", scenario.cpu_model or "max"]
+def _identity(ctx: RunContext, scenario: Scenario, run_id: str) -> Identity:
+    return Identity(run_id=run_id, started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    host=ctx.host_label, kernel_variant=ctx.kernel_variant, series_id=ctx.series_id,
+                    scenario=scenario)
+
+
+def read_host_kernel(host: Host, run_id: str) -> Tuple[Optional[str], Optional[str]]:
+    """``host_kernel`` (``uname -r``) and, when it is missing or empty, why.  Not
+    needed to run, so a failure does not fail the row; but compare tells kernels
+    apart by it, so an empty cell comes with the reason (logged here; the caller
+    keeps it in the sidecar's ``host_kernel_error``)."""
+    release: Optional[str] = None
+    try:
+        release = host.run(["uname", "-r"], timeout=20).text.strip()
+    except Exception as exc:  # noqa: BLE001  reported just below; the run goes on without it
+        why = f"uname -r failed: {' '.join(str(exc).split()) or type(exc).__name__}"
+    else:
+        if release:
+            return release, None
+        why = "uname -r printed nothing"
+    log.warning("%s: host_kernel left empty: %s", run_id, why)
+    return release, why
 
 
 class _Run:
-    """State of one run; ``row`` and ``side`` fill up as it goes."""
+    """The session of one run: it drives the QEMUs and the probe through the
+    stages and records what it sees in ``obs`` (frozen :class:`Observations`,
+    replaced as they grow) and the sidecar's raw material in ``side``; the row
+    is derived from ``obs`` (:func:`harness.run.row.derive`)."""
 
-    def __init__(self, ctx: RunContext, scenario: Scenario, image: Any, run_id: str) -> None:
+    def __init__(self, ctx: RunContext, scenario: Scenario, image: GuestImage, run_id: str) -> None:
         self.ctx, self.sc, self.image, self.run_id = ctx, scenario, image, run_id
         self.host = ctx.host
         self.sidecar = results.sidecar_path(ctx.out, run_id)
         self.log_dir = self.sidecar.with_suffix(".logs")
-        self.row: Dict[str, Any] = base_row(ctx, scenario, run_id)
+        self.obs = Observations(identity=_identity(ctx, scenario, run_id))
         self.side: Dict[str, Any] = {"run_id": run_id, "scenario": dataclasses.asdict(scenario),
                                      "doctor": ctx.doctor, "commands": {}, "events": {}, "logs": {},
                                      "marks": [], "timeline_ns": {}, "qemu_exit": {}}
+        self.stages = Stages()
         self.vms: Dict[str, VM] = {}
-        self.records: List[Any] = []
-        self.marks: List[Any] = []
-        #: the run's timeline, QEMU host wall clock (ns); see the module docstring
-        self.t: Dict[str, int] = {}
-        #: this machine's wall clock (ns) when ``migrate`` was sent: only for check_causality
-        self.migrate_sent_local_ns = 0
-        #: KiB of RAM beyond the scenario's ``mem`` (TCG dirty-sync workaround; set at launch)
-        self.ram_pad_kib = 0
+        #: the QEMU command lines (set once the host facts are read)
+        self.plan: Optional[RunPlan] = None
+        self.qemu_info: Optional[schema.QemuInfo] = None
         #: the fault-cost columns are measured (a run with a ``write`` loop)
         self.fault_cost = "write" in scenario.loop_list
-        #: s from migrate to the end of the fault-cost span (0: not measured)
-        self.fault_window_s = 0.0
-        #: KVM's counters at the fault-cost span's ends: before, migrate, after
-        self.kvm_samples: Dict[str, Optional[kvm_stats.Sample]] = {}
 
     @property
     def verifying(self) -> bool:
         """Migrated memory is compared: ``verify`` and a migration that completes."""
-        return self.sc.verify and self.sc.end_action == "complete"
+        return self.obs.verifying
+
+    @property
+    def t(self) -> Timeline:
+        """The run's timeline, QEMU host wall clock (ns); see the module docstring."""
+        return self.obs.timeline
+
+    def _observe(self, **changes: Any) -> None:
+        self.obs = dataclasses.replace(self.obs, **changes)
+
+    def _at(self, **points: int) -> None:
+        """Points reached on the timeline."""
+        self._observe(timeline=dataclasses.replace(self.obs.timeline, **points))
+
+    def _derive_checked(self, **changes: Any) -> Derived:
+        """Observe ``changes`` and derive the row from them: a derivation that
+        fails fails the run here, and the changes are not kept (the failed
+        row is derived without them)."""
+        before = self.obs
+        self._observe(**changes)
+        try:
+            return derive(self.obs)
+        except Exception:
+            self.obs = before
+            raise
+
+    def derived(self) -> Derived:
+        """The row as far as the run got; never raises (a row is always written)."""
+        try:
+            return derive(self.obs)
+        except Exception:  # a bug in a derivation: the row is still written, without the figures
+            log.exception("%s: cannot derive the row's figures", self.run_id)
+            return derive(Observations(identity=self.obs.identity, accel=self.obs.accel,
+                                       host_kernel=self.obs.host_kernel, qemu_version=self.obs.qemu_version))
 
     # -- helpers ------------------------------------------------------------------------
     async def _hook(self, point: str) -> None:
         if self.ctx.hook is not None:
             await self.ctx.hook(point, self.vms)
 
-    async def _marks(self, chan: Any, n: int, label: str) -> None:
+    async def _marks(self, chan: ProbeChannel, n: int, label: str) -> None:
         for _ in range(n):
             s = await chan.mark(MARK_TIMEOUT)
-            self.marks.append({"id": s.id, "host_send_ns": s.host_send_ns, "host_recv_ns": s.host_recv_ns,
-                               "guest_ns": s.guest_ns, "harness_send_ns": s.harness_send_ns,
-                               "harness_recv_ns": s.harness_recv_ns, "label": label})
-
-    def _guest_args(self, rundir: str, tag: str, kernel: str, initrd: str) -> List[str]:
-        from harness.guest.image import guest_qemu_args
-
-        return list(guest_qemu_args(self.image, kernel=kernel, initrd=initrd,
-                                    channel_socket=f"{rundir}/probe.sock",
-                                    console_log=f"{rundir}/console.log", scenario=self.sc))
+            self._observe(marks=(*self.obs.marks, Mark.of(s, label)))
 
     def _host_kernel(self) -> None:
-        """``host_kernel`` (``uname -r``).  Not needed to run, so a failure does not fail the
-        row; but compare tells kernels apart by it, so an empty cell comes with the reason,
-        logged and in the sidecar's ``host_kernel_error``."""
-        try:
-            release = self.host.run(["uname", "-r"], timeout=20).text.strip()
-        except Exception as exc:  # noqa: BLE001  reported just below; the run goes on without it
-            why = f"uname -r failed: {' '.join(str(exc).split()) or type(exc).__name__}"
-        else:
-            self.row["host_kernel"] = release
-            if release:
-                return
-            why = "uname -r printed nothing"
-        log.warning("%s: host_kernel left empty: %s", self.run_id, why)
-        self.side["host_kernel_error"] = why
+        release, why = read_host_kernel(self.host, self.run_id)
+        self._observe(host_kernel=release)
+        if why:
+            self.side["host_kernel_error"] = why
 
     # -- the run ---------------------------------------------------------------------------
     async def execute(self) -> None:
-        from harness.hosts.facts import qemu_version, resolve_accel
-        from harness.guest.channel import ProbeChannel
-
         sc, host = self.sc, self.host
+        self.stages.start("plan")
         accel = await asyncio.to_thread(resolve_accel, host, sc.accel)
-        self.row["accel"] = accel
-        self.row["cpu_model"] = sc.cpu_model or ("host" if accel == "kvm" else "max")
+        self._observe(accel=accel)
         self._host_kernel()
         kernel = await asyncio.to_thread(host.stage, Path(self.image.kernel))
         initrd = await asyncio.to_thread(host.stage, Path(self.image.initrd))
         qemu = sc.qemu or "qemu-system-x86_64"
         qver = backing.parse_version(await asyncio.to_thread(qemu_version, host, qemu))
         prefix = await asyncio.to_thread(backing.exec_prefix, sc.backing, host)
-        # verified TCG guests on QEMU < 9.0 get 8 KiB more RAM, which steers QEMU
-        # around its dirty-sync bug (verify.tcg_ram_pad_kib; README "Migrated memory verified")
-        self.ram_pad_kib = verify.tcg_ram_pad_kib(accel, qver, sc.backing) if self.verifying else 0
-        self.side["ram_pad_kib"] = self.ram_pad_kib
+        self._observe(ram_pad_kib=ram_pad_kib(sc, accel, qver))
+        self.side["ram_pad_kib"] = self.obs.ram_pad_kib
 
         with contextlib.ExitStack() as dirs:
             src_rd = dirs.enter_context(host.runtime_dir("migstall-src-"))
@@ -240,36 +255,27 @@ class _Run:
             mode = dirtylog.setup(sc.dirty_log_mode, sc.dirty_ring, accel, host, src_rd)
             self.side["mode"] = {"accel_opts": list(mode.accel_opts), "env": dict(mode.env),
                                  "trace_events": list(mode.trace_events)}
-
-            def common(rundir: str, tag: str) -> List[str]:
-                return [*_accel_args(accel, sc, mode),
-                        *backing.attach_args(qver),
-                        "-smp", str(sc.vcpus),
-                        *backing.memory_args(sc.backing, sc.mem_mib, sc.prealloc, self.ram_pad_kib),
-                        "-nodefaults", "-no-user-config",
-                        *self._guest_args(rundir, tag, kernel, initrd)]
-
-            launch_timeout = launch_timeout_s(sc)
-            src = VM(host, f"{self.run_id}-src", common(src_rd, "src"), qemu=qemu, prefix=prefix,
-                     runtime_dir=src_rd, env={**mode.env, **self.ctx.src_env}, log_dir=self.log_dir,
-                     launch_timeout=launch_timeout, collect=("console.log",))
-            # with verify the destination stays paused after the migration (-S) until RAM is compared
-            paused = ["-S"] if self.verifying else []
-            dst = VM(host, f"{self.run_id}-dst", common(dst_rd, "dst") + list(migration.INCOMING_ARGS) + paused,
-                     qemu=qemu, prefix=prefix, runtime_dir=dst_rd, env=mode.env, log_dir=self.log_dir,
-                     launch_timeout=launch_timeout, collect=("console.log",))
+            facts = HostFacts(accel=accel, qemu_version=qver, kernel=kernel, initrd=initrd,
+                              src_rundir=src_rd, dst_rundir=dst_rd, mode=mode, prefix=tuple(prefix))
+            self.plan = plan = plan_run(sc, facts, self.image, self.run_id, src_env=self.ctx.src_env)
+            src, dst = (VM(host, p.name, list(p.argv), qemu=plan.qemu, prefix=plan.prefix, runtime_dir=p.runtime_dir,
+                           env=p.env, log_dir=self.log_dir, launch_timeout=plan.launch_timeout_s,
+                           collect=(CONSOLE_LOG,))
+                        for p in (plan.src, plan.dst))
             self.vms = {"src": src, "dst": dst}
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    await self._measure(stack, src, dst, ProbeChannel, mode)
+                    await self._measure(stack, src, dst, mode)
+                    self.stages.start("collection")     # the QEMUs exit and leave their logs
             finally:
                 for tag, vm in self.vms.items():
                     self.side["commands"][tag] = vm.command_line
                     self.side["events"][tag] = [{k: v for k, v in e.items()} for e in vm.events]
                     self.side["logs"][tag] = str(vm.local_log) if vm.local_log else None
-                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path("console.log"))
+                    self.side["logs"][f"{tag}-console"] = vm.collected.get(vm.path(CONSOLE_LOG))
                     self.side["qemu_exit"][tag] = vm.exit_info()
                 await asyncio.to_thread(self._host_kernel_log, src.launch_uptime_s)
+            self.stages.start("verification")
             self._trace_columns(src, mode, accel, src_rd)
             if self.side["host_kernel_log"]["problems"]:
                 bad = self.side["host_kernel_log"]["problems"]
@@ -285,9 +291,9 @@ class _Run:
         self.side["host_kernel_log"] = {"since_uptime_s": since_s, "lines": lines,
                                         "problems": kernel_log.problems(lines)}
 
-    async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, ProbeChannel: Any,
-                       mode: dirtylog.ModeSetup) -> None:
+    async def _measure(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, mode: dirtylog.ModeSetup) -> None:
         sc, host, prog = self.sc, self.host, self.ctx.progress
+        self.stages.start("boot")
         # tracing is set up before any QEMU of the run starts and torn down after
         # both have exited (the stack unwinds in reverse): arming kprobes patches
         # kernel text, best done while no guest runs (README "The virtual host")
@@ -297,13 +303,14 @@ class _Run:
         await self._hook("launched")
         info = await schema.probe(src, [*schema.WANTED_TRACE_EVENTS, *mode.trace_events])
         self.qemu_info = info
-        self.row["qemu_version"] = info.version
+        self._observe(qemu_version=info.version)
         self.side["qemu"] = info.to_json()
         self.side["traces_enabled"] = await schema.enable_traces(
             src, info, list(schema.WANTED_TRACE_EVENTS) + list(mode.trace_events))
 
-        chan = await ProbeChannel.open_on(host, src.path("probe.sock"), log_path=src.path("console.log"))
+        chan = await ProbeChannel.open_on(host, src.path(PROBE_SOCKET), log_path=src.path(CONSOLE_LOG))
         stack.push_async_callback(_aclose, chan)
+        self.stages.start("ready")
         try:
             hello = await chan.wait_hello(max(0.0, ready_deadline - time.monotonic()))
             self.side["hello"] = _jsonable(hello)
@@ -315,37 +322,38 @@ class _Run:
             note = await self._stuck_note(src)
             raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s of its start "
                              f"({' '.join(str(exc).split())}){note}", exc.log_path) from exc
-        self.row["touched_mib"] = ready.touched_mib
-        self.row["prefault_ms"] = ready.prefault_ms
+        self._observe(touched_mib=ready.touched_mib, prefault_ms=ready.prefault_ms)
         await self._hook("ready")
         page = backing.read_page_size(host, src.pid or 0, sc.mem_mib)
-        self.row["page_size_kib"] = page.page_size_kib
+        self._observe(page_size_kib=page.page_size_kib)
         self.side["ram_mapping"] = page.mapping
 
+        self.stages.start("baseline")
         await stack.enter_async_context(dst)
         uri = await migration.prepare_destination(dst)
 
         # KVM's counters FAULT_WINDOW_S before migrate (query-stats takes the BQL:
         # read before the baseline, not inside it)
-        kvm = self.row.get("accel") == "kvm"
-        self.kvm_samples["before"] = await kvm_stats.sample(src) if kvm and self.fault_cost else None
+        kvm = self.obs.accel == "kvm"
+        self._sample("before", await kvm_stats.sample(src) if kvm and self.fault_cost else None)
         before_mono = time.monotonic()
         await self._marks(chan, MARKS_PER_BATCH, "before-baseline")
         # the baseline window is a span of time by definition; it starts when the
         # last mark's echo reached the QEMU host, and migrate is sent after it ends
-        self.t["baseline_start"] = self.marks[-1]["host_recv_ns"]
-        self.t["baseline_end"] = self.t["baseline_start"] + int(sc.baseline_s * 1e9)
+        baseline_start = self.obs.marks[-1].host_recv_ns
+        self._at(baseline_start=baseline_start, baseline_end=baseline_start + int(sc.baseline_s * 1e9))
         await asyncio.sleep(sc.baseline_s)
         if self.fault_cost:
             # the span before migrate that the fault-cost columns compare with
             await asyncio.sleep(max(0.0, before_mono + FAULT_WINDOW_S - time.monotonic()))
         # what KVM has mapped when dirty logging starts (kvm_mapped_mib)
-        self.kvm_samples["migrate"] = await kvm_stats.sample(src) if kvm else None
+        self._sample("migrate", await kvm_stats.sample(src) if kvm else None)
 
+        self.stages.start("migration")
         tracer.phase("enable")
         with prog.task(f"{sc.name} r{sc.repeat}: migration", total=None) as task:
             since = len(src.events)
-            self.migrate_sent_local_ns = await migration.start(src, uri, auto_converge=self.verifying)
+            self._observe(migrate_sent_local_ns=await migration.start(src, uri, auto_converge=self.verifying))
             migrate_mono = time.monotonic()
             await self._hook("migrating")
             try:
@@ -355,10 +363,10 @@ class _Run:
                 raise MigrationError(await _why_failed(src, dst, head=" ".join(str(exc).split())),
                                      src.log_path) from exc
             pass1_seen = time.monotonic()       # the event happened before we saw it
-            self.t["setup"] = _status_time(src, "setup", since)
-            self.t["pass1"] = event_time_ns(pass1)
+            pass1_ns = event_time_ns(pass1)
+            self._at(setup=_status_time(src, "setup", since), pass1=pass1_ns,
+                     window_end=pass1_ns + int(sc.margin_ms * 1e6))
             task.update(description=f"{sc.name} r{sc.repeat}: migration, pass 1")
-            self.t["window_end"] = self.t["pass1"] + int(sc.margin_ms * 1e6)
             await asyncio.sleep(sc.margin_ms / 1000)   # so window_end has passed on the QEMU host too
             await self._marks(chan, MARKS_PER_BATCH, "after-window")
             try:
@@ -381,51 +389,48 @@ class _Run:
                 end = await migration.wait_end(src, sc.migration_timeout_s)
                 if end["data"]["status"] != "cancelled":
                     raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
-                self.t["cancelling"] = _status_time(src, "cancelling", since)
-                self.t["cancelled"] = event_time_ns(end)
+                self._at(cancelling=_status_time(src, "cancelling", since), cancelled=event_time_ns(end))
                 q = q_active
-                self.records = await self._dump(chan, src)
+                await self._dump(chan, src)
             else:
                 await self._fault_sample(src, migrate_mono)
                 if not self.verifying:
-                    self.records = await self._dump(chan, src)
+                    await self._dump(chan, src)
                 # with verify the loops keep writing through precopy; their records migrate with the guest
                 await migration.release(src)
                 task.update(description=f"{sc.name} r{sc.repeat}: migration, converging")
                 end = await migration.wait_end(src, sc.migration_timeout_s)
                 if end["data"]["status"] != "completed":
                     raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
-                self.t["completed"] = event_time_ns(end)
+                self._at(completed=event_time_ns(end))
                 stop = next((e for e in src.events[since:] if e.get("event") == "STOP"), None)
                 if stop is not None:        # the source guest ran until here
-                    self.t["stopped"] = event_time_ns(stop)
+                    self._at(stopped=event_time_ns(stop))
                 q = await migration.query_completed(src)
                 await self._hook("completed")
                 if not self.verifying:
-                    await self._destination_answers(stack, dst, ProbeChannel)
+                    await self._destination_answers(stack, dst)
                 if self.verifying:
                     task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
-                    await self._verify(src, dst)
+                    with self.stages.within("verification"):
+                        await self._verify(src, dst)
                     await dst.cmd("cont")
-                    dchan = await ProbeChannel.open_on(host, dst.path("probe.sock"),
-                                                       log_path=dst.path("console.log"))
+                    dchan = await ProbeChannel.open_on(host, dst.path(PROBE_SOCKET),
+                                                       log_path=dst.path(CONSOLE_LOG))
                     stack.push_async_callback(_aclose, dchan)
-                    self.records = await self._dump(dchan, dst)
+                    await self._dump(dchan, dst)
         self.side["query_migrate"] = q
-        mt = migration.times(q)
-        self.row["setup_time_ms"] = mt.setup_time_ms if mt.setup_time_ms is not None else \
-            (q_active.get("setup-time") if q_active else None)
-        self.row["first_pass_ms"] = (self.t["pass1"] - self.t["setup"]) / 1e6
-        if sc.end_action == "complete":
-            self.row["total_time_ms"] = mt.total_time_ms
-            self.row["downtime_ms"] = mt.downtime_ms
+        self._observe(migration=MigrationEnd(query=q, query_active=q_active))
+        self.stages.start("collection")
         timing: KvmTiming = tracer.collect()
-        self.row["kvm_enable_ms"] = timing.enable_ms
-        self.row["kvm_disable_ms"] = timing.disable_ms
-        self.row["kvm_params"] = timing.params or None
+        self._observe(kvm=timing)
         self.side["kvm"] = {"breakdown": timing.breakdown, "params": timing.params, "raw": timing.raw}
-        self._stall_columns()
+        with self.stages.within("verification"):
+            self._check_clocks()
         await self._hook("measured")
+
+    def _sample(self, point: str, sample: Optional[kvm_stats.Sample]) -> None:
+        self._observe(kvm_samples={**self.obs.kvm_samples, point: sample})
 
     async def _fault_sample(self, src: VM, migrate_mono: float, until: Optional[float] = None) -> None:
         """End of the fault-cost span: FAULT_WINDOW_S after migrate was sent, or
@@ -434,14 +439,14 @@ class _Run:
             return
         end = migrate_mono + FAULT_WINDOW_S if until is None else min(until, migrate_mono + FAULT_WINDOW_S)
         await asyncio.sleep(max(0.0, end - time.monotonic()))
-        self.fault_window_s = max(0.0, time.monotonic() - migrate_mono)
-        self.kvm_samples["after"] = await kvm_stats.sample(src) if self.kvm_samples.get("migrate") else None
+        self._observe(fault_window_s=max(0.0, time.monotonic() - migrate_mono))
+        self._sample("after", await kvm_stats.sample(src) if self.obs.kvm_samples.get("migrate") else None)
 
-    async def _destination_answers(self, stack: contextlib.AsyncExitStack, dst: VM, ProbeChannel: Any) -> None:
+    async def _destination_answers(self, stack: contextlib.AsyncExitStack, dst: VM) -> None:
         """A completed migration must leave a running guest: the probe on the
         destination echoes one mark (the records came from the source).  A
         guest that does not answer fails the run, saying what its vCPUs do."""
-        dchan = await ProbeChannel.open_on(self.host, dst.path("probe.sock"), log_path=dst.path("console.log"))
+        dchan = await ProbeChannel.open_on(self.host, dst.path(PROBE_SOCKET), log_path=dst.path(CONSOLE_LOG))
         stack.push_async_callback(_aclose, dchan)
         try:
             s = await dchan.mark(MARK_TIMEOUT)
@@ -453,15 +458,17 @@ class _Run:
         self.side["destination_mark"] = {"round_trip_ms": (s.harness_recv_ns - s.harness_send_ns) / 1e6,
                                          "guest_ns": s.guest_ns}
 
-    async def _dump(self, chan: Any, vm: VM) -> List[Any]:
+    async def _dump(self, chan: ProbeChannel, vm: VM) -> None:
         """The probe's records; when it does not answer, the error says what the
         guest's vCPUs were doing instead (:mod:`harness.qemu.stuck`)."""
-        try:
-            return list(await chan.dump(DUMP_TIMEOUT))
-        except GuestError as exc:
-            if not vm.alive:
-                raise
-            raise GuestError(f"{exc.args[0]}{await self._stuck_note(vm)}", exc.log_path) from exc
+        with self.stages.within("collection"):
+            try:
+                records = tuple(await chan.dump(DUMP_TIMEOUT))
+            except GuestError as exc:
+                if not vm.alive:
+                    raise
+                raise GuestError(f"{exc.args[0]}{await self._stuck_note(vm)}", exc.log_path) from exc
+        self._observe(records=records)
 
     async def _stuck_note(self, vm: VM) -> str:
         """``"; <what its vCPUs do>"`` for an error about a guest that did not
@@ -478,87 +485,39 @@ class _Run:
         """Hash guest RAM on both sides (both paused: the source by the
         completed migration, the destination by -S) and compare page by page
         (:mod:`harness.measure.verify`); a difference fails the run."""
-        ranges = verify.guest_ram_ranges(self.sc.mem_mib, pad_kib=self.ram_pad_kib)
+        ranges = verify.guest_ram_ranges(self.sc.mem_mib, pad_kib=self.obs.ram_pad_kib)
         # MIGSTALL_VERIFY_DUMP=1: both sides' versions of the differing pages go
         # into the run's log dir (verify-pages/<gpa>.src|.dst), for diagnosis
         dump = self.log_dir / "verify-pages" if os.environ.get("MIGSTALL_VERIFY_DUMP", "") not in ("", "0") else None
         # the destination's KVM rewrites the guest's pvclock wall clock when QEMU
         # restores the vCPUs: not a lost write (verify.KvmRewrite)
         rewrites = verify.pvclock_wall_clock((self.side.get("hello") or {}).get("wall_clock_gpa")) \
-            if self.row.get("accel") == "kvm" else ()
+            if self.obs.accel == "kvm" else ()
         res = await verify.verify_migration(src, dst, ranges, dump_dir=dump, rewrites=rewrites)
-        self.row["verify_pages"] = res.pages
-        self.row["verify_mismatch_pages"] = res.mismatch_pages
+        self._observe(verify_pages=res.pages, verify_mismatch_pages=res.mismatch_pages)
         self.side["verify"] = {"ranges": [dataclasses.asdict(r) for r in ranges], **res.as_dict()}
         if not res.ok:
-            qinfo = getattr(self, "qemu_info", None)
-            cause = verify.known_cause(self.row.get("accel"), qinfo.version_tuple if qinfo else (), self.ram_pad_kib)
+            qinfo = self.qemu_info
+            cause = verify.known_cause(self.obs.accel, qinfo.version_tuple if qinfo else (), self.obs.ram_pad_kib)
             self.side["verify"]["known_cause"] = cause
             raise MeasurementError(res.error_text() + (f" ({cause})" if cause else ""))
 
-    def _stall_columns(self) -> None:
-        cm = clockmod.fit(self.marks)
+    def _check_clocks(self) -> None:
+        """Place the guest's clock on the timeline (the marks' fit) and check
+        the QEMU host's clock against ours (:func:`check_causality`): the stall
+        columns are derived only when this passed."""
+        marks = [m.to_json() for m in self.obs.marks]
+        cm = clockmod.fit(marks)
         self.side["clock"] = cm.to_json()
-        self.side["clock_offset"] = check_causality(self.marks, self.migrate_sent_local_ns, self.t["setup"] or 0,
-                                                    self.host.name)
-        w = (self.t["setup"], self.t["window_end"])
-        b = (self.t["baseline_start"], self.t["baseline_end"])
-        self.row.update(stalls.columns(stalls.class_stats(self.records, cm, *w)))
-        self.row["baseline_stall_max_us"] = stalls.max_in(self.records, cm, *b)
-        self.side["stalls"] = stalls.per_vcpu(self.records, cm, {"window": w, "baseline": b})
-        self.side["windows_ns"] = {"stall": list(w), "baseline": list(b)}
-        self._precopy_columns(cm)
-        mig = self.kvm_samples.get("migrate")
-        if mig is not None:
-            self.row["kvm_mapped_mib"] = mig.mapped_mib
-        if self.fault_window_s:
-            self._fault_columns(cm)
-
-    def _precopy_columns(self, cm: clockmod.ClockMap) -> None:
-        """The guest's whole loss during migration: per loop class, stalled ms per
-        second from ``MIGRATION setup`` to the end of precopy (``cancelled``, or
-        the source's ``STOP`` before ``completed``), against the same rate from
-        the baseline's start to ``setup``.  Only where the loops ran through
-        precopy: on ``cancel`` and with ``verify`` (otherwise the records are
-        collected, and the loops stopped, while precopy is still held)."""
-        end = self.t.get("cancelled") if self.sc.end_action == "cancel" else \
-            (self.t.get("stopped") if self.verifying else None)
-        setup, base = self.t.get("setup"), self.t.get("baseline_start")
-        if not end or not setup or not base or end <= setup or setup <= base:
-            return
-        for cls in stalls.CLASSES:
-            during = stalls.sum_in(self.records, cm, setup, end, cls=cls)
-            before = stalls.sum_in(self.records, cm, base, setup, cls=cls)
-            self.row[f"stall_{cls}_precopy_ms_per_s"] = None if during is None else during / ((end - setup) / 1e9)
-            self.row[f"baseline_stall_{cls}_ms_per_s"] = None if before is None else before / ((setup - base) / 1e9)
-        self.side["precopy_windows_ns"] = {"precopy": [setup, end], "baseline": [base, setup]}
-
-    def _fault_columns(self, cm: clockmod.ClockMap) -> None:
-        """Where the start's cost went: the write loops' stalled time and KVM's
-        page faults in the span after migrate, against an equally long span
-        right before it (README "Columns": ``stall_write_sum_ms``, ``kvm_pf``)."""
-        span = int(self.fault_window_s * 1e9)
-        t0 = self.t["setup"] or 0
-        after, before = (t0, t0 + span), (t0 - span, t0)
-        self.row["fault_window_ms"] = round(self.fault_window_s * 1e3, 1)
-        self.row["stall_write_sum_ms"] = stalls.sum_in(self.records, cm, *after, cls="write")
-        self.row["baseline_stall_write_sum_ms"] = stalls.sum_in(self.records, cm, *before, cls="write")
-        ks = self.kvm_samples
-        self.row["kvm_pf"] = kvm_stats.delta(ks.get("migrate"), ks.get("after"), "pf_taken")
-        self.row["baseline_kvm_pf"] = kvm_stats.delta(ks.get("before"), ks.get("migrate"), "pf_taken")
-        spans: Dict[str, float] = {}
-        for name, (a, b) in (("before", ("before", "migrate")), ("after", ("migrate", "after"))):
-            sa, sb = ks.get(a), ks.get(b)
-            if sa is not None and sb is not None:
-                spans[name] = round(sb.local_s - sa.local_s, 3)
-        self.side["fault_cost"] = {
-            "window_s": self.fault_window_s,
-            "windows_ns": {"after": list(after), "before": list(before)},
-            "counter_spans_s": spans,            # the spans the counters cover, this machine's clock
-            "kvm": {k: v.to_json() for k, v in ks.items() if v is not None},
-        }
+        self._observe(clock=cm)
+        self.side["clock_offset"] = offset = check_causality(marks, self.obs.migrate_sent_local_ns,
+                                                             self.t.setup or 0, self.host.name)
+        self._derive_checked(clock_offset=offset)
 
     def _trace_columns(self, src: VM, mode: dirtylog.ModeSetup, accel: str, src_rd: str) -> None:
+        """The source's trace (read once its QEMU exited): the dirty-log start
+        and stop, the memslot ioctls; then the invariants between the row's
+        figures and the mode's own check (:func:`dirtylog.verify`)."""
         text = src.log_text
         lines = qemu_trace.parse(text)
         self.side["trace_lines"] = [ln.raw for ln in lines]
@@ -567,25 +526,23 @@ class _Run:
         memslots = accel == "kvm" and "kvm_set_user_memory" in enabled
         if not traced:
             log.info("QEMU %s has no global_dirty_changed trace event (before 6.1): dirty-log start "
-                     "falls back to the QMP events MIGRATION setup -> MIGRATION_PASS 1",
-                     self.row.get("qemu_version"))
-        start = qemu_trace.dirty_log_start(lines, setup_ns=self.t["setup"] or 0, pass1_ns=self.t.get("pass1"),
+                     "falls back to the QMP events MIGRATION setup -> MIGRATION_PASS 1", self.obs.qemu_version)
+        start = qemu_trace.dirty_log_start(lines, setup_ns=self.t.setup or 0, pass1_ns=self.t.pass1,
                                            traced=traced, memslots=memslots)
-        self.row["dirty_log_start_ms"] = start.ms
-        self.row["dirty_log_start_source"] = start.source
+        self._observe(dirty_log_start=start)
         self.side["dirty_log_start"] = dataclasses.asdict(start)
-        if self.t.get("cancelled"):
-            stop = qemu_trace.dirty_log_stop(lines, cancelling_ns=self.t["cancelling"] or 0,
-                                             cancelled_ns=self.t["cancelled"] or 0, traced=traced, memslots=memslots)
-            self.row["dirty_log_stop_ms"] = stop.ms
-            self.row["dirty_log_stop_source"] = stop.source
+        if self.t.cancelled:
+            stop = qemu_trace.dirty_log_stop(lines, cancelling_ns=self.t.cancelling or 0,
+                                             cancelled_ns=self.t.cancelled or 0, traced=traced, memslots=memslots)
+            self._observe(dirty_log_stop=stop)
             self.side["dirty_log_stop"] = dataclasses.asdict(stop)
         src_pid, dst_pid = src.pid, self.vms["dst"].pid
+        changes: Dict[str, Any] = {}
         if accel == "kvm":
             calls = dirtylog.memslot_ioctls(dirtylog.read_shim_log(self.host, src_rd), src_pid)
             self.side["memslot_ioctls"] = [dataclasses.asdict(c) for c in calls]
-            self.row["kvm_ioctl_ms"] = dirtylog.enable_ioctl_ms(calls, self.t["setup"], self.t["pass1"])
-        check_invariants(self.row)
+            changes["memslot_ioctls"] = tuple(calls)
+        check_invariants(self._derive_checked(**changes).row.to_dict())
         self.side["mode"].update(dirtylog.describe(self.sc.dirty_log_mode, accel, self.host, src_rd,
                                                    src_pid=src_pid, dst_pid=dst_pid))
         dirtylog.verify(self.sc.dirty_log_mode, accel, text, self.host, src_rd, src_pid=src_pid, dst_pid=dst_pid)
@@ -599,61 +556,6 @@ def _status_time(vm: VM, status: str, since: int) -> int:
             return event_time_ns(ev)
     raise MeasurementError(f"QEMU {vm.name} sent no MIGRATION {{status: {status}}} event; "
                            f"its migration timeline cannot be anchored")
-
-
-def check_invariants(row: Dict[str, Any]) -> None:
-    """Relations that hold between a row's durations by construction; one that
-    breaks means a figure is wrong (MeasurementError names it):
-
-    * ``dirty_log_start_ms >= kvm_enable_ms``: the kernel's walk happens inside
-      the memslot ioctls that the start spans;
-    * ``dirty_log_start_ms <= setup_time_ms + 1``: the start is part of the
-      migration thread's setup (QEMU reports whole ms);
-    * ``first_pass_ms >= dirty_log_start_ms``: pass 1 follows the start."""
-    start = row.get("dirty_log_start_ms")
-    if start is None:
-        return
-    slack = INVARIANT_SLACK_MS
-    kvm, setup, first = row.get("kvm_enable_ms"), row.get("setup_time_ms"), row.get("first_pass_ms")
-    broken = []
-    if kvm is not None and start + slack < kvm:
-        broken.append(f"dirty_log_start_ms {start:.3f} < kvm_enable_ms {kvm:.3f}")
-    if setup is not None and start > float(setup) + 1 + slack:
-        broken.append(f"dirty_log_start_ms {start:.3f} > setup_time_ms {setup} + 1")
-    if first is not None and first + slack < start:
-        broken.append(f"first_pass_ms {first:.3f} < dirty_log_start_ms {start:.3f}")
-    if broken:
-        raise MeasurementError("invariant broken: " + "; ".join(broken))
-
-
-def check_causality(marks: Sequence[Mapping[str, Any]], migrate_sent_local_ns: int, setup_ns: int,
-                    host_name: str) -> Dict[str, Any]:
-    """The QEMU host's clock against ours, from the marks (each bounds the
-    offset: the relay stamped after we sent and before we received), and one
-    causality check: ``MIGRATION setup`` cannot precede the ``migrate`` that
-    caused it.  Nothing is computed from the offset; it is recorded (median
-    midpoint and spread of the per-mark estimates) and a contradiction fails
-    the run (MeasurementError), since it means one of the clocks jumped."""
-    bounds = [(m["host_recv_ns"] - m["harness_recv_ns"], m["host_send_ns"] - m["harness_send_ns"])
-              for m in marks if m.get("harness_send_ns")]
-    if not bounds:
-        return {}
-    mids = sorted((lo + hi) / 2 for lo, hi in bounds)
-    out: Dict[str, Any] = {"offset_ms": mids[len(mids) // 2] / 1e6, "spread_ms": (mids[-1] - mids[0]) / 1e6,
-                           "bounds_ms": [[lo / 1e6, hi / 1e6] for lo, hi in bounds]}
-    before = [(m, lo) for m, (lo, _) in zip(marks, bounds) if m["harness_recv_ns"] <= migrate_sent_local_ns]
-    if before and migrate_sent_local_ns and setup_ns:
-        m, lo = before[-1]          # the last mark before migrate: the least drift since
-        gap_s = (migrate_sent_local_ns - m["harness_recv_ns"]) / 1e9
-        allowed_ns = (CLOCK_DRIFT_PER_S * gap_s * 1e3 + CAUSALITY_SLACK_MS) * 1e6
-        earliest = migrate_sent_local_ns + lo          # on the QEMU host's clock, at the earliest
-        out["setup_after_migrate_ms"] = (setup_ns - earliest) / 1e6
-        if setup_ns < earliest - allowed_ns:
-            raise MeasurementError(
-                f"clock causality broken on {host_name}: MIGRATION setup is {(earliest - setup_ns) / 1e6:.1f} ms "
-                f"before migrate could have reached QEMU (offset bounds of the last mark "
-                f"{lo / 1e6:.1f} ms, allowed {allowed_ns / 1e6:.1f} ms)")
-    return out
 
 
 async def _why_failed(src: VM, dst: VM, status: str = "", head: str = "") -> str:
@@ -709,7 +611,7 @@ def _lost_note(host: Host) -> str:
         return ""
 
 
-async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, Any]:
+async def run_one(ctx: RunContext, scenario: Scenario, image: GuestImage) -> Dict[str, Any]:
     """Run ``scenario`` once; append its row to ``ctx.out`` and write its sidecar.
 
     Returns the row.  Never raises for a failed run (the row says
@@ -721,7 +623,9 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, 
     error: Optional[BaseException] = None
     try:
         await run.execute()
-        row = dict(run.row, status=results.STATUS_OK, sidecar=str(run.sidecar))
+        run.stages.stop()
+        derived = run.derived()
+        row = dataclasses.replace(derived.row, status=results.STATUS_OK, sidecar=str(run.sidecar)).to_dict()
     except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
         error = exc
         if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
@@ -740,11 +644,16 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, 
                 exc_for_row += f"; {lost}"
             if not isinstance(exc, MigstallError):
                 log.exception("run %s failed unexpectedly", run_id)
-        row = results.failed_row(run.row, exc_for_row, sidecar=str(run.sidecar))
-        run.side["measured"] = {k: v for k, v in run.row.items() if k in results.METRIC_COLUMNS and v is not None}
+        run.stages.stop()
+        derived = run.derived()
+        measured = derived.row.to_dict()
+        row = results.failed_row(measured, exc_for_row, sidecar=str(run.sidecar))
+        run.side["measured"] = {k: v for k, v in measured.items() if k in results.METRIC_COLUMNS and v is not None}
+    run.side.update(derived.side)
     run.side["row"] = row
-    run.side["timeline_ns"] = run.t
-    run.side["marks"] = run.marks
+    run.side["timeline_ns"] = run.t.to_json()
+    run.side["marks"] = [m.to_json() for m in run.obs.marks]
+    run.side["stages"] = run.stages.to_json()
     run.side["wall_s"] = round(time.monotonic() - t0, 3)
     if error is not None:
         run.side["error"] = {"type": type(error).__name__, "message": str(error)}
@@ -755,18 +664,16 @@ async def run_one(ctx: RunContext, scenario: Scenario, image: Any) -> Dict[str, 
     return row
 
 
-def build_image(ctx: RunContext, kernel: Optional[str] = None) -> Any:
-    from harness.guest.image import build_guest_image
-
+def build_image(ctx: RunContext, kernel: Optional[str] = None) -> GuestImage:
     return build_guest_image(kernel=Path(kernel) if kernel else None, progress=ctx.progress)
 
 
 async def run_matrix(ctx: RunContext, scenarios: Sequence[Scenario],
-                     image: Any = None) -> List[Dict[str, Any]]:
+                     image: Optional[GuestImage] = None) -> List[Dict[str, Any]]:
     """Run every scenario in order (each writes its row).  The guest image is
     built once (per guest kernel) before the first run."""
     rows = []
-    images: Dict[str, Any] = {}
+    images: Dict[str, GuestImage] = {}
     for sc in scenarios:
         kernel = ctx.guest_kernel or sc.guest_kernel or ""
         if image is not None:

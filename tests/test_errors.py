@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate, StateError
@@ -193,17 +193,14 @@ def test_best_effort_in_a_coroutine(caplog):
 
 # -- host_kernel -------------------------------------------------------------------------
 
-def host_kernel_run(run: Any) -> SimpleNamespace:
-    from harness.runner import _Run
+def host_kernel_run(run: Any) -> Tuple[Optional[str], Optional[str]]:
+    from harness.runner import read_host_kernel
 
-    ns = SimpleNamespace(host=SimpleNamespace(run=run), row={}, side={}, run_id="r1")
-    _Run._host_kernel(ns)  # type: ignore[arg-type]
-    return ns
+    return read_host_kernel(SimpleNamespace(run=run), "r1")  # type: ignore[arg-type]
 
 
 def test_host_kernel_read():
-    ns = host_kernel_run(lambda argv, timeout: SimpleNamespace(text="6.1.0-28-amd64\n"))
-    assert ns.row == {"host_kernel": "6.1.0-28-amd64"} and ns.side == {}
+    assert host_kernel_run(lambda argv, timeout: SimpleNamespace(text="6.1.0-28-amd64\n")) == ("6.1.0-28-amd64", None)
 
 
 def test_host_kernel_failure_is_logged_and_recorded(caplog):
@@ -211,12 +208,10 @@ def test_host_kernel_failure_is_logged_and_recorded(caplog):
         raise HostError("uname -r on far exited 127: uname: not found")
 
     caplog.set_level(logging.WARNING, logger="harness.runner")
-    ns = host_kernel_run(run)
-    assert "host_kernel" not in ns.row
-    assert ns.side == {"host_kernel_error": "uname -r failed: uname -r on far exited 127: uname: not found"}
+    # no column; the reason goes to the sidecar's host_kernel_error
+    assert host_kernel_run(run) == (None, "uname -r failed: uname -r on far exited 127: uname: not found")
     assert any("host_kernel left empty" in r.getMessage() for r in caplog.records)
 
 
 def test_host_kernel_empty_is_recorded():
-    ns = host_kernel_run(lambda argv, timeout: SimpleNamespace(text="\n"))
-    assert ns.row == {"host_kernel": ""} and ns.side == {"host_kernel_error": "uname -r printed nothing"}
+    assert host_kernel_run(lambda argv, timeout: SimpleNamespace(text="\n")) == ("", "uname -r printed nothing")

@@ -81,6 +81,10 @@ def test_guest_never_ready_times_out(tmp_path, guest_image):
     assert "READY" in got["error"] or "hello" in got["error"], got["error"]
     # and what the guest was doing instead (harness.qemu.stuck): TCG, no KVM counters
     assert "QEMU running; vCPU0 " in got["error"] and "RIP 0x" in got["error"], got["error"]
+    # the stages up to the one that failed are timed
+    side = json.loads(Path(got["sidecar"]).read_text())
+    stages = side["stages"]
+    assert set(stages) == {"plan", "boot", "ready"} and stages["boot"] + stages["ready"] >= 1.0, stages
     assert not _mine(row["run_id"])
 
 

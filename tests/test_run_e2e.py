@@ -70,6 +70,10 @@ def test_run_complete_writes_ok_row(tmp_path):
     assert side["doctor"] is not None
     for tag in ("src", "dst"):
         assert Path(side["logs"][tag]).read_text().startswith("# migstall VM")
+    # each stage timed (harness.run.observe.Stages), exclusive of the stages nested in it
+    assert set(side["stages"]) == {"plan", "boot", "ready", "baseline", "migration", "collection", "verification"}
+    assert all(v >= 0 for v in side["stages"].values()) and sum(side["stages"].values()) <= side["wall_s"] + 0.01
+    assert side["stages"]["baseline"] >= 0.5                 # baseline_s
 
 
 def test_cancel_records_dirty_log_stop(tmp_path, guest_image):

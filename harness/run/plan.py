@@ -1,0 +1,127 @@
+"""The plan of one run: scenario + host facts -> the QEMU command lines.
+
+Pure: everything that needs the host (the accelerator it can use, the QEMU
+version, the staged guest kernel, the runtime directories, the dirty-log mode's
+shim) is gathered first into :class:`HostFacts`; :func:`plan_run` only computes.
+So the argv of a scenario can be tested without QEMU (tests/test_run_plan.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+from harness.guest.image import GuestImage, guest_qemu_args
+from harness.measure import verify
+from harness.qemu import backing, dirtylog, migration
+from harness.scenario import Scenario
+
+#: seconds ``qemu -daemonize`` may take to return: generous, because a nested
+#: host under TCG starts QEMU slowly, plus 10 s per GiB with prealloc (QEMU
+#: touches all guest RAM before it returns)
+LAUNCH_TIMEOUT_BASE = 300.0
+LAUNCH_TIMEOUT_PER_PREALLOC_GIB = 10.0
+
+#: the runtime directory's files the plan names (guest console, probe channel)
+CONSOLE_LOG = "console.log"
+PROBE_SOCKET = "probe.sock"
+
+
+def launch_timeout_s(scenario: Scenario) -> float:
+    extra = LAUNCH_TIMEOUT_PER_PREALLOC_GIB * scenario.mem_mib / 1024 if scenario.prealloc else 0.0
+    return LAUNCH_TIMEOUT_BASE + extra
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the plan needs to know about the QEMU host, read before planning."""
+    accel: str                         #: resolved: "kvm" | "tcg"
+    qemu_version: Tuple[int, ...]      #: () when unknown
+    kernel: str                        #: the guest kernel, staged on the host
+    initrd: str                        #: the guest initramfs, staged on the host
+    src_rundir: str                    #: runtime directories on the host
+    dst_rundir: str
+    mode: dirtylog.ModeSetup           #: the dirty-log mode's accel options, env, trace events
+    prefix: Tuple[str, ...] = ()       #: QEMU's exec prefix (backing.exec_prefix)
+
+
+@dataclass(frozen=True)
+class VMPlan:
+    """One QEMU: its name, arguments (after the binary) and environment."""
+    name: str
+    argv: Tuple[str, ...]
+    env: Mapping[str, str]
+    runtime_dir: str
+
+    def path(self, name: str) -> str:
+        return f"{self.runtime_dir}/{name}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    accel: str
+    cpu_model: str                     #: the ``cpu_model`` column: the scenario's, or the accel's default
+    qemu: str                          #: the QEMU binary
+    qemu_version: Tuple[int, ...]
+    prefix: Tuple[str, ...]
+    launch_timeout_s: float
+    #: KiB of RAM beyond the scenario's ``mem`` (TCG dirty-sync workaround)
+    ram_pad_kib: int
+    #: migrated memory is compared (``verify`` and a migration that completes)
+    verifying: bool
+    mode: dirtylog.ModeSetup
+    src: VMPlan
+    dst: VMPlan
+
+
+def verifying(scenario: Scenario) -> bool:
+    """Migrated memory is compared: ``verify`` and a migration that completes."""
+    return scenario.verify and scenario.end_action == "complete"
+
+
+def ram_pad_kib(scenario: Scenario, accel: str, qemu_version: Sequence[int]) -> int:
+    """Verified TCG guests on QEMU < 9.0 get 8 KiB more RAM, which steers QEMU
+    around its dirty-sync bug (verify.tcg_ram_pad_kib; README "Migrated memory verified")."""
+    return verify.tcg_ram_pad_kib(accel, qemu_version, scenario.backing) if verifying(scenario) else 0
+
+
+def default_cpu_model(scenario: Scenario, accel: str) -> str:
+    return scenario.cpu_model or ("host" if accel == "kvm" else "max")
+
+
+def accel_args(accel: str, scenario: Scenario, mode: dirtylog.ModeSetup) -> List[str]:
+    if accel == "kvm":
+        return ["-accel", ",".join(["kvm", *mode.accel_opts]), "-cpu", scenario.cpu_model or "host"]
+    return ["-accel", "tcg,thread=multi", "-cpu", scenario.cpu_model or "max"]
+
+
+def plan_run(scenario: Scenario, facts: HostFacts, image: GuestImage, run_id: str,
+             src_env: Optional[Mapping[str, str]] = None) -> RunPlan:
+    """The QEMU command lines of a run of ``scenario`` on a host with ``facts``.
+
+    Both sides get the same machine (the device models must match); the
+    destination adds ``-incoming defer`` and, when RAM is compared, ``-S``
+    (it stays paused after the migration until compared).  ``src_env``: extra
+    environment of the source QEMU only (a test seam, e.g. the shim's drop-dirty)."""
+    sc, mode = scenario, facts.mode
+    check = verifying(sc)
+    pad = ram_pad_kib(sc, facts.accel, facts.qemu_version)
+
+    def common(rundir: str) -> List[str]:
+        return [*accel_args(facts.accel, sc, mode),
+                *backing.attach_args(facts.qemu_version),
+                "-smp", str(sc.vcpus),
+                *backing.memory_args(sc.backing, sc.mem_mib, sc.prealloc, pad),
+                "-nodefaults", "-no-user-config",
+                *guest_qemu_args(image, kernel=facts.kernel, initrd=facts.initrd,
+                                 channel_socket=f"{rundir}/{PROBE_SOCKET}",
+                                 console_log=f"{rundir}/{CONSOLE_LOG}", scenario=sc)]
+
+    paused = ["-S"] if check else []
+    src = VMPlan(f"{run_id}-src", tuple(common(facts.src_rundir)), {**mode.env, **(src_env or {})}, facts.src_rundir)
+    dst = VMPlan(f"{run_id}-dst", tuple(common(facts.dst_rundir) + list(migration.INCOMING_ARGS) + paused),
+                 dict(mode.env), facts.dst_rundir)
+    return RunPlan(accel=facts.accel, cpu_model=default_cpu_model(sc, facts.accel),
+                   qemu=sc.qemu or "qemu-system-x86_64", qemu_version=facts.qemu_version, prefix=facts.prefix,
+                   launch_timeout_s=launch_timeout_s(sc), ram_pad_kib=pad, verifying=check, mode=mode,
+                   src=src, dst=dst)
