@@ -1,4 +1,6 @@
-"""One QEMU process on a :class:`~harness.hosts.base.Host`, driven over QMP.
+"""One QEMU process on a :class:`~harness.hosts.base.Host`, driven over QMP:
+the launcher of every QEMU migstall starts (guests, the virtual host's L1, the
+KVM boot check, a built kernel's boot check).
 
 API (stable; other modules and commands build on it)::
 
@@ -14,6 +16,18 @@ API (stable; other modules and commands build on it)::
         vm.death_note("the source QEMU")             # "... was killed by signal 9 (SIGKILL); its log ends: ..."
         vm.exit_info()                               # the same, as a dict for the sidecar
 
+    # without QMP: the virtual host's L1, from synchronous code (SyncVM)
+    l1 = SyncVM(VM(LocalHost(), "l1", args, runtime_dir=workdir, with_qmp=False)).launch()
+    l1.shutdown()                                    # SIGTERM, grace, SIGKILL; or l1.detach()
+    # in the foreground, without QMP, for a QEMU that ends by itself (the boot checks)
+    res = VM(host, "doctor", args, qemu=qemu).run(timeout)   # -> RunResult(status, timed_out, stdout, ...)
+
+Run state (:class:`RunState`, after qemu.qmp's ``Runstate``): IDLE ->
+LAUNCHING -> RUNNING -> SHUTTING_DOWN -> STOPPED, forward only.  Launching a
+VM twice raises QEMUStateError (and leaves the running one alone); a QMP
+command to a VM that is not RUNNING raises QEMUNotRunningError (a
+QMPDisconnectedError too); both from :mod:`harness.errors`.
+
 Phases (as in QEMU's own QEMUMachine): ``launch`` (create/choose the runtime
 dir, start ``qemu -daemonize``: it returns once QEMU is initialised and its
 sockets exist, no polling), ``post-launch`` (read the pidfile, connect QMP
@@ -23,10 +37,14 @@ SIGTERM, grace, SIGKILL) and ``post-shutdown`` (copy the VM's ``-D`` log from
 the host to ``log_dir``, remove the runtime dir).  Cleanup runs in ``finally``;
 a VM that fails to launch leaves no process behind.
 
-Every QEMU gets ``-name migstall-<name>``, ``-daemonize -pidfile``,
-``-D <log> -msg timestamp=on`` and QMP on ``<runtime dir>/qmp.sock``.  The
-full command line (shlex-joined, with the environment prefix) is logged and
-written at the top of the copied log, so it can be re-run by hand.
+Every QEMU gets ``-name migstall-<name>,debug-threads=on``, ``-daemonize
+-pidfile``, ``-D <log> -msg timestamp=on``, ``-display none`` and QMP on
+``<runtime dir>/qmp.sock`` (:meth:`VM._build_argv`, the one place that builds
+them; no QMP with ``with_qmp=False``; in the foreground, :meth:`VM.run`,
+neither ``-daemonize`` nor QMP, and ``timeout -s KILL`` instead of the
+reaper).  The full command line (shlex-joined, with the environment prefix)
+is logged and written at the top of the copied log, so it can be re-run by
+hand.
 
 Why a QEMU ended: nobody can waitpid() a daemonized QEMU, so every QEMU runs
 under ``migstall-reaper <runtime dir>/<name>.exit -- [prefix] qemu ...``
@@ -46,7 +64,8 @@ Timeouts (seconds, overridable per VM and per call):
 ``DEFAULT_QMP_TIMEOUT`` for each QMP command, ``DEFAULT_LAUNCH_TIMEOUT`` for
 ``qemu -daemonize`` to return, ``DEFAULT_QUIT_TIMEOUT`` for the process to exit
 after ``quit``, ``DEFAULT_EXIT_STATUS_TIMEOUT`` for the reaper's status file
-once QEMU has exited.
+once QEMU has exited; a foreground :meth:`VM.run` takes its own (the caller's
+documented bound: ``BOOT_CHECK_TIMEOUT_S``, the kernel check's ``BOOT_TIMEOUT``).
 """
 
 from __future__ import annotations
