@@ -14,6 +14,11 @@ QMP failures keep their meaning: :class:`QMPCommandError` (QEMU answered with
 an error; ``error_class`` such as ``CommandNotFound``) and
 :class:`QMPDisconnectedError` (QEMU went away before it answered) are both
 :class:`QEMUError`, so ``except QEMUError`` still catches them.
+:class:`QEMUStateError` is a programming error in the use of a
+:class:`~harness.qemu.machine.VM`: an operation its run state does not allow
+(launching it twice); :class:`QEMUNotRunningError`, a QMP command to a VM that
+is not running (never launched, shutting down or shut down), is also a
+:class:`QMPDisconnectedError`.
 
 :func:`best_effort` is for cleanup and diagnostics that must not raise: it logs
 what failed instead of dropping it silently.
@@ -98,6 +103,31 @@ class QMPDisconnectedError(QEMUError):
                  command: Optional[str] = None):
         super().__init__(message, log_path)
         self.command = command
+
+
+class QEMUStateError(QEMUError):
+    """An operation that a VM's run state does not allow, such as launching a
+    VM that was already launched.  ``state``: the run state's name (``IDLE``,
+    ``LAUNCHING``, ``RUNNING``, ``SHUTTING_DOWN``, ``STOPPED``); ``operation``:
+    what was asked (``launch``, a QMP command, an event waited for)."""
+
+    def __init__(self, message: str, log_path: Optional[Union[str, Path]] = None, *,
+                 state: str, operation: str):
+        super().__init__(message, log_path)
+        self.state = state
+        self.operation = operation
+
+
+class QEMUNotRunningError(QEMUStateError, QMPDisconnectedError):
+    """A QMP command (or an event wait) for a VM that is not running: never
+    launched, still launching, shutting down or shut down.  Also a
+    :class:`QMPDisconnectedError` (QMP is not connected), as it was before the
+    run state existed; ``command`` is the ``operation``."""
+
+    def __init__(self, message: str, log_path: Optional[Union[str, Path]] = None, *,
+                 state: str, operation: str):
+        super().__init__(message, log_path, state=state, operation=operation)
+        self.command = operation
 
 
 class GuestError(InfraError):

@@ -19,7 +19,7 @@ from harness.errors import (HostError, MigstallError, QEMUError, QMPCommandError
                             best_effort)
 from harness.hosts.local import LocalHost
 from harness.qemu import schema
-from harness.qemu.machine import VM
+from harness.qemu.machine import VM, RunState
 
 
 def execute_error(error_class: str, desc: str, command: str = "foo") -> ExecuteError:
@@ -43,6 +43,7 @@ class FakeQMP:
 def cmd_error(exc: BaseException, command: str = "foo") -> QEMUError:
     vm = VM(LocalHost(), "t", [], runtime_dir="/nonexistent")   # log_path needs one; nothing is started
     vm.qmp = FakeQMP(exc)  # type: ignore[assignment]
+    vm._state = RunState.RUNNING   # as if launched
     with pytest.raises(QEMUError) as info:
         asyncio.run(vm.cmd(command))
     return info.value

@@ -10,7 +10,7 @@ import pytest
 
 from harness.hosts.local import LocalHost
 from harness.qemu import migration
-from harness.qemu.machine import VM
+from harness.qemu.machine import VM, RunState
 
 
 @pytest.mark.parametrize("yields", range(8))
@@ -22,6 +22,7 @@ def test_wait_pass_returns_when_its_event_arrives(yields):
     async def main() -> float:
         vm = VM(LocalHost(), "wait-pass", [])
         vm.qmp = object()          # wait_event only checks that QMP is there
+        vm._state = RunState.RUNNING   # and that the VM is running (as if launched)
 
         async def arrive() -> None:
             await asyncio.sleep(0.01)

@@ -8,6 +8,13 @@ each VM and pinned in a per-VM known_hosts file; sshd is reached through QEMU
 user networking (``hostfwd`` on ``127.0.0.1:<free port>``).  From then on
 everything is plain :class:`~harness.hosts.ssh.SSHHost`.
 
+L1's QEMU is a :class:`~harness.qemu.machine.VM` without QMP client, driven
+through :class:`~harness.qemu.machine.SyncVM` (the launcher of every QEMU:
+``-name migstall-l1``, ``-daemonize`` under the reaper, its ``-D`` log
+``l1.log`` and pidfile ``l1.pid`` in the work dir, the command line logged and
+kept in ``l1.cmdline``; stopped with SIGTERM, then SIGKILL).  L1 keeps its own
+QMP monitor, ``qmp.sock``, for ``migstall vhost status``.
+
 Boot completion is an event: L1's init writes ``MIGSTALL-L1-READY`` on its second
 serial port, a unix socket this process reads (with a timeout,
 :data:`DEFAULT_L1_BOOT_TIMEOUT`), while also watching the QEMU process's pidfd.
@@ -23,7 +30,6 @@ import json
 import logging
 import os
 import select
-import shlex
 import shutil
 import socket
 import subprocess
@@ -31,13 +37,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from harness.errors import HostError, QEMUError, UserError
+from harness.errors import HostError, QEMUError, UserError, best_effort
 from harness.hosts.l1image import (FAILED_LINE, READY_LINE, STAGE_LINE, L1Image, build_l1_image, keys_archive,
                                    resolve_kernel)
 from harness.hosts.local import LocalHost
 from harness.hosts.ssh import SSHHost
 from harness.paths import new_runtime_dir
 from harness.progress import Progress
+from harness.qemu.machine import VM, SyncVM
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +74,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_pid_quietly(pidfile: Path) -> Optional[int]:
-    """The pid in ``pidfile`` if it names a live L1 QEMU of ours, else None."""
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _is_our_l1(pid) else None
-
-
 def _keygen(path: Path, comment: str) -> None:
     try:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
@@ -103,6 +101,7 @@ class VirtualHost(SSHHost):
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
         self.pid: Optional[int] = None
+        self._l1: Optional[SyncVM] = None        # L1's QEMU while it is ours to stop
         self.image: Optional[L1Image] = None
         self.boot_s: Optional[float] = None
         #: seconds after the L1 QEMU started at which its init reached each stage
@@ -118,7 +117,8 @@ class VirtualHost(SSHHost):
 
     @property
     def qemu_log(self) -> Path:
-        return self.workdir / "qemu.log"
+        """L1 QEMU's ``-D`` log (the VM's ``<name>.log``)."""
+        return self.workdir / "l1.log"
 
     @property
     def console_path(self) -> Optional[str]:   # type: ignore[override]
@@ -165,42 +165,36 @@ class VirtualHost(SSHHost):
         hostpub = (self.workdir / "ssh_host_ed25519_key.pub").read_text().split()
         Path(self.known_hosts).write_text(f"[127.0.0.1]:{self.port} {hostpub[0]} {hostpub[1]}\n")
         ready_sock = self.workdir / "ready.sock"
-        pidfile = self.workdir / "l1.pid"
-        self._keep_console()                # a reboot: the previous L1's console may tell why
-        self._kept_console = None
-        for p in (ready_sock, pidfile, self.console_log, self.qmp_socket):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        argv = [
-            self.qemu, "-name", "migstall-l1,debug-threads=on",
+        args = [
             "-machine", "q35", "-accel", "tcg", "-cpu", "max",
             "-smp", str(self.smp), "-m", f"{self.mem_mib}M",
             "-kernel", str(kernel.image), "-initrd", str(initrd), "-append", self.cmdline,
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-no-reboot",
             "-serial", f"file:{self.console_log}",
             "-chardev", f"socket,id=ready,path={ready_sock},server=on,wait=off",
             "-serial", "chardev:ready",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
-            "-daemonize", "-pidfile", str(pidfile),
-            "-D", str(self.qemu_log), "-msg", "timestamp=on",
         ]
-        (self.workdir / "l1.cmdline").write_text(shlex.join(argv) + "\n")
-        log.info("starting L1: %s", shlex.join(argv))
+        vm = VM(self._local, "l1", args, qemu=self.qemu, runtime_dir=str(self.workdir), with_qmp=False,
+                launch_timeout=QEMU_START_TIMEOUT)
+        self._keep_console()                # a reboot: the previous L1's console may tell why
+        self._kept_console = None
+        # the previous L1's files; a stale exit status would be read as this L1's
+        for p in (ready_sock, Path(vm.path("l1.pid")), Path(vm.exit_status_path), self.qemu_log,
+                  self.console_log, self.qmp_socket):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
         with self.progress.task(f"virtual host: booting L1 ({kernel.label}, TCG)") as task:
+            self._l1 = SyncVM(vm)
             try:
-                res = self._local.run(argv, timeout=QEMU_START_TIMEOUT, check=False)
-            except HostError as exc:
-                raise QEMUError(f"cannot start L1 QEMU: {exc}", log_path=self.qemu_log) from exc
+                self._l1.launch()           # a failed launch leaves no process behind
             finally:
-                # a daemonized L1 that -daemonize never reported is still ours to stop
-                self.pid = _read_pid_quietly(pidfile)
-            if res.returncode != 0:
-                tail = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-                raise QEMUError(f"L1 QEMU failed to start: {tail[0]}", log_path=self.qemu_log)
-            if self.pid is None:
-                raise QEMUError(f"L1 QEMU wrote no pidfile {pidfile}", log_path=self.qemu_log)
+                if vm.argv:
+                    with best_effort("keeping L1's command line", log):
+                        (self.workdir / "l1.cmdline").write_text(vm.command_line + "\n")
+            self.pid = vm.pid
             release = self._wait_ready(ready_sock)
             task.update(description=f"virtual host: L1 {release} up; connecting")
             self.connect()
@@ -263,11 +257,13 @@ class VirtualHost(SSHHost):
         return f"still in the kernel, before init; the console's last line: {last!r}"
 
     def stop(self) -> None:
-        """Close SSH, then SIGTERM (QEMU exits cleanly), then SIGKILL."""
+        """Close SSH, then stop L1's QEMU (:meth:`SyncVM.shutdown`: SIGTERM, QEMU
+        exits cleanly, then SIGKILL)."""
         self._disconnect()
-        if self.pid is not None:
-            self._local.stop_pid(self.pid)
-            self.pid = None
+        l1, self._l1 = self._l1, None
+        self.pid = None
+        if l1 is not None:
+            l1.shutdown()
 
     def reboot(self, kernel: Optional[str] = None, cmdline_extra: Optional[str] = None,
                timeout: Optional[float] = None) -> None:
@@ -332,6 +328,9 @@ class VirtualHost(SSHHost):
         """Leave L1 running (for ``migstall vhost up``); returns its state."""
         st = self.state()
         self._disconnect()
+        if self._l1 is not None:
+            self._l1.detach()
+            self._l1 = None
         self.pid = None
         self._own_workdir = False
         (self.workdir / "state.json").write_text(json.dumps(st, indent=2) + "\n")

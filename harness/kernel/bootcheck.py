@@ -3,8 +3,9 @@
 A tiny busybox initramfs (written with :mod:`harness.guest.cpio`) mounts
 proc/sys/devtmpfs/tracefs, prints ``uname -r``, the requested tracefs events
 and marker files, whether /dev/kvm exists, then reboots; QEMU runs with
-``-no-reboot`` so the reboot ends it.  QEMU carries ``migstall`` in its argv,
-is waited on with a timeout and killed in ``finally``.
+``-no-reboot`` so the reboot ends it.  QEMU is a foreground
+:meth:`harness.qemu.machine.VM.run` on this machine (``-name migstall-<name>``,
+killed by ``timeout -s KILL`` after :data:`BOOT_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from harness import paths
 from harness.errors import QEMUError, UserError
 from harness.guest.cpio import Entry, write_cpio
+from harness.hosts.local import LocalHost
 from harness.progress import Progress
+from harness.qemu.machine import VM
 
 log = logging.getLogger(__name__)
 
@@ -126,39 +127,26 @@ def boot_check(bzimage: Path, events: Sequence[str] = (), markers: Sequence[str]
     logs = paths.cache_dir("kernel-boot")
     rundir = paths.new_runtime_dir(f"migstall-{name}-")
     console = logs / f"{name}-{int(time.time())}-{os.getpid()}.console.log"
-    proc: Optional[subprocess.Popen] = None
     t0 = time.monotonic()
     try:
         initrd = rundir / "initrd.gz"
         initrd.write_bytes(make_initramfs(events, markers))
-        argv = [QEMU, "-name", f"migstall-{name}", "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb),
-                "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
+        args = ["-accel", "tcg", "-cpu", "max", "-m", str(memory_mb), "-smp", "1", "-nodefaults", "-no-reboot",
                 "-serial", f"file:{console}", "-kernel", str(bzimage), "-initrd", str(initrd),
                 "-append", "console=ttyS0 panic=-1 rdinit=/init"]
-        log.info("boot check: %s", shlex.join(argv))
+        vm = VM(LocalHost(), name, args, qemu=QEMU, runtime_dir=str(rundir))
         with progress.task(f"booting {bzimage.parent.name} under TCG"):
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, cwd=rundir)
-            try:
-                _, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired as exc:
-                raise QEMUError(f"the kernel did not finish its boot check within {timeout:g}s",
-                                log_path=console) from exc
+            res = vm.run(timeout)
+        if res.timed_out:
+            raise QEMUError(f"the kernel did not finish its boot check within {timeout:g}s", log_path=console)
         text = console.read_text(errors="replace") if console.exists() else ""
         parsed = _parse(text)
-        if proc.returncode != 0 or not parsed["done"]:
-            (console.with_suffix(".qemu.log")).write_bytes(err or b"")
-            raise QEMUError(f"boot check of {bzimage} failed (QEMU exit {proc.returncode}, "
+        if res.status != 0 or not parsed["done"]:
+            (console.with_suffix(".qemu.log")).write_text(res.stderr + vm.log_text)
+            raise QEMUError(f"boot check of {bzimage} failed (QEMU exit {res.status}, "
                             f"init {'finished' if parsed['done'] else 'did not finish'})", log_path=console)
         return BootResult(release=str(parsed["release"] or ""), events=tuple(parsed["events"]),  # type: ignore[arg-type]
                           markers=tuple(parsed["markers"]), migstall_events=tuple(parsed["has"]),  # type: ignore[arg-type]
                           kvm=bool(parsed["kvm"]), console=console, duration_s=time.monotonic() - t0)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         shutil.rmtree(rundir, ignore_errors=True)

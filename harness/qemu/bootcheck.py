@@ -11,7 +11,8 @@ b. the guest kernel (Debian's, cached) without a root file system: it boots
    -no-reboot`` QEMU exits.  This stage matters: a KVM without VMX/SVM (the
    PVM module on this project's build machine) passes (a) and hangs in (b).
 
-Each stage runs under ``timeout -s KILL`` on the host and gives up after
+Each stage is a foreground :meth:`harness.qemu.machine.VM.run` (no QMP): it
+runs under ``timeout -s KILL`` on the host and gives up after
 :data:`BOOT_CHECK_TIMEOUT_S`, so a hanging KVM is never waited on longer.
 Everything goes through the :class:`~harness.hosts.base.Host` API (this machine,
 SSH, the virtual host).
@@ -20,10 +21,11 @@ SSH, the virtual host).
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from harness.errors import CommandTimeout, HostError, UserError
-from harness.hosts.base import QUICK_COMMAND_TIMEOUT_S, Host
+from harness.hosts.base import Host
+from harness.qemu.machine import VM, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -114,46 +116,31 @@ def _boot_sector() -> bytes:
     return bytes(code) + bytes(510 - len(code)) + b"\x55\xaa"
 
 
-def _run_bounded(host: Host, argv: List[str], timeout: float) -> Tuple[int, str, str, float]:
-    """Run a short-lived QEMU under ``timeout -s KILL`` on the host (so a hang is
-    bounded even if our connection to the host goes away): (status, stdout,
-    last stderr line, ms)."""
-    import time
-
-    log.info("KVM check: %s", " ".join(argv))
-    t0 = time.monotonic()
-    # setpriv --pdeathsig (util-linux; absent from busybox hosts such as the L1
-    # VM): if `timeout` itself is killed (Ctrl-C makes subprocess SIGKILL it),
-    # QEMU dies with it instead of hanging on unsupervised.
-    guard = ["setpriv", "--pdeathsig", "KILL"]
-    probe = host.run([*guard, "true"], check=False, timeout=QUICK_COMMAND_TIMEOUT_S)
-    if probe.returncode != 0:   # busybox setpriv has no --pdeathsig
-        guard = []
+def _run_bounded(host: Host, qemu: str, args: List[str], timeout: float,
+                 runtime_dir: Optional[str] = None) -> RunResult:
+    """Run a short-lived QEMU in the foreground (:meth:`VM.run`: under
+    ``timeout -s KILL`` on the host, so a hang is bounded even if our connection
+    to the host goes away)."""
+    vm = VM(host, "doctor", args, qemu=qemu, runtime_dir=runtime_dir)
     try:
-        res = host.run(["timeout", "-s", "KILL", f"{timeout:g}", *guard, *argv],
-                       check=False, timeout=timeout + QUICK_COMMAND_TIMEOUT_S)
+        return vm.run(timeout)
     except CommandTimeout as exc:
         # `timeout` itself did not come back: the host, not QEMU, stopped answering
         raise CommandTimeout(f"{host.name} stopped answering during the KVM check (a {timeout:g} s QEMU "
                              f"run under `timeout` did not return); the host may be hung",
                              log_path=host.console_path) from exc
-    ms = (time.monotonic() - t0) * 1000
-    if ms >= timeout * 1000 * 0.98 and res.returncode != 0:
-        return 137, res.text, "", ms          # killed by timeout (GNU: 137; busybox/ssh: other codes)
-    err = res.stderr.decode(errors="replace").strip().splitlines()
-    return res.returncode, res.text, (err[-1] if err else ""), ms
 
 
-def _failed(status: int, err: str, timeout: float) -> str:
-    if status in (124, 137, -9):
+def _failed(res: RunResult, timeout: float) -> str:
+    if res.timed_out or res.status in (124, 137, -9):
         return f"failed: no boot within {timeout:g}s (QEMU killed)"
-    return f"failed: QEMU exited {status}" + (f" ({err})" if err else "")
+    err = res.err_line
+    return f"failed: QEMU exited {res.status}" + (f" ({err})" if err else "")
 
 
 def _common_args(accel: str) -> List[str]:
-    return ["-name", "migstall-doctor", "-accel", accel, "-machine", "pc",
-            "-cpu", "host" if accel == "kvm" else "max", "-nodefaults", "-no-user-config",
-            "-display", "none", "-no-reboot"]
+    return ["-accel", accel, "-machine", "pc",
+            "-cpu", "host" if accel == "kvm" else "max", "-nodefaults", "-no-user-config", "-no-reboot"]
 
 
 def _boot_sector_check(host: Host, qemu: str, accel: str = "kvm", timeout: float = BOOT_CHECK_TIMEOUT_S) -> str:
@@ -161,11 +148,11 @@ def _boot_sector_check(host: Host, qemu: str, accel: str = "kvm", timeout: float
     with host.runtime_dir("migstall-doctor-") as rundir:
         image = f"{rundir}/boot.img"
         host.write_bytes(image, _boot_sector())
-        status, _, err, ms = _run_bounded(host, [
-            qemu, *_common_args(accel), "-m", "16",
+        res = _run_bounded(host, qemu, [
+            *_common_args(accel), "-m", "16",
             "-drive", f"file={image},format=raw,if=floppy,readonly=on",
-            "-device", f"isa-debug-exit,iobase={_DEBUG_EXIT_PORT:#x},iosize=0x04"], timeout)
-    return f"ok ({ms:.0f} ms)" if status == _BOOT_OK_STATUS else _failed(status, err, timeout)
+            "-device", f"isa-debug-exit,iobase={_DEBUG_EXIT_PORT:#x},iosize=0x04"], timeout, rundir)
+    return f"ok ({res.ms:.0f} ms)" if res.status == _BOOT_OK_STATUS else _failed(res, timeout)
 
 
 def _linux_boot_check(host: Host, qemu: str, kernel: str, accel: str = "kvm",
@@ -174,15 +161,15 @@ def _linux_boot_check(host: Host, qemu: str, kernel: str, accel: str = "kvm",
     boots all the way panics with "VFS: Unable to mount root fs", and with
     ``panic=-1 -no-reboot`` QEMU then exits 0.  This is the stage that catches a
     KVM which runs firmware but hangs Linux (as on a CPU without VMX/SVM)."""
-    status, out, err, ms = _run_bounded(host, [
-        qemu, *_common_args(accel), "-m", "256", "-serial", "stdio",
+    res = _run_bounded(host, qemu, [
+        *_common_args(accel), "-m", "256", "-serial", "stdio",
         "-kernel", kernel, "-append", "console=ttyS0 panic=-1 loglevel=3"], timeout)
-    if status == 0 and "Kernel panic - not syncing: VFS" in out:
-        return f"ok ({ms:.0f} ms)"
-    if status == 0:
-        last = [ln for ln in out.strip().splitlines() if ln.strip()][-1:] or ["no console output"]
+    if res.status == 0 and "Kernel panic - not syncing: VFS" in res.stdout:
+        return f"ok ({res.ms:.0f} ms)"
+    if res.status == 0:
+        last = [ln for ln in res.stdout.strip().splitlines() if ln.strip()][-1:] or ["no console output"]
         return f"failed: the kernel reset before mounting root ({' '.join(last[0].split())[:120]})"
-    return _failed(status, err, timeout)
+    return _failed(res, timeout)
 
 
 def _guest_kernel_on(host: Host) -> Optional[str]:

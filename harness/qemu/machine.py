@@ -1,4 +1,6 @@
-"""One QEMU process on a :class:`~harness.hosts.base.Host`, driven over QMP.
+"""One QEMU process on a :class:`~harness.hosts.base.Host`, driven over QMP:
+the launcher of every QEMU migstall starts (guests, the virtual host's L1, the
+KVM boot check, a built kernel's boot check).
 
 API (stable; other modules and commands build on it)::
 
@@ -14,6 +16,18 @@ API (stable; other modules and commands build on it)::
         vm.death_note("the source QEMU")             # "... was killed by signal 9 (SIGKILL); its log ends: ..."
         vm.exit_info()                               # the same, as a dict for the sidecar
 
+    # without QMP: the virtual host's L1, from synchronous code (SyncVM)
+    l1 = SyncVM(VM(LocalHost(), "l1", args, runtime_dir=workdir, with_qmp=False)).launch()
+    l1.shutdown()                                    # SIGTERM, grace, SIGKILL; or l1.detach()
+    # in the foreground, without QMP, for a QEMU that ends by itself (the boot checks)
+    res = VM(host, "doctor", args, qemu=qemu).run(timeout)   # -> RunResult(status, timed_out, stdout, ...)
+
+Run state (:class:`RunState`, after qemu.qmp's ``Runstate``): IDLE ->
+LAUNCHING -> RUNNING -> SHUTTING_DOWN -> STOPPED, forward only.  Launching a
+VM twice raises QEMUStateError (and leaves the running one alone); a QMP
+command to a VM that is not RUNNING raises QEMUNotRunningError (a
+QMPDisconnectedError too); both from :mod:`harness.errors`.
+
 Phases (as in QEMU's own QEMUMachine): ``launch`` (create/choose the runtime
 dir, start ``qemu -daemonize``: it returns once QEMU is initialised and its
 sockets exist, no polling), ``post-launch`` (read the pidfile, connect QMP
@@ -23,10 +37,14 @@ SIGTERM, grace, SIGKILL) and ``post-shutdown`` (copy the VM's ``-D`` log from
 the host to ``log_dir``, remove the runtime dir).  Cleanup runs in ``finally``;
 a VM that fails to launch leaves no process behind.
 
-Every QEMU gets ``-name migstall-<name>``, ``-daemonize -pidfile``,
-``-D <log> -msg timestamp=on`` and QMP on ``<runtime dir>/qmp.sock``.  The
-full command line (shlex-joined, with the environment prefix) is logged and
-written at the top of the copied log, so it can be re-run by hand.
+Every QEMU gets ``-name migstall-<name>,debug-threads=on``, ``-daemonize
+-pidfile``, ``-D <log> -msg timestamp=on``, ``-display none`` and QMP on
+``<runtime dir>/qmp.sock`` (:meth:`VM._build_argv`, the one place that builds
+them; no QMP with ``with_qmp=False``; in the foreground, :meth:`VM.run`,
+neither ``-daemonize`` nor QMP, and ``timeout -s KILL`` instead of the
+reaper).  The full command line (shlex-joined, with the environment prefix)
+is logged and written at the top of the copied log, so it can be re-run by
+hand.
 
 Why a QEMU ended: nobody can waitpid() a daemonized QEMU, so every QEMU runs
 under ``migstall-reaper <runtime dir>/<name>.exit -- [prefix] qemu ...``
@@ -46,28 +64,33 @@ Timeouts (seconds, overridable per VM and per call):
 ``DEFAULT_QMP_TIMEOUT`` for each QMP command, ``DEFAULT_LAUNCH_TIMEOUT`` for
 ``qemu -daemonize`` to return, ``DEFAULT_QUIT_TIMEOUT`` for the process to exit
 after ``quit``, ``DEFAULT_EXIT_STATUS_TIMEOUT`` for the reaper's status file
-once QEMU has exited.
+once QEMU has exited; a foreground :meth:`VM.run` takes its own (the caller's
+documented bound: ``BOOT_CHECK_TIMEOUT_S``, the kernel check's ``BOOT_TIMEOUT``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import itertools
 import logging
 import re
 import shlex
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Coroutine, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, StateError
 from qemu.qmp.events import EventListener
 from qemu.qmp.protocol import Runstate
 
 from harness import ctools
-from harness.errors import HostError, QEMUError, QMPCommandError, QMPDisconnectedError, best_effort
-from harness.hosts.base import Host
+from harness.errors import (HostError, QEMUError, QEMUNotRunningError, QEMUStateError, QMPCommandError,
+                            QMPDisconnectedError, best_effort)
+from harness.hosts.base import QUICK_COMMAND_TIMEOUT_S, Host
 from harness.hosts.kernel_log import strip_stamp
 
 log = logging.getLogger(__name__)
@@ -94,6 +117,10 @@ NOTE_LOG_LINES = 3
 NOTE_KERNEL_LINES = 3
 #: characters of one quoted line in the death note
 NOTE_LINE_CHARS = 200
+
+#: a foreground run (:meth:`VM.run`) that failed after this share of its timeout was killed by ``timeout``
+#: (GNU timeout exits 137 then; busybox's and an SSH channel's codes differ)
+RUN_KILLED_SHARE = 0.98
 
 ArgsT = Union[Sequence[str], Callable[[str], Sequence[str]]]
 EventT = Dict[str, Any]
@@ -177,8 +204,43 @@ def format_death_note(what: str, status: str, log_lines: Sequence[str] = (),
     return "; ".join(parts)
 
 
+class RunState(enum.Enum):
+    """Where a :class:`VM` is in its life, after qemu.qmp's ``Runstate`` (IDLE,
+    CONNECTING, RUNNING, DISCONNECTING) with the process's ends added.  It only
+    moves forward: a VM is launched once.
+
+    IDLE -> LAUNCHING (:meth:`VM.launch`, :meth:`VM.run`) -> RUNNING (its pid
+    known, QMP connected when it has QMP) -> SHUTTING_DOWN (:meth:`VM.shutdown`)
+    -> STOPPED (the process stopped and cleaned up, or let go by
+    :meth:`VM.detach`).  A failed launch goes to STOPPED too."""
+
+    IDLE = "idle"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting-down"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a foreground QEMU (:meth:`VM.run`) ended."""
+
+    status: int           #: its exit status; 137 when ``timeout`` killed it
+    timed_out: bool       #: it was still running at the timeout and was killed
+    stdout: str           #: what it wrote on its standard output (``-serial stdio``)
+    stderr: str           #: its standard error
+    ms: float             #: how long it ran, milliseconds
+
+    @property
+    def err_line(self) -> str:
+        """The last line of its standard error, without ``-msg timestamp=on``'s stamp."""
+        lines = [ln for ln in self.stderr.strip().splitlines() if ln.strip()]
+        return _MSG_STAMP.sub("", lines[-1]).strip() if lines else ""
+
+
 class VM:
-    """A QEMU process; an async context manager (see the module docstring)."""
+    """A QEMU process; an async context manager (see the module docstring).
+    :attr:`runstate` is its :class:`RunState`."""
 
     def __init__(self, host: Host, name: str, args: ArgsT, *,
                  qemu: str = "qemu-system-x86_64",
@@ -187,6 +249,7 @@ class VM:
                  env: Optional[Mapping[str, str]] = None,
                  log_dir: Optional[Path] = None,
                  collect: Sequence[str] = (),
+                 with_qmp: bool = True,
                  qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
                  launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
                  quit_timeout: float = DEFAULT_QUIT_TIMEOUT,
@@ -198,10 +261,16 @@ class VM:
         names more files in the runtime dir (e.g. the guest console log)
         copied to ``log_dir`` as ``<name>-<file>`` at post-shutdown;
         :attr:`collected` maps their host paths to the copies.
-        ``exit_status_timeout``: see ``DEFAULT_EXIT_STATUS_TIMEOUT``."""
+        ``with_qmp=False``: no QMP monitor of ours and no client (the virtual
+        host's L1, which has its own monitor for ``migstall vhost status``);
+        :meth:`shutdown` then stops QEMU with SIGTERM (QEMU exits cleanly),
+        SIGKILL after the grace.  ``exit_status_timeout``: see
+        ``DEFAULT_EXIT_STATUS_TIMEOUT``."""
         self.host = host
         self.name = name
         self.qemu = qemu
+        self.with_qmp = with_qmp
+        self._state = RunState.IDLE
         self.prefix = tuple(prefix)
         self._args = args
         self.env: Dict[str, str] = dict(env or {})
@@ -225,13 +294,26 @@ class VM:
         self._dead = False
         self.local_log: Optional[Path] = None   # the copied -D log, after shutdown
         self.log_text: str = ""                 # its content, after shutdown
-        self.exit_reason: str = ""             # "quit" | "died" (exited on its own) | "killed"
+        # "quit" | "terminated" (no QMP: SIGTERM) | "died" (exited on its own) | "killed" (no exit
+        # after quit, or killed at a foreground run's timeout) | "exited" (a foreground run ended by itself)
+        self.exit_reason: str = ""
         # after shutdown (see the module docstring):
         self.exit_status: str = ""             # "exited 1" | "killed by signal 9 (SIGKILL)" | "" unknown
         self.exit_pid: Optional[int] = None     # the pid the reaper reported it for
         self.log_tail: List[str] = []           # when it died: last non-trace lines of the -D log
         self.kernel_log: List[str] = []         # when it died: the host's interesting kernel lines
         self.launch_uptime_s: Optional[float] = None   # host uptime just before launch
+
+    # -- run state -------------------------------------------------------------------
+    @property
+    def runstate(self) -> RunState:
+        return self._state
+
+    def _require(self, allowed: Collection[RunState], operation: str) -> None:
+        """QEMUStateError unless the run state is one of ``allowed``."""
+        if self._state not in allowed:
+            raise QEMUStateError(f"QEMU {self.name}: cannot {operation} a VM that is {self._state.value} "
+                                 f"(a VM is launched once)", state=self._state.name, operation=operation)
 
     # -- paths --------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -258,6 +340,7 @@ class VM:
 
     # -- phases --------------------------------------------------------------------
     async def __aenter__(self) -> "VM":
+        self._require((RunState.IDLE,), "launch")   # before the try: a running VM is not cleaned up
         try:
             await self.launch()
         except BaseException:
@@ -272,27 +355,37 @@ class VM:
     async def __aexit__(self, *exc: Any) -> None:
         await self.shutdown()
 
-    def _build_argv(self, reaper: str) -> List[str]:
+    def _build_argv(self, head: Sequence[str], *, daemonize: bool = True) -> List[str]:
+        """The one place that builds a QEMU command line: ``head`` (the reaper,
+        or a foreground run's ``timeout``), ``prefix``, QEMU with the common
+        arguments, then the machine's."""
         if callable(self._args):
             assert self.runtime_dir is not None   # launch() made it
             args = self._args(self.runtime_dir)
         else:
             args = self._args
-        return [reaper, self.exit_status_path, "--", *self.prefix, self.qemu,
+        daemon = ["-daemonize", "-pidfile", self.path(f"{self.name}.pid")] if daemonize else []
+        qmp = (["-chardev", f"socket,id=qmp,path={self.path('qmp.sock')},server=on,wait=off",
+                "-mon", "chardev=qmp,mode=control"] if self.with_qmp and daemonize else [])
+        return [*head, *self.prefix, self.qemu,
                 "-name", f"migstall-{self.name},debug-threads=on",
-                "-daemonize", "-pidfile", self.path(f"{self.name}.pid"),
+                *daemon,
                 "-D", self.log_path, "-msg", "timestamp=on",
-                "-chardev", f"socket,id=qmp,path={self.path('qmp.sock')},server=on,wait=off",
-                "-mon", "chardev=qmp,mode=control",
+                *qmp,
                 "-display", "none",
                 *[str(a) for a in args]]
 
-    async def launch(self) -> None:
-        """launch + post-launch."""
+    def _make_runtime_dir(self) -> None:
         if self.runtime_dir is None:
             self.runtime_dir = self._stack.enter_context(self.host.runtime_dir(f"migstall-{self.name}-"))
+
+    async def launch(self) -> None:
+        """launch + post-launch; QEMUStateError unless the VM is IDLE."""
+        self._require((RunState.IDLE,), "launch")
+        self._state = RunState.LAUNCHING
+        self._make_runtime_dir()
         reaper, self.launch_uptime_s = await asyncio.to_thread(self._prepare_host)
-        self.argv = self._build_argv(reaper)
+        self.argv = self._build_argv([reaper, self.exit_status_path, "--"])
         log.info("VM %s: %s", self.name, self.command_line)
         fut = asyncio.ensure_future(asyncio.to_thread(self.host.run, self.argv, timeout=self.launch_timeout,
                                                       check=False, env=self.env or None))
@@ -319,7 +412,65 @@ class VM:
         if self.pid is None:
             raise QEMUError(f"QEMU {self.name} started but wrote no pidfile", self.log_path)
         log.info("VM %s: pid %d", self.name, self.pid)
-        await self._connect_qmp()
+        if self.with_qmp:
+            await self._connect_qmp()
+        self._state = RunState.RUNNING
+
+    def run(self, timeout: float) -> RunResult:
+        """The foreground mode, without QMP, for a QEMU that ends by itself (the
+        KVM boot check, a kernel's boot check): start QEMU (not daemonized, so
+        its exit status and ``-serial stdio`` are ours), wait for it to exit,
+        and say how it ended.  The -D log is read into :attr:`log_text` (and
+        copied to ``log_dir``), the runtime dir removed.
+
+        It runs under ``timeout -s KILL <timeout>`` on the host, so a hang is
+        bounded even if the connection to the host goes away, and under
+        ``setpriv --pdeathsig KILL`` where the host has it (util-linux; not
+        busybox, as in the virtual host's L1): if ``timeout`` itself is killed
+        (Ctrl-C makes subprocess SIGKILL it), QEMU dies with it instead of
+        hanging on unsupervised.  CommandTimeout if ``timeout`` itself does
+        not come back within ``timeout`` + ``QUICK_COMMAND_TIMEOUT_S`` (the
+        host stopped answering).  QEMUStateError unless the VM is IDLE."""
+        self._require((RunState.IDLE,), "run")
+        self._state = RunState.LAUNCHING
+        try:
+            self._make_runtime_dir()
+            guard = ["setpriv", "--pdeathsig", "KILL"]
+            probe = self.host.run([*guard, "true"], check=False, timeout=QUICK_COMMAND_TIMEOUT_S)
+            if probe.returncode != 0:   # busybox setpriv has no --pdeathsig
+                guard = []
+            self.argv = self._build_argv(["timeout", "-s", "KILL", f"{timeout:g}", *guard], daemonize=False)
+            log.info("VM %s: %s", self.name, self.command_line)
+            self._state = RunState.RUNNING
+            t0 = time.monotonic()
+            res = self.host.run(self.argv, check=False, timeout=timeout + QUICK_COMMAND_TIMEOUT_S,
+                                env=self.env or None)
+            ms = (time.monotonic() - t0) * 1000
+            timed_out = ms >= timeout * 1000 * RUN_KILLED_SHARE and res.returncode != 0
+            self.exit_reason = "killed" if timed_out else "exited"
+            self.exit_status = "killed by signal 9 (SIGKILL)" if timed_out else f"exited {res.returncode}"
+            log.info("VM %s: %s after %.0f ms", self.name, self.exit_status, ms)
+            return RunResult(status=137 if timed_out else res.returncode, timed_out=timed_out,
+                             stdout=res.text, stderr=res.stderr.decode(errors="replace"), ms=ms)
+        finally:
+            self._state = RunState.SHUTTING_DOWN
+            try:
+                self._fetch_log()
+            finally:
+                self._close_stack()
+
+    def detach(self) -> Optional[int]:
+        """Let a running QEMU without QMP go on running when this process ends
+        (``migstall vhost up``): the VM is STOPPED to us and nothing is
+        stopped or removed.  Needs a runtime dir given by the caller (one of
+        ours would be removed).  Returns the pid."""
+        self._require((RunState.RUNNING,), "detach")
+        if self.qmp is not None or self._given_rundir is None:
+            raise QEMUStateError(f"QEMU {self.name}: only a VM without QMP, in a runtime dir of the caller's, "
+                                 f"can be detached", state=self._state.name, operation="detach")
+        self._close_stack()
+        log.info("VM %s: pid %s left running", self.name, self.pid)
+        return self.pid
 
     def _prepare_host(self) -> Tuple[str, Optional[float]]:
         """The reaper staged on the host, and the host's uptime (the kernel log's clock)."""
@@ -382,7 +533,16 @@ class VM:
                   timeout: Optional[float] = None) -> Any:
         """Run a QMP command.  QMPCommandError when QEMU answers with an error
         (its ``error_class``), QMPDisconnectedError when QMP is not connected or
-        goes away first, QEMUError on a timeout or anything else; all QEMUError."""
+        goes away first, QEMUError on a timeout or anything else; all QEMUError.
+        QEMUNotRunningError (a QMPDisconnectedError) when the VM is not
+        RUNNING (never launched, or shut down); QEMUStateError when it has no QMP."""
+        if self._state is not RunState.RUNNING:
+            raise QEMUNotRunningError(f"QEMU {self.name}: QMP is not connected ({command}): the VM is "
+                                      f"{self._state.value}", self.log_path if self.runtime_dir else None,
+                                      state=self._state.name, operation=command)
+        if not self.with_qmp:
+            raise QEMUStateError(f"QEMU {self.name} was launched without QMP ({command})", self.log_path,
+                                 state=self._state.name, operation=command)
         if self.qmp is None or self.qmp.runstate != Runstate.RUNNING:
             raise QMPDisconnectedError(f"QEMU {self.name}: QMP is not connected ({command}); "
                                        f"{self._process_note()}", self.log_path, command=command)
@@ -431,6 +591,10 @@ class VM:
             ev = find()
             if ev is not None:
                 return ev
+            if self._state in (RunState.IDLE, RunState.STOPPED):
+                raise QEMUNotRunningError(f"QEMU {self.name}: no {name} event, and the VM is {self._state.value}",
+                                          self.log_path if self.runtime_dir else None,
+                                          state=self._state.name, operation=name)
             if self._dead or self.qmp is None:
                 raise QMPDisconnectedError(f"QEMU {self.name}: QMP closed while waiting for {name}; "
                                            f"{self._process_note()}", self.log_path, command=name)
@@ -454,10 +618,17 @@ class VM:
     # -- shutdown ------------------------------------------------------------------
     async def shutdown(self) -> None:
         """shutdown + post-shutdown; idempotent, never raises for a dead QEMU."""
+        if self._state is RunState.STOPPED:
+            return
+        self._state = RunState.SHUTTING_DOWN
         try:
             if self.pid is not None and not self.exit_reason and not self.host.pid_alive(self.pid):
                 self.exit_reason = "died"        # before we asked it to quit
                 log.warning("VM %s: pid %d had already exited", self.name, self.pid)
+            if not self.with_qmp:
+                # nothing to ask: _cleanup's stop_pid sends SIGTERM (QEMU exits cleanly), SIGKILL after the grace
+                self.exit_reason = self.exit_reason or "terminated"
+                return
             asked = False
             if self.qmp is not None and self.qmp.runstate == Runstate.RUNNING:
                 try:
@@ -509,7 +680,7 @@ class VM:
         try:
             if self.pid is not None:
                 with best_effort(f"VM {self.name}: stopping pid {self.pid}", log):
-                    await asyncio.to_thread(self.host.stop_pid, self.pid)
+                    await asyncio.to_thread(self.host.stop_pid, self.pid)   # the hard kill, if still needed
             # cleanup goes on whatever happens (a cancel included): disconnect() re-raises what
             # ended the connection (EOFError once QEMU has quit), and the tasks were cancelled
             if self.qmp is not None:
@@ -531,9 +702,16 @@ class VM:
                     self.log_tail = log_tail(self.log_text)
                     log.warning("VM %s: %s", self.name, self.death_note())
         finally:
+            self._close_stack()
+
+    def _close_stack(self) -> None:
+        """The end of every path: remove the runtime dir if it is ours; STOPPED."""
+        try:
             self._stack.close()
+        finally:
             if self._given_rundir is None:
                 self.runtime_dir = None
+            self._state = RunState.STOPPED
 
     def _post_mortem(self) -> None:
         """Read how an exited QEMU ended (the runtime dir still exists); never raises."""
@@ -592,3 +770,55 @@ class VM:
                     extra = self.log_dir / f"{self.name}-{name}"
                     extra.write_bytes(data)
                     self.collected[self.path(name)] = str(extra)
+
+
+class SyncVM:
+    """A :class:`VM` without QMP for synchronous code (the virtual host's L1).
+
+    Each phase (:meth:`launch`, :meth:`shutdown`) runs the VM's own coroutine
+    in a private event loop on a worker thread, so it works whether or not the
+    caller's thread runs an event loop; the VM holds nothing of a loop between
+    phases, since it has no QMP client.  An interrupt (Ctrl-C) while a phase
+    runs waits for the phase to end before it propagates: a launch under way
+    then leaves a pid that :meth:`shutdown` can stop."""
+
+    def __init__(self, vm: VM) -> None:
+        if vm.with_qmp:
+            raise QEMUStateError(f"QEMU {vm.name}: SyncVM drives a VM without QMP (with_qmp=False)",
+                                 state=vm.runstate.name, operation="SyncVM")
+        self.vm = vm
+
+    def launch(self) -> "SyncVM":
+        """launch + post-launch; a failed launch leaves no process (as ``async with VM``)."""
+        self._call(self.vm.__aenter__, "launch")
+        return self
+
+    def shutdown(self) -> None:
+        """SIGTERM, grace, SIGKILL, post-shutdown; idempotent."""
+        self._call(self.vm.shutdown, "shutdown")
+
+    def detach(self) -> Optional[int]:
+        """:meth:`VM.detach`."""
+        return self.vm.detach()
+
+    def _call(self, phase: Callable[[], Coroutine[Any, Any, Any]], what: str) -> None:
+        failed: List[BaseException] = []
+
+        def work() -> None:
+            try:
+                asyncio.run(phase())
+            except BaseException as exc:   # noqa: BLE001  handed to the caller's thread below
+                failed.append(exc)
+
+        worker = threading.Thread(target=work, name=f"migstall-{self.vm.name}-{what}")
+        worker.start()
+        try:
+            worker.join()
+        except BaseException:
+            # interrupted: let the phase end (a second interrupt ends this wait), then propagate
+            worker.join()
+            if failed:
+                log.warning("VM %s: %s failed after the interrupt: %s", self.vm.name, what, failed[0])
+            raise
+        if failed:
+            raise failed[0]
