@@ -113,6 +113,59 @@ def test_clock_fit_corrects_a_guest_clock_2pct_fast():
     assert cm.uncertainty_ns <= 60_000, cm
 
 
+def _batches(rate: float, starts_s=(10, 11, 11.6, 12.2, 12.8, 13.4, 14.5)):
+    """Marks the way a run or a calibration takes them: batches of two, 1 ms
+    apart, 100 us round trips; the guest clock runs at ``rate`` x the host's."""
+    out = []
+    for t in starts_s:
+        for k in range(2):
+            h = int(t * S) + k * 1_000_000
+            out.append({"host_send_ns": h, "host_recv_ns": h + 100_000,
+                        "guest_ns": int((h + 50_000) * rate) - 5 * S})
+    return out
+
+
+def test_clock_fit_ignores_one_slow_round_trip():
+    """CI run 55: one mark answered 383 ms late.  It is not tight, so it neither
+    tilts the line nor widens the uncertainty."""
+    marks = _batches(1.0)
+    slow = marks[6]
+    marks[6] = {**slow, "host_recv_ns": slow["host_send_ns"] + 766_000_000,
+                "guest_ns": slow["guest_ns"] + 383_000_000}
+    cm = clock.fit(marks)
+    assert cm.used == len(marks) - 1
+    assert abs(cm.slope - 1.0) < 1e-6
+    assert cm.uncertainty_ns <= 60_000, cm
+
+
+def test_clock_fit_survives_one_tight_sample_off_the_line():
+    """A tight sample whose guest reading sits 50 ms off the others (the guest
+    clock stepped once) moves neither the slope nor the other samples'
+    residuals; only its own residual shows, honestly, in the uncertainty."""
+    marks = _batches(1.03)
+    marks[7] = {**marks[7], "guest_ns": marks[7]["guest_ns"] + 50_000_000}
+    cm = clock.fit(marks)
+    assert abs(cm.slope - 1 / 1.03) < 1e-4, cm
+    good = [m for i, m in enumerate(marks) if i != 7]
+    worst = max(abs(cm.to_host(m["guest_ns"]) - (m["host_send_ns"] + 50_000)) for m in good)
+    assert worst < 200_000, worst
+    assert 48_000_000 < cm.uncertainty_ns < 52_000_000, cm
+
+
+@pytest.mark.parametrize("rate", [0.9, 1.08, 1.15])
+def test_clock_fit_corrects_a_guest_clock_far_off(rate):
+    """A guest clock 8-15 % off (TCG on a busy host) is fitted, not forced to
+    slope 1 with seconds of drift as the uncertainty."""
+    cm = clock.fit(_batches(rate))
+    assert abs(cm.slope - 1 / rate) < 1e-6
+    assert cm.uncertainty_ns <= 60_000, cm
+
+
+def test_clock_fit_keeps_slope_1_for_a_nonsense_rate():
+    cm = clock.fit(_batches(1.5))
+    assert cm.slope == 1.0
+
+
 SMAPS = """\
 7f0000000000-7f0020000000 rw-p 00000000 00:00 0 
 Size:             524288 kB
