@@ -57,6 +57,9 @@ os.rename(pidfile + ".tmp", pidfile)
 if mode == "fail":
     time.sleep(0.1)
     os._exit(1)
+if mode == "stubborn":                  # a daemon that ignores SIGTERM
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 os.write(w, b"0")
 os.close(w)
 time.sleep(60)
@@ -147,7 +150,78 @@ def test_reaper_exec_failure(reaper, tmp_path):
     assert parse_exit_status(_wait_file(status))[1] == "exited 127"
 
 
+def _owned_daemon(reaper: str, tmp_path: Path, mode: str = "run"):
+    """A stand-in harness (``sleep``) and a daemon started under ``--lifeline`` its pid."""
+    owner = subprocess.Popen(["sleep", "120"])
+    status, pidfile = tmp_path / "vm.exit", tmp_path / "vm.pid"
+    res = subprocess.run([reaper, "--lifeline", str(owner.pid), str(status), "--",
+                          sys.executable, "-c", DAEMONIZE, str(pidfile), mode],
+                         capture_output=True, text=True, timeout=WAIT_S)
+    assert res.returncode == 0, res.stderr
+    return owner, status, int(pidfile.read_text())
+
+
+def _wait_gone(pid: int, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still there after {timeout:g}s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode, line", [("run", "killed by signal 15 (SIGTERM)"),
+                                        ("stubborn", "killed by signal 9 (SIGKILL)")])
+def test_reaper_lifeline_stops_the_daemon_when_its_owner_dies(reaper, tmp_path, mode, line):
+    """A harness SIGKILLed mid-run leaves no QEMU: SIGTERM, then SIGKILL 5 s later."""
+    owner, status, pid = _owned_daemon(reaper, tmp_path, mode)
+    try:
+        assert not status.exists()
+        owner.kill()
+        owner.wait(WAIT_S)
+        t0 = time.monotonic()
+        _wait_gone(pid)
+        took = time.monotonic() - t0
+        assert took < 3 if mode == "run" else 4.5 < took < 10, took
+        assert _wait_file(status) == f"pid {pid}: {line}\n"
+    finally:
+        owner.kill()
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_reaper_lifeline_spares_a_detached_daemon(reaper, tmp_path):
+    owner, status, pid = _owned_daemon(reaper, tmp_path)
+    try:
+        (tmp_path / "vm.exit.detached").touch()      # what VM.detach() leaves
+        owner.kill()
+        owner.wait(WAIT_S)
+        # nothing to wait for when nothing happens: give the reaper the time it
+        # needs to see its owner gone (a poll wake-up, well under 1 s)
+        time.sleep(1.0)
+        assert not _gone(pid) and not status.exists()
+    finally:
+        owner.kill()
+        os.kill(pid, signal.SIGKILL)
+    assert _wait_file(status) == f"pid {pid}: killed by signal 9 (SIGKILL)\n"
+
+
+def test_reaper_lifeline_of_a_process_already_gone(reaper, tmp_path):
+    owner = subprocess.Popen(["true"])
+    owner.wait(WAIT_S)
+    status, pidfile = tmp_path / "vm.exit", tmp_path / "vm.pid"
+    res = subprocess.run([reaper, "--lifeline", str(owner.pid), str(status), "--",
+                          sys.executable, "-c", DAEMONIZE, str(pidfile), "run"],
+                         capture_output=True, text=True, timeout=WAIT_S)
+    # the launcher is stopped with everything else (143 = SIGTERM), unless it was quicker
+    assert res.returncode in (0, 128 + signal.SIGTERM), res.stderr
+    assert "killed by signal" in _wait_file(status)      # written when nothing is left
+    if pidfile.exists():
+        _wait_gone(int(pidfile.read_text()))
+
+
 def test_reaper_usage(reaper, tmp_path):
+    res = subprocess.run([reaper, "--lifeline", "x1", str(tmp_path / "x"), "--", "true"],
+                         capture_output=True, text=True, timeout=WAIT_S)
+    assert res.returncode == 2 and "--lifeline wants a pid" in res.stderr
     res = subprocess.run([reaper, str(tmp_path / "x")], capture_output=True, text=True, timeout=WAIT_S)
     assert res.returncode == 2 and "usage" in res.stderr
     res = subprocess.run([reaper, str(tmp_path / "x"), "sh", "-c", "true"], capture_output=True, text=True,
@@ -353,7 +427,8 @@ def test_sigkilled_qemu_says_so(tmp_path):
     async def scenario() -> VM:
         vm = VM(LocalHost(), "reapertest-src", NONE_MACHINE, log_dir=tmp_path, launch_timeout=60)
         async with vm:
-            assert Path(vm.argv[0]).name == ctools.reaper().name and vm.argv[1:3] == [vm.exit_status_path, "--"]
+            assert Path(vm.argv[0]).name == ctools.reaper().name
+            assert vm.argv[1:5] == ["--lifeline", str(os.getpid()), vm.exit_status_path, "--"]
             await vm.cmd("query-status")
             vm.host.signal(vm.pid, signal.SIGKILL)
             with pytest.raises(QEMUError):
@@ -369,6 +444,36 @@ def test_sigkilled_qemu_says_so(tmp_path):
     assert _gone(vm.pid)
 
 
+# A harness that launches a QEMU, prints its pid, then waits to be killed.
+OWNER = r"""
+import asyncio, sys, time
+from harness.hosts.local import LocalHost
+from harness.qemu.machine import VM
+async def main():
+    vm = VM(LocalHost(), "lifeline", sys.argv[2:], log_dir=sys.argv[1], launch_timeout=60)
+    await vm.launch()
+    print(vm.pid, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+@needs_qemu
+def test_sigkilled_harness_leaves_no_qemu(tmp_path):
+    """DEVELOPERS: nothing left running.  A harness killed with SIGKILL runs no
+    cleanup at all; the reaper's lifeline stops its QEMU."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), *NONE_MACHINE],
+                             stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())           # QEMU is up
+        assert LocalHost().pid_alive(pid)
+    finally:
+        owner.kill()
+        owner.wait(WAIT_S)
+    _wait_gone(pid)
+
+
 @needs_qemu
 def test_quit_qemu_exits_0_and_bad_device_names_its_error(tmp_path):
     async def scenario() -> tuple:
@@ -376,7 +481,7 @@ def test_quit_qemu_exits_0_and_bad_device_names_its_error(tmp_path):
         ok = VM(LocalHost(), "reapertest-ok", NONE_MACHINE, log_dir=tmp_path, prefix=(str(ctools.nothp_wrapper()),))
         async with ok:
             await ok.cmd("query-status")
-            assert Path(ok.argv[3]).name == ctools.nothp_wrapper().name
+            assert Path(ok.argv[ok.argv.index("--") + 1]).name == ctools.nothp_wrapper().name
         bad = VM(LocalHost(), "reapertest-bad", [*NONE_MACHINE, "-device", "no-such-device-model"],
                  log_dir=tmp_path)
         with pytest.raises(QEMUError) as info:

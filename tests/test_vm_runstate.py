@@ -9,6 +9,7 @@ session and writes its pid to the pidfile, as ``qemu -daemonize`` would.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence
@@ -108,8 +109,10 @@ def test_the_qmp_less_command_line(host, tmp_path):
     vm = vm_on(host, tmp_path, prefix=["wrapper"])
     SyncVM(vm).launch().shutdown()
     argv = host.argvs[0]
-    assert argv[:4] == [str(Path("/bin/true").resolve()), f"{tmp_path}/t.exit", "--", "wrapper"]
-    assert argv[4:8] == ["fake-qemu", "-name", "migstall-t,debug-threads=on", "-daemonize"]
+    # a QEMU on this machine is tied to us: the reaper stops it if we die
+    assert argv[:6] == [str(Path("/bin/true").resolve()), "--lifeline", str(os.getpid()),
+                        f"{tmp_path}/t.exit", "--", "wrapper"]
+    assert argv[6:10] == ["fake-qemu", "-name", "migstall-t,debug-threads=on", "-daemonize"]
     assert "-D" in argv and "-mon" not in argv and argv[-2:] == ["-m", "16"]
     assert vm.command_line == " ".join(argv)
 
@@ -118,6 +121,7 @@ def test_sync_vm_detach_leaves_it_running(host, tmp_path):
     sync = SyncVM(vm_on(host, tmp_path)).launch()
     pid = sync.detach()
     assert pid is not None and sync.vm.runstate is RunState.STOPPED and LocalHost().pid_alive(pid)
+    assert (tmp_path / "t.exit.detached").exists()   # the reaper's lifeline spares it
     sync.shutdown()                                  # STOPPED: nothing more to do
     assert LocalHost().pid_alive(pid)
     with pytest.raises(QEMUStateError):

@@ -51,7 +51,10 @@ under ``migstall-reaper <runtime dir>/<name>.exit -- [prefix] qemu ...``
 (``guests/reaper/reaper.c``, staged to the host; it goes before ``prefix``,
 e.g. the THP wrapper).  The reaper is QEMU's subreaper: it reaps it at once
 and writes ``pid N: exited 1`` or ``pid N: killed by signal 9 (SIGKILL)``
-there.  At post-shutdown, before the runtime dir goes, a QEMU that has exited
+there.  A QEMU on this machine also gets ``--lifeline <harness pid>``: if the
+harness is SIGKILLed or crashes, the reaper stops its QEMU (SIGTERM, then
+SIGKILL after 5 s), unless :meth:`VM.detach` marked it to outlive us
+(``<name>.exit.detached``).  At post-shutdown, before the runtime dir goes, a QEMU that has exited
 gets :attr:`VM.exit_status` (waiting at most ``DEFAULT_EXIT_STATUS_TIMEOUT`` for
 the file); one that died without being asked to quit (``exit_reason ==
 "died"``) also gets :attr:`VM.log_tail` (the last non-trace lines of its ``-D``
@@ -75,6 +78,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import re
 import shlex
 import threading
@@ -385,7 +389,7 @@ class VM:
         self._state = RunState.LAUNCHING
         self._make_runtime_dir()
         reaper, self.launch_uptime_s = await asyncio.to_thread(self._prepare_host)
-        self.argv = self._build_argv([reaper, self.exit_status_path, "--"])
+        self.argv = self._build_argv([reaper, *self._lifeline(), self.exit_status_path, "--"])
         log.info("VM %s: %s", self.name, self.command_line)
         fut = asyncio.ensure_future(asyncio.to_thread(self.host.run, self.argv, timeout=self.launch_timeout,
                                                       check=False, env=self.env or None))
@@ -415,6 +419,21 @@ class VM:
         if self.with_qmp:
             await self._connect_qmp()
         self._state = RunState.RUNNING
+
+    def _lifeline(self) -> List[str]:
+        """``--lifeline <our pid>`` for a QEMU on this machine: if this process
+        dies without stopping it (SIGKILL, a crash), the reaper stops QEMU
+        (SIGTERM, SIGKILL 5 s later), so nothing the harness started outlives
+        it.  A QEMU on another machine has no pid of ours to watch (an SSH
+        host's QEMU is left to the next run's leftover check; the virtual
+        host's L2 QEMUs go down with L1)."""
+        from harness.hosts.local import LocalHost
+
+        if not isinstance(self.host, LocalHost):
+            return []
+        # a runtime dir of the caller's may hold the mark of an earlier, detached QEMU
+        Path(f"{self.exit_status_path}.detached").unlink(missing_ok=True)
+        return ["--lifeline", str(os.getpid())]
 
     def run(self, timeout: float) -> RunResult:
         """The foreground mode, without QMP, for a QEMU that ends by itself (the
@@ -468,6 +487,8 @@ class VM:
         if self.qmp is not None or self._given_rundir is None:
             raise QEMUStateError(f"QEMU {self.name}: only a VM without QMP, in a runtime dir of the caller's, "
                                  f"can be detached", state=self._state.name, operation="detach")
+        # tell the reaper's lifeline that this QEMU is meant to outlive us
+        self.host.write_bytes(f"{self.exit_status_path}.detached", b"")
         self._close_stack()
         log.info("VM %s: pid %s left running", self.name, self.pid)
         return self.pid

@@ -105,11 +105,10 @@ async def wait_pass(src: VM, n: int = 1, timeout: float = DEFAULT_FIRST_PASS_TIM
     finally:
         for f in (want, end):
             f.cancel()
-        for f in (want, end):
-            try:
-                await f
-            except BaseException:  # noqa: BLE001, S110  cancelled just above: how they end is not news
-                pass
+        # how the two cancelled waits end is not news; a cancellation of this task
+        # arriving meanwhile still propagates out of gather (a bare except
+        # BaseException around each await swallowed it)
+        await asyncio.gather(want, end, return_exceptions=True)
 
 
 async def wait_end(src: VM, timeout: float) -> Dict[str, Any]:
