@@ -5,11 +5,14 @@ sshd or dropbear that migstall started may still be running.
 
 The test series' kernels (stock and patched, tiny config) are built in the
 background from the start of the session, at ``nice 19``, when a selected test
-needs them (test_kernel_build.py, test_vhost_cli.py).  Those modules run last,
-and ``kernel_prebuild`` waits for that build.  A cold stock build is about 900
-CPU-seconds (7-8 minutes on 2 idle cores); at nice 19 it takes only the CPU the
-other tests leave idle, so a cold `make test` overlaps most of it with them
-instead of adding it.  ``MIGSTALL_TEST_PREBUILD=0`` turns this off.
+needs them (one that uses the ``built_kernels`` fixture: the compiling tests of
+test_kernel_build.py and test_vhost_cli.py, all ``slow``, so `make test-slow`).
+Those modules run last, and ``kernel_prebuild`` waits for that build.  A cold
+stock build is about 900 CPU-seconds (7-8 minutes on 2 idle cores); beside the
+TCG tests it took 1480 CPU-seconds and ended 20 minutes into the session
+(2026-12-04, CI runs 56-57: 28-30 minutes for a cold `make test`), which is why
+`make test` (CI, 20 minutes cold) no longer compiles kernels.
+``MIGSTALL_TEST_PREBUILD=0`` turns this off.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def pytest_collection_finish(session):
     global _prebuild, _prebuild_log
     if os.environ.get("MIGSTALL_TEST_PREBUILD", "1") == "0" or session.config.option.collectonly:
         return
-    if not any(Path(str(it.fspath)).name in KERNEL_MODULES for it in session.items):
+    if not any("built_kernels" in getattr(it, "fixturenames", ()) for it in session.items):
         return
     if not Path("/usr/src/linux-source-6.1.tar.xz").is_file():
         return
@@ -90,6 +93,11 @@ def kernel_prebuild():
     # a failed prebuild is reported by the tests' own build, which shows the error
     if rc != 0:
         print(f"background kernel build exited {rc} (log: {_prebuild_log})", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def built_kernels(kernel_prebuild):
+    """A test that needs the test series' kernels compiled (slow: see the module docstring)."""
 
 
 @pytest.fixture(autouse=True)

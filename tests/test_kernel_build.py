@@ -35,7 +35,13 @@ pytestmark = pytest.mark.skipif(not Path("/usr/src/linux-source-6.1.tar.xz").is_
 
 @pytest.fixture(autouse=True, scope="module")
 def _after_prebuild(kernel_prebuild):
-    """The session's background build of the test series' kernels is done (conftest.py)."""
+    """The session's background build of the test series' kernels, if one runs,
+    is done (conftest.py): the tests here share its source tree."""
+
+
+#: compiling tests: a cold build does not fit CI's 20 minutes beside the other tests
+#: (conftest.py), so they run in `make test-slow`
+compiles = pytest.mark.slow
 
 
 def migstall(*args: str, timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess:
@@ -44,7 +50,7 @@ def migstall(*args: str, timeout: float = BUILD_TIMEOUT) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def builds():
+def builds(built_kernels):
     proc = migstall("kernel", "build", "--manifest", str(TEST_SERIES), "--variant", "both",
                     "--config", "tiny", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -75,6 +81,7 @@ def test_conflicting_series_exits_2_naming_the_patch():
         assert len(wts) == 1, wts
 
 
+@compiles
 def test_two_kernels_with_distinct_releases(builds):
     stock, patched = builds["stock"], builds["patched"]
     s8 = json.loads(Path(stock["metadata"]).read_text())["series"]["sha256"][:8]
@@ -105,6 +112,7 @@ def test_two_kernels_with_distinct_releases(builds):
     assert "__tracepoint_kvm_migstall_dirty_log_enable" not in smap
 
 
+@compiles
 def test_same_inputs_are_not_rebuilt(builds):
     proc = migstall("kernel", "build", "--manifest", str(TEST_SERIES), "--variant", "both", "--json",
                     timeout=600)
@@ -119,6 +127,7 @@ def test_same_inputs_are_not_rebuilt(builds):
     assert builds["patched"]["bzimage"] in listed.stdout
 
 
+@compiles
 def test_boot_each_kernel_and_read_release_and_tracepoints(builds):
     manifest = load_manifest(TEST_SERIES)
     markers = [p for p, _ in manifest.markers]
@@ -141,6 +150,7 @@ def test_boot_each_kernel_and_read_release_and_tracepoints(builds):
             assert all(v == "MISSING" for _, v in res.markers)
 
 
+@compiles
 def test_both_variants_from_a_message_id_through_b4(builds, tmp_path):
     """The test series fetched by its Message-ID with the real b4 from a
     lore-shaped server on 127.0.0.1 (test_b4_fetch.lore_server), through a
@@ -191,6 +201,7 @@ def test_both_variants_from_a_message_id_through_b4(builds, tmp_path):
         shutil.rmtree(fetched, ignore_errors=True)
 
 
+@compiles
 def test_build_failure_exits_2_with_the_log_and_keeps_the_stock_objects(builds):
     """A series that applies but does not compile: exit 2 naming the build log.
     It builds incrementally on the stock objects, which are put back intact."""

@@ -28,19 +28,11 @@ pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or no
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _after_prebuild(kernel_prebuild):
-    """The session's background build of the test series' kernels is done (conftest.py)."""
-
-
 TEST_SERIES = REPO / "patches" / "migstall-dirtylog-tracepoints" / "series.toml"
 
 
-def _l1_kernel() -> str:
-    """$MIGSTALL_TEST_L1_KERNEL (``debian`` or a bzImage), else the pipeline's patched kernel."""
-    chosen = os.environ.get("MIGSTALL_TEST_L1_KERNEL")
-    if chosen:
-        return chosen
+def _patched_kernel() -> str:
+    """The pipeline's patched kernel of the test series (built by the session's prebuild)."""
     from harness.kernel.build import build_kernel
 
     return str(build_kernel(TEST_SERIES, "patched", "tiny").bzimage)
@@ -52,19 +44,31 @@ def _l1_processes():
 
 
 def test_cli_run_host_virtual_legacy(tmp_path):
-    """`migstall run --host virtual:KERNEL --scenario F` boots its own L1 once, with
-    the scenario's ``l1_cmdline``, and stops it.  The parameter is one that
-    changes nothing here (eager splitting of huge pages; L2's RAM is 4 KiB
-    pages): ``kvm.tdp_mmu=0`` is not used in CI because the legacy MMU under
-    TCG's nested paging corrupted L1 in most migration runs (README "The
-    virtual host")."""
+    """`migstall run --host virtual --scenario F` boots its own L1 once (Debian's
+    kernel, or $MIGSTALL_TEST_L1_KERNEL), with the scenario's ``l1_cmdline``,
+    and stops it.  The parameter is one that changes nothing here (eager
+    splitting of huge pages; L2's RAM is 4 KiB pages): ``kvm.tdp_mmu=0`` is not
+    used in CI because the legacy MMU under TCG's nested paging corrupted L1 in
+    most migration runs (README "The virtual host")."""
+    _run_legacy(tmp_path, os.environ.get("MIGSTALL_TEST_L1_KERNEL", "debian"), patched=False)
+
+
+@pytest.mark.slow
+def test_cli_run_host_virtual_patched_kernel(built_kernels, tmp_path):
+    """The same on L1 booted from the pipeline's patched kernel: its release and
+    the series' tracepoint show up in the row (slow: it needs the kernels
+    compiled, conftest.py)."""
+    _run_legacy(tmp_path, _patched_kernel(), patched=True)
+
+
+def _run_legacy(tmp_path: Path, kernel: str, patched: bool) -> None:
     before = {pid for pid, _ in _l1_processes()}
     out = tmp_path / "one.csv"
     scenario = tmp_path / "l1-cmdline.toml"
     scenario.write_text('[defaults]\naccel = "kvm"\nvcpus = 1\nloops = ["write"]\nbaseline_s = 0.5\n'
                         '[[scenario]]\nname = "l1-cmdline"\nmem = "512M"\ntouch = 128\n'
                         'dirty_log_mode = "legacy"\nl1_cmdline = "kvm.eager_page_split=0"\n')
-    spec = "virtual" if _l1_kernel() == "debian" else f"virtual:{_l1_kernel()}"
+    spec = "virtual" if kernel == "debian" else f"virtual:{kernel}"
     proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", spec, "--scenario", str(scenario),
                            "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
@@ -86,7 +90,7 @@ def test_cli_run_host_virtual_legacy(tmp_path):
     assert float(row["stall_write_sum_ms"]) >= 0 and float(row["baseline_stall_write_sum_ms"]) >= 0
     # the scenario's l1_cmdline reached L1's kernel (test_vhost_reboot, slow, covers reboots)
     assert "kvm.eager_page_split=N" in row["kvm_params"].split(";"), row["kvm_params"]
-    if "MIGSTALL_TEST_L1_KERNEL" not in os.environ:
+    if patched:
         assert "-migstall-patched-" in row["host_kernel"], row["host_kernel"]
         with open(row["sidecar"]) as fh:
             seen = json.load(fh)["kvm"]["breakdown"].get("_tracepoints", {})
