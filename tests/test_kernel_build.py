@@ -59,6 +59,7 @@ def builds(built_kernels):
     return {b["variant"]: b for b in out}
 
 
+@pytest.mark.slow       # it imports Debian's kernel tarball (minutes cold): not in CI's 20 minutes
 def test_conflicting_series_exits_2_naming_the_patch():
     proc = migstall("kernel", "build", "--manifest", str(CONFLICT), "--variant", "patched")
     assert proc.returncode == 2, proc.stderr
