@@ -154,6 +154,20 @@ def read_memory(host: Host) -> Memory:
     return Memory(mem.get("MemTotal", 0) // 1024, mem.get("MemAvailable", 0) // 1024)
 
 
+def phys_address_bits(host: Host) -> int:
+    """The CPU's physical address bits (``address sizes`` of /proc/cpuinfo); 0 if unknown."""
+    m = re.search(r"^address sizes\s*:\s*(\d+) bits physical", _read_text(host, "/proc/cpuinfo") or "", re.M)
+    return int(m.group(1)) if m else 0
+
+
+def free_mib(host: Host, path: str) -> int:
+    """Free MiB of the filesystem holding ``path`` (``df``); -1 if unknown."""
+    res = host.run(["df", "-Pk", path], check=False, timeout=QUICK_COMMAND_TIMEOUT_S)
+    lines = res.text.splitlines() if res.returncode == 0 else []
+    fields = lines[-1].split() if len(lines) >= 2 else []
+    return int(fields[3]) // 1024 if len(fields) >= 4 and fields[3].isdigit() else -1
+
+
 def online_cpus(host: Host) -> int:
     text = (_read_text(host, "/sys/devices/system/cpu/online") or "").strip()
     count = 0
