@@ -37,9 +37,9 @@ compares the total with the host's ``MemAvailable`` and ``migstall run
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
-from harness.qemu.alias import AliasLayout
+from harness.qemu.alias import MAX_DEVICES, MIN_ALIAS_MIB, AliasLayout, address_bits_needed
 
 MIB = 1 << 20
 PAGE = 4096
@@ -99,3 +99,33 @@ def estimate(layout: AliasLayout, *, kvm: bool, mapping_kib: int = 4, complete: 
         ("dirty_bitmaps", _mib(BITMAP_BITS * pages / 8)),
     ]
     return Estimate(tuple(items), mapping_kib, kvm)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The largest aliased guest a host fits (:func:`largest_fit`)."""
+
+    mem_mib: int
+    alias_mib: int
+    estimate: Estimate
+
+
+def largest_fit(available_mib: int, shm_avail_mib: int, phys_bits: int, *, kvm: bool) -> Optional[Fit]:
+    """The largest aliased guest (4 KiB pages, ``cancel``) whose estimate fits
+    ``available_mib``: its alias the largest power of two that fits half of it
+    and ``shm_avail_mib`` (-1: unknown), its size limited by the devices and
+    ``phys_bits`` (0: unknown).  None if not even the smallest fits."""
+    room = available_mib // 2 if shm_avail_mib < 0 else min(available_mib // 2, shm_avail_mib)
+    alias_mib = MIN_ALIAS_MIB
+    while alias_mib * 2 <= room:
+        alias_mib *= 2
+    best: Optional[Fit] = None
+    for devices in range(1, MAX_DEVICES + 1):
+        layout = AliasLayout(devices * alias_mib, alias_mib)
+        if phys_bits and address_bits_needed(layout) > phys_bits:
+            break
+        est = estimate(layout, kvm=kvm)
+        if est.total_mib > available_mib:
+            break
+        best = Fit(layout.mem_mib, alias_mib, est)
+    return best

@@ -12,7 +12,7 @@ import pytest
 from harness import hostmem
 from harness.errors import UserError
 from harness.hosts.facts import HugePool
-from harness.qemu.alias import AliasLayout
+from harness.qemu.alias import MAX_DEVICES, AliasLayout
 from harness.scenario import HostFacts, Scenario, check_static, load_scenarios, validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,3 +127,25 @@ def test_run_check_of_the_seed_scenario(tmp_path):
     assert bad.stderr.strip().splitlines() == ["migstall: --alias-mib 500 MiB is not a power of two of at least "
                                                "2 MiB (each alias is a PCI BAR, and BAR sizes are powers of two); "
                                                "give a power of two such as 256 or 512"]
+
+
+def test_largest_fit_and_doctor_lines():
+    """``migstall doctor`` says the largest aliased guest the host fits, and whether seed-2t does."""
+    from harness import doctor
+
+    fit = hostmem.largest_fit(62 * 1024, 32 * 1024, 46, kvm=True)
+    assert fit is not None and fit.alias_mib == 16384 and fit.estimate.total_mib <= 62 * 1024
+    bigger = hostmem.estimate(AliasLayout(fit.mem_mib + fit.alias_mib, fit.alias_mib), kvm=True)
+    assert bigger.total_mib > 62 * 1024 or fit.mem_mib // fit.alias_mib == MAX_DEVICES
+    assert hostmem.largest_fit(100, -1, 0, kvm=True) is None
+    base = dict(host="h", kvm_usable=True, kvm_reason="KVM usable", kvm_fix="",
+                kvm_checks={"cpu_flag": "ok", "dev_kvm": "ok", "boot": "ok"}, cpu_vendor="GenuineIntel",
+                cpu_model="x", cpu_flags=("vmx",), kvm_modules=(), kvm_params={}, qemu_path="/q",
+                qemu_version="7.2", host_kernel="6.1", online_cpus=8, mem_total_mib=64 * 1024,
+                mem_available_mib=62 * 1024, hugepages=(), thp_mode="madvise", accel_auto="kvm", phys_bits=46,
+                shm_avail_mib=32 * 1024, alias_fit={"mem_mib": fit.mem_mib, "alias_mib": 16384, "needs_mib": 1})
+    text = doctor.DoctorReport(**base).to_text()
+    assert "aliased guests  46 physical address bits, 32768 MiB free in /dev/shm" in text
+    assert "2 TiB on 32 GiB (KVM) needs about 53224 MiB: fits here" in text
+    small = doctor.DoctorReport(**{**base, "mem_available_mib": 20 * 1024, "phys_bits": 39, "kvm_usable": False})
+    assert "not here (20480 MiB available, 39 address bits, no usable KVM)" in small.to_text()

@@ -364,6 +364,8 @@ class Facts:
     memory: Memory
     hugepages: Tuple[HugePool, ...]  # by page size
     thp_mode: str                   # always | madvise | never | "" (no THP)
+    phys_bits: int = 0              # the CPU's physical address bits (0: unknown)
+    shm_avail_mib: int = -1         # free MiB in /dev/shm, where aliased guest RAM goes (-1: unknown)
 
     @property
     def accel_auto(self) -> str:
@@ -392,4 +394,6 @@ def gather(host: Host, qemu: str = "") -> Facts:
         memory=memory,
         hugepages=tuple(hugepage_pools(host)),
         thp_mode=thp_mode(host),
+        phys_bits=phys_address_bits(host),
+        shm_avail_mib=free_mib(host, "/dev/shm"),
     )
