@@ -42,9 +42,10 @@ def test_16g_guest_aliased_onto_512m(tmp_path, guest_image):
     # VmHWM/VmRSS count the shared file once per alias mapping; Pss counts it once
     assert mem["Pss"] < MAX_SRC_PSS_KIB, mem
     assert mem["RssShmem"] > 8 * mem["Pss_Shmem"], mem
-    # the write loop ran across windows (64 MiB each), their changes left out of its gaps
-    (write,) = [s for s in side["stalls"] if s["cls"] == "write"]
-    assert write["iters"] < 16384 or write["remaps"] > 0, write["iters"]
+    # each thread's 8 GiB share is one window (8 GiB at most, 64 MiB of guest page tables in all):
+    # the write loop never changes window, so no munmap interrupts the pio loop
+    assert side["alias"]["probe"]["window_mib"] == 8192
+    assert all(s.get("remaps", 0) == 0 for s in side["stalls"])
     # the shared files are gone with their QEMUs
     assert not glob.glob(f"{alias.SHM_DIR}/migstall-alias-*")
     print(f"alias-16g: wall {wall:.1f} s, prefault {float(got['prefault_ms']) / 1000:.1f} s, "

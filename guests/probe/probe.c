@@ -59,7 +59,8 @@
 #define CHANNEL_WAIT_S 20
 #define CONTROL_RT_PRIO 50      /* SCHED_FIFO priority of the control thread */
 #define MAX_ALIAS 256           /* aliased-RAM devices (the harness places at most 232) */
-#define ALIAS_WINDOW (64 * MIB) /* one mapping of aliased RAM: 128 KiB of guest page tables */
+#define ALIAS_WINDOW_MAX (8192 * MIB) /* largest window of aliased RAM one thread maps */
+#define ALIAS_PT_BUDGET (64 * MIB)    /* guest page tables of all threads' windows: 8 B per 4 KiB */
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
 
@@ -129,6 +130,7 @@ static struct {
 	int nalias;
 	struct alias_bar alias[MAX_ALIAS];
 	uint64_t alias_total;
+	uint64_t alias_window;          /* bytes one thread maps at a time */
 } g = {
 	.threshold_us = 50,
 	.max_stalls = 131072,
@@ -598,29 +600,51 @@ static void find_alias(void)
 	}
 }
 
-/* Map the window of w's share that holds share offset `off`: at most
- * ALIAS_WINDOW, never across a BAR or past the share.  Unmaps the old one. */
+/* The window size: the guest page tables of every thread's window within
+ * ALIAS_PT_BUDGET (a 4 KiB page costs an 8-byte PTE), at most ALIAS_WINDOW_MAX.
+ * Large windows keep window changes rare: each is a munmap, whose TLB
+ * shootdown interrupts the other vCPUs' loops (same mm). */
+static void alias_window_size(void)
+{
+	uint64_t w = ALIAS_PT_BUDGET / (uint64_t)g.ncpus / 8 * PAGE;
+	if (w > ALIAS_WINDOW_MAX)
+		w = ALIAS_WINDOW_MAX;
+	w &= ~(2 * MIB - 1);
+	g.alias_window = w ? w : 2 * MIB;
+}
+
+/* Map the window of w's share that starts at share offset `off`: at most
+ * g.alias_window, never past the share, contiguous in the probe's address
+ * space even where it spans several BARs (one MAP_FIXED mapping of each BAR
+ * piece into a reserved range).  Unmaps the old window first. */
 static void alias_map(struct worker *w, uint64_t off)
 {
 	if (w->win_len)
 		munmap(w->region, w->win_len);
 	w->win_len = 0;
-	uint64_t pos = w->alias_start + off;
+	uint64_t len = w->bytes - off < g.alias_window ? w->bytes - off : g.alias_window;
+	char *base = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (base == MAP_FAILED)
+		fatal("aliased RAM: cannot reserve %llu bytes of address space: %s", (unsigned long long)len,
+		      strerror(errno));
+	uint64_t pos = w->alias_start + off, done = 0;
 	int k = 0;
 	while (k < g.nalias - 1 && pos >= g.alias[k].size) {
 		pos -= g.alias[k].size;
 		k++;
 	}
-	uint64_t len = g.alias[k].size - pos;
-	if (len > ALIAS_WINDOW)
-		len = ALIAS_WINDOW;
-	if (len > w->bytes - off)
-		len = w->bytes - off;
-	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, g.alias[k].fd, (off_t)pos);
-	if (p == MAP_FAILED)
-		fatal("aliased RAM: cannot map %llu bytes of %s at %llu: %s", (unsigned long long)len,
-		      g.alias[k].path, (unsigned long long)pos, strerror(errno));
-	w->region = p;
+	while (done < len) {
+		uint64_t piece = g.alias[k].size - pos < len - done ? g.alias[k].size - pos : len - done;
+		void *p = mmap(base + done, piece, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g.alias[k].fd,
+			       (off_t)pos);
+		if (p == MAP_FAILED)
+			fatal("aliased RAM: cannot map %llu bytes of %s at %llu: %s", (unsigned long long)piece,
+			      g.alias[k].path, (unsigned long long)pos, strerror(errno));
+		done += piece;
+		pos = 0;
+		k++;
+	}
+	w->region = base;
 	w->win_off = off;
 	w->win_len = (size_t)len;
 }
@@ -698,7 +722,7 @@ static void loop_write(struct worker *w)
 
 /* The write loop over aliased RAM: the same stores, across the whole share,
  * a window at a time.  Changing the window is a system call (munmap + mmap
- * of up to ALIAS_WINDOW): its time is left out of the gaps and counted in
+ * of up to g.alias_window): its time is left out of the gaps and counted in
  * remaps/remap_ns instead, so it neither hides in nor inflates the stalls. */
 static void loop_write_alias(struct worker *w)
 {
@@ -1006,8 +1030,10 @@ int main(void)
 	}
 
 	/* how much to touch */
-	if (g.alias_devices)
+	if (g.alias_devices) {
 		find_alias();
+		alias_window_size();
+	}
 	long avail_mib = meminfo_kib("MemAvailable") / 1024;
 	long total_mib = meminfo_kib("MemTotal") / 1024;
 	long reserve = total_mib / 8 > 64 ? total_mib / 8 : 64;
@@ -1079,7 +1105,7 @@ int main(void)
 	if (g.nalias)
 		sb_printf(&b, ",\"alias\":{\"devices\":%d,\"bar_mib\":%lu,\"total_mib\":%lu,\"window_mib\":%lu,"
 			  "\"first_gpa\":%llu}", g.nalias, (unsigned long)(g.alias[0].size / MIB),
-			  (unsigned long)(g.alias_total / MIB), (unsigned long)(ALIAS_WINDOW / MIB),
+			  (unsigned long)(g.alias_total / MIB), (unsigned long)(g.alias_window / MIB),
 			  (unsigned long long)g.alias[0].start);
 	sb_printf(&b, "}");
 	send_line(&b);
