@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from harness import results, runner
+from harness.hosts import facts as hostfacts
 from harness.hosts.local import LocalHost
 from harness.qemu import alias
 from harness.scenario import Scenario, check_static
@@ -24,8 +25,14 @@ def test_16g_guest_aliased_onto_512m(tmp_path, guest_image):
                   end_action="cancel", cancel_after_s=0.3, baseline_s=0.5, ready_timeout_s=600.0,
                   migration_timeout_s=180.0)
     check_static(sc)
+    avail: dict = {}
+
+    async def hook(point: str, vms: dict) -> None:
+        if point in ("launched", "ready"):    # the host's MemAvailable: what the source QEMU really took
+            avail[point] = hostfacts.read_memory(LocalHost()).available_mib
+
     t0 = time.monotonic()
-    row = asyncio.run(runner.run_one(runner.RunContext(host=LocalHost(), out=out), sc, guest_image))
+    row = asyncio.run(runner.run_one(runner.RunContext(host=LocalHost(), out=out, hook=hook), sc, guest_image))
     wall = time.monotonic() - t0
     assert row["status"] == "ok", row["error"]
     (got,) = results.read_rows(out)
@@ -49,4 +56,5 @@ def test_16g_guest_aliased_onto_512m(tmp_path, guest_image):
     # the shared files are gone with their QEMUs
     assert not glob.glob(f"{alias.SHM_DIR}/migstall-alias-*")
     print(f"alias-16g: wall {wall:.1f} s, prefault {float(got['prefault_ms']) / 1000:.1f} s, "
-          f"stages {side['stages']}, src memory (KiB) {mem}")
+          f"stages {side['stages']}, src memory (KiB) {mem}, host MemAvailable at launch and READY "
+          f"(MiB; other processes move it too) {avail}")

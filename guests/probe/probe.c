@@ -738,9 +738,10 @@ static void loop_write_alias(struct worker *w)
 		uint64_t t = now();
 		account(w, prev, t);
 		prev = t;
-		if (off - w->win_off >= w->win_len || off >= span) {
-			if (off >= span)
-				off = 0;
+		if (off >= span)
+			off = 0;
+		/* past the window: map the next one (a share that fits one window never does) */
+		if (off < w->win_off || off - w->win_off >= w->win_len) {
 			alias_map(w, off);
 			uint64_t t2 = now();
 			w->remaps++;
