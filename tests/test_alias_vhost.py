@@ -38,7 +38,8 @@ pytestmark = [
 ALIAS_MIB = 512
 #: every page of 8 GiB is touched through L2's nested page faults: allow an hour
 READY_TIMEOUT_S = 3600.0
-_LOG_ON = re.compile(r"kvm_set_user_memory Slot#\d+ flags=0x([0-9a-f]+) gpa=0x([0-9a-f]+) size=0x([0-9a-f]+)")
+_LOG_ON = re.compile(r"kvm_set_user_memory (?:AddrSpace#\d+ )?Slot#\d+ "
+                     r"flags=0x([0-9a-f]+) gpa=0x([0-9a-f]+) size=0x([0-9a-f]+)")
 
 
 def _alias_slots_logged(trace_lines, alias_mib: int) -> int:
