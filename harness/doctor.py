@@ -14,9 +14,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Tuple
 
+from harness import hostmem
 from harness.hosts import facts as hostfacts
 from harness.hosts.base import Host
 from harness.hosts.facts import HugePool
+from harness.qemu import alias
+
+
+#: scenarios/seed-2t.toml's guest: 2 TiB aliased onto 32 GiB
+SEED_MEM_MIB, SEED_ALIAS_MIB = 2 * 1024 * 1024, 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,10 @@ class DoctorReport:
     hugepages: Tuple[HugePool, ...]
     thp_mode: str
     accel_auto: str = field(default="tcg")
+    phys_bits: int = 0                  # physical address bits of the CPU (0: unknown)
+    shm_avail_mib: int = -1             # free MiB in /dev/shm (aliased guests' RAM; -1: unknown)
+    #: the largest aliased guest this host fits (harness.hostmem.largest_fit): mem, alias, estimate MiB
+    alias_fit: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +84,21 @@ class DoctorReport:
             lines.append(f"hugepages {size:<6}{pool.total} total, {pool.free} free")
         if not self.hugepages:
             lines.append("hugepages       no pools")
+        shm = f"{self.shm_avail_mib} MiB free in /dev/shm" if self.shm_avail_mib >= 0 else "/dev/shm unknown"
+        lines.append(f"aliased guests  {self.phys_bits or '?'} physical address bits, {shm}")
+        fit = self.alias_fit
+        if fit:
+            lines.append(f"  largest fit   {fit['mem_mib'] // 1024} GiB aliased onto {fit['alias_mib']} MiB "
+                         f"({self.accel_auto}, 4 KiB pages): needs about {fit['needs_mib']} MiB of the "
+                         f"{self.mem_available_mib} available ('migstall run --check' for a scenario's estimate)")
+        seed = hostmem.estimate(alias.AliasLayout(SEED_MEM_MIB, SEED_ALIAS_MIB), kvm=True)
+        why = [w for w, bad in (
+            (f"{self.mem_available_mib} MiB available", seed.total_mib > self.mem_available_mib),
+            (f"{self.shm_avail_mib} MiB free in /dev/shm", 0 <= self.shm_avail_mib < SEED_ALIAS_MIB),
+            (f"{self.phys_bits} address bits", 0 < self.phys_bits < 42),
+            ("no usable KVM", not self.kvm_usable)) if bad]
+        lines.append(f"  seed-2t       2 TiB on 32 GiB (KVM) needs about {seed.total_mib} MiB: "
+                     + ("fits here" if not why else f"not here ({', '.join(why)})"))
         return "\n".join(lines)
 
 
@@ -100,7 +125,20 @@ def from_facts(facts: hostfacts.Facts) -> DoctorReport:
         hugepages=facts.hugepages,
         thp_mode=facts.thp_mode,
         accel_auto=facts.accel_auto,
+        phys_bits=facts.phys_bits,
+        shm_avail_mib=facts.shm_avail_mib,
+        alias_fit=_alias_fit(facts),
     )
+
+
+def _alias_fit(facts: hostfacts.Facts) -> Dict[str, int]:
+    """The largest aliased guest the host fits, as the report keeps it; {} if none."""
+    kvm = facts.accel_auto == "kvm"
+    bits = facts.phys_bits if kvm else alias.TCG_PHYS_BITS
+    fit = hostmem.largest_fit(facts.memory.available_mib, facts.shm_avail_mib, bits, kvm=kvm)
+    if fit is None:
+        return {}
+    return {"mem_mib": fit.mem_mib, "alias_mib": fit.alias_mib, "needs_mib": fit.estimate.total_mib}
 
 
 def doctor(host: Host, qemu: str = "") -> DoctorReport:

@@ -36,7 +36,7 @@ ID_COLUMNS = ("run_id", "started_at", "repeat", "sidecar")
 VARIANT_COLUMNS = ("host_kernel", "kernel_variant", "series_id")
 # What the run was: rows with equal values here are repeats of one scenario.
 SCENARIO_COLUMNS = (
-    "scenario", "host", "qemu_version", "accel", "cpu_model", "guest_mem_mib",
+    "scenario", "host", "qemu_version", "accel", "cpu_model", "guest_mem_mib", "alias_mib",
     "vcpus", "backing", "page_size_kib", "dirty_log_mode", "dirty_ring",
     "loops", "end_action",
 )
@@ -214,7 +214,7 @@ def failed_row(base: Mapping[str, Any], error: BaseException | str, sidecar: Opt
 
 _REQUIRED = ("run_id", "status")
 #: scenario keys that are numbers; their categories are numbers when every value is one
-NUMERIC_KEY_COLUMNS = ("guest_mem_mib", "vcpus", "page_size_kib", "dirty_ring")
+NUMERIC_KEY_COLUMNS = ("guest_mem_mib", "alias_mib", "vcpus", "page_size_kib", "dirty_ring")
 PathSpec = Union[str, "os.PathLike[str]"]
 
 

@@ -79,7 +79,7 @@ from harness.measure import clock as clockmod
 from harness.measure import kvm_stats, qemu_trace, verify
 from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
-from harness.qemu import backing, dirtylog, migration, schema, stuck
+from harness.qemu import alias, backing, dirtylog, migration, schema, stuck
 from harness.qemu.machine import VM, event_time_ns
 from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Stages, Timeline
 from harness.run.plan import CONSOLE_LOG, PROBE_SOCKET, HostFacts, RunPlan, plan_run, ram_pad_kib
@@ -252,11 +252,19 @@ class _Run:
         with contextlib.ExitStack() as dirs:
             src_rd = dirs.enter_context(host.runtime_dir("migstall-src-"))
             dst_rd = dirs.enter_context(host.runtime_dir("migstall-dst-"))
+            # aliased RAM: each side's shared file on tmpfs, removed once its QEMU is gone
+            src_alias = dst_alias = ""
+            if sc.alias_mib:
+                src_alias = f"{dirs.enter_context(alias.shm_dir(host, 'migstall-alias-src-'))}/{alias.ALIAS_FILE}"
+                dst_alias = f"{dirs.enter_context(alias.shm_dir(host, 'migstall-alias-dst-'))}/{alias.ALIAS_FILE}"
+                self.side["alias"] = {"src_path": src_alias, "dst_path": dst_alias,
+                                      "devices": sc.mem_mib // sc.alias_mib, "own_ram_mib": alias.OWN_RAM_MIB}
             mode = dirtylog.setup(sc.dirty_log_mode, sc.dirty_ring, accel, host, src_rd)
             self.side["mode"] = {"accel_opts": list(mode.accel_opts), "env": dict(mode.env),
                                  "trace_events": list(mode.trace_events)}
             facts = HostFacts(accel=accel, qemu_version=qver, kernel=kernel, initrd=initrd,
-                              src_rundir=src_rd, dst_rundir=dst_rd, mode=mode, prefix=tuple(prefix))
+                              src_rundir=src_rd, dst_rundir=dst_rd, mode=mode, prefix=tuple(prefix),
+                              src_alias_path=src_alias, dst_alias_path=dst_alias)
             self.plan = plan = plan_run(sc, facts, self.image, self.run_id, src_env=self.ctx.src_env)
             src, dst = (VM(host, p.name, list(p.argv), qemu=plan.qemu, prefix=plan.prefix, runtime_dir=p.runtime_dir,
                            env=p.env, log_dir=self.log_dir, launch_timeout=plan.launch_timeout_s,
@@ -323,8 +331,11 @@ class _Run:
             raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s of its start "
                              f"({' '.join(str(exc).split())}){note}", exc.log_path) from exc
         self._observe(touched_mib=ready.touched_mib, prefault_ms=ready.prefault_ms)
+        if ready.alias:
+            self.side.setdefault("alias", {})["probe"] = dict(ready.alias)
         await self._hook("ready")
-        page = backing.read_page_size(host, src.pid or 0, sc.mem_mib)
+        page = backing.read_page_size(host, src.pid or 0, sc.alias_mib or sc.mem_mib,
+                                      path_part=alias.ALIAS_FILE if sc.alias_mib else "")
         self._observe(page_size_kib=page.page_size_kib)
         self.side["ram_mapping"] = page.mapping
 
@@ -419,6 +430,10 @@ class _Run:
                                                        log_path=dst.path(CONSOLE_LOG))
                     stack.push_async_callback(_aclose, dchan)
                     await self._dump(dchan, dst)
+        if sc.alias_mib:
+            # what the source QEMU holds after prefault and migration (its peak): read at the
+            # end, not during the run, as smaps_rollup walks the page tables of every alias mapping
+            self.side["alias"]["src_memory"] = await asyncio.to_thread(backing.process_memory, host, src.pid or 0)
         self.side["query_migrate"] = q
         self._observe(migration=MigrationEnd(query=q, query_active=q_active))
         self.stages.start("collection")

@@ -46,7 +46,9 @@ from pydantic import BeforeValidator, Field, field_validator
 from harness import config_schema as schema
 from harness.config_schema import ConfigModel
 from harness.errors import KVMUnusable, UserError
+from harness import hostmem
 from harness.hosts.facts import HugePool
+from harness.qemu import alias
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,6 +100,8 @@ class Scenario:
     guest_kernel: str = ""          # "" = Debian's linux-image, cached
     l1_cmdline: str = ""            # virtual host only: extra L1 kernel args (e.g. kvm.tdp_mmu=0)
     verify: bool = False            # hash guest RAM on both sides after a completed migration
+    alias_mib: int = 0              # > 0: guest RAM aliased onto this much host memory (harness.qemu.alias)
+    alias_complete: bool = False    # an aliased guest may complete its migration (sends every alias)
     # Where the scenario came from, for error messages only (not compared):
     # "" = command-line flags, else "FILE [[scenario]] #N".
     origin: str = field(default="", compare=False)
@@ -237,6 +241,12 @@ class ScenarioTable(ConfigModel):
     verify: Optional[bool] = _key(
         "--verify", None, "after a completed migration, compare guest RAM on both sides page by page "
         "(the write loops keep writing until the source stops)")
+    alias_mib: Optional[Size] = _key(
+        "--alias-mib", "MIB", "alias the guest's RAM (mem) onto this much host memory: one shared file, "
+        "mapped mem/alias times as ivshmem BARs (a power of two; mem a multiple of it); default 0 = no aliasing")
+    alias_complete: Optional[bool] = _key(
+        "--alias-complete", None, "let an aliased guest's migration complete (it sends every alias); "
+        "aliased guests end with cancel otherwise")
     qemu: Optional[str] = _key("--qemu", "PATH", "QEMU binary on the host (default qemu-system-x86_64 on PATH)")
     guest_kernel: Optional[str] = _key(
         "--guest-kernel", "PATH", "guest kernel (default Debian's linux-image, cached)")
@@ -330,6 +340,9 @@ def _err(s: Scenario, key: str, problem: str, fix: str) -> UserError:
 def _expand(given: Mapping[str, Any], origin: str, flag_keys: Sequence[str]) -> List[Scenario]:
     """One checked entry (defaults | entry | flags) -> the list of its matrix scenarios."""
     values = dict(given)
+    if values.get("alias_mib"):         # README "Aliased guests": what an aliased guest does unless told
+        values.setdefault("end", "cancel")          # it measures the start, then cancels
+        values.setdefault("backing", ["memfd"])     # its RAM is one shared tmpfs file
     repeats = values.pop("repeat", 1)
     axis_keys = [k for k in MATRIX_KEYS if k in values]
     base = {_KEYS[k][0]: v for k, v in values.items() if k not in axis_keys}
@@ -404,6 +417,8 @@ class HostFacts:
     kvm_reason: str                       # one line: why KVM is (un)usable
     executables: Mapping[str, str]        # scenario.qemu ("" = default) -> resolved path, "" if missing
     supports_l1_cmdline: bool = False     # the host can boot with a scenario's l1_cmdline
+    phys_bits: int = 0                    # the CPU's physical address bits (0: unknown)
+    shm_avail_mib: int = -1               # free MiB in /dev/shm, where aliased RAM goes (-1: unknown)
 
 
 def check_static(s: Scenario) -> None:
@@ -433,7 +448,9 @@ def check_static(s: Scenario) -> None:
     if page_kib and s.mem_mib * 1024 % page_kib:
         raise _err(s, "mem", f"{s.mem_mib} MiB is not a multiple of the {page_kib // 1024} MiB page of {s.backing}",
                    f"round it to a multiple of {page_kib // 1024}M")
-    if s.touch_mib < 0 or s.touch_mib > s.mem_mib - GUEST_RESERVED_MIB:
+    if s.alias_mib or s.alias_complete:
+        _check_alias(s)
+    elif s.touch_mib < 0 or s.touch_mib > s.mem_mib - GUEST_RESERVED_MIB:
         raise _err(s, "touch", f"{s.touch_mib} MiB does not fit a {s.mem_mib} MiB guest",
                    f"touch at most mem - {GUEST_RESERVED_MIB} MiB ({s.mem_mib - GUEST_RESERVED_MIB}), "
                    "or 0 for as much as fits")
@@ -469,6 +486,69 @@ def check_static(s: Scenario) -> None:
                        "give the path of a bzImage/vmlinuz, or drop it to use Debian's kernel")
         if not os.access(p, os.R_OK):
             raise _err(s, "guest_kernel", f"{s.guest_kernel} is not readable", "fix its permissions")
+
+
+#: backings an aliased guest can have: the shared file is on tmpfs (4 KiB pages, shmem like memfd)
+ALIAS_BACKINGS = ("memfd",)
+
+
+def _check_alias(s: Scenario) -> None:
+    """An aliased guest (README "Aliased guests"): the layout's limits, and what does not apply to it."""
+    if not s.alias_mib:
+        raise _err(s, "alias_complete", "is set without alias_mib", "drop it, or give alias_mib")
+    for key, problem, fix in alias.check(s.mem_mib, s.alias_mib):
+        raise _err(s, key, problem, fix)
+    if s.backing not in ALIAS_BACKINGS:
+        raise _err(s, "backing", f"{s.backing!r} cannot back aliased RAM, which is one file shared by every alias "
+                   f"(a private mapping would copy each alias)", "use backing memfd (a tmpfs file, 4 KiB pages)")
+    if s.prealloc:
+        raise _err(s, "prealloc", "would make QEMU fault in every alias of an aliased guest at start",
+                   "drop prealloc: the probe prefaults the aliased ranges itself (touch)")
+    if s.verify:
+        raise _err(s, "verify", "does not apply to an aliased guest (every alias shows the same pages, "
+                   "and its migration is cancelled)", "drop verify, or drop alias_mib")
+    if s.end_action == "complete" and not s.alias_complete:
+        raise _err(s, "end", f"complete would send every alias ({s.mem_mib} MiB) to the destination",
+                   "use end cancel (the default for aliased guests), or add alias_complete = true "
+                   "(--alias-complete) if you mean it")
+    if s.touch_mib < 0 or s.touch_mib > s.mem_mib:
+        raise _err(s, "touch", f"{s.touch_mib} MiB does not fit the {s.mem_mib} MiB of aliased RAM",
+                   f"touch at most {s.mem_mib} MiB, or 0 for all of it")
+    if s.accel == "tcg":
+        need = alias.address_bits_needed(alias.AliasLayout(s.mem_mib, s.alias_mib))
+        if need > alias.TCG_PHYS_BITS:
+            raise _err(s, "mem", f"{s.mem_mib} MiB of alias BARs need {need} guest physical address bits, "
+                       f"TCG's -cpu max has {alias.TCG_PHYS_BITS}", "give a smaller mem under tcg, or use kvm")
+
+
+def alias_estimate(s: Scenario, accel: str) -> Optional[hostmem.Estimate]:
+    """The host memory an aliased scenario needs (:mod:`harness.hostmem`); None if not aliased."""
+    if not s.alias_mib:
+        return None
+    return hostmem.estimate(alias.AliasLayout(s.mem_mib, s.alias_mib), kvm=accel == "kvm",
+                            mapping_kib=HUGETLB_PAGE_KIB.get(s.backing, 4), complete=s.end_action == "complete")
+
+
+def _check_alias_host(s: Scenario, facts: "HostFacts", accel: str) -> None:
+    """What an aliased guest needs of the host: address bits, tmpfs room, the memory estimate."""
+    layout = alias.AliasLayout(s.mem_mib, s.alias_mib)
+    bits = alias.address_bits_needed(layout)
+    if accel == "tcg" and bits > alias.TCG_PHYS_BITS:
+        raise _err(s, "mem", f"{s.mem_mib} MiB of alias BARs need {bits} guest physical address bits, "
+                   f"TCG's -cpu max has {alias.TCG_PHYS_BITS}", "give a smaller mem under tcg, or use kvm")
+    if accel == "kvm" and facts.phys_bits and bits > facts.phys_bits:
+        raise _err(s, "mem", f"{s.mem_mib} MiB of alias BARs need {bits} guest physical address bits, the host's "
+                   f"CPU has {facts.phys_bits} (-cpu host passes them on)", "give a smaller mem on this host")
+    if 0 <= facts.shm_avail_mib < s.alias_mib:
+        raise _err(s, "alias_mib", f"{s.alias_mib} MiB does not fit the {facts.shm_avail_mib} MiB free in "
+                   f"{alias.SHM_DIR}, where the shared file goes",
+                   f"free {alias.SHM_DIR}, enlarge it (mount -o remount,size=...), or give a smaller alias_mib")
+    est = alias_estimate(s, accel)
+    if est is not None and est.total_mib > facts.mem_available_mib and not s.overcommit:
+        raise _err(s, "alias_mib", f"{s.mem_mib} MiB aliased onto {s.alias_mib} MiB needs about {est.total_mib} MiB "
+                   f"of host memory, the host has {facts.mem_available_mib} MiB available "
+                   f"(estimate: {est.text()})",
+                   "give a smaller mem, use 2 MiB pages, or run on a larger host (--overcommit if you mean it)")
 
 
 def _check_tcg(s: Scenario, because: str) -> None:
@@ -517,6 +597,8 @@ def validate(s: Scenario, facts: HostFacts) -> None:
                        f"guest and its migration destination, the pool has {pool.free} free",
                        f"as root: echo {pool.total - pool.free + need} > {pool_dir}/nr_hugepages "
                        f"(or hugepagesz=/hugepages= on the kernel command line)")
+    elif s.alias_mib:
+        _check_alias_host(s, facts, accel)
     elif s.mem_mib > facts.mem_total_mib and not s.overcommit:
         raise _err(s, "mem", f"{s.mem_mib} MiB is more than the host's {facts.mem_total_mib} MiB",
                    "give a smaller size, or add --overcommit if you mean it")
@@ -534,6 +616,7 @@ def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
     from harness.hosts import facts as hostfacts
 
     mem = hostfacts.read_memory(host)
+    aliased = any(s.alias_mib for s in scenarios)
     executables = {q: hostfacts.find_qemu(host, q) for q in sorted({s.qemu for s in scenarios})}
     wants_kvm = [s for s in scenarios if s.accel in ("auto", "kvm")]
     if wants_kvm:
@@ -554,6 +637,8 @@ def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
         kvm_reason=reason,
         executables=executables,
         supports_l1_cmdline=bool(getattr(host, "supports_l1_cmdline", False)),
+        phys_bits=hostfacts.phys_address_bits(host) if aliased else 0,
+        shm_avail_mib=hostfacts.free_mib(host, alias.SHM_DIR) if aliased else -1,
     )
 
 

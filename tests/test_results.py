@@ -72,3 +72,19 @@ def test_unwritable_out_is_user_error(tmp_path):
             results.check_writable(d / "x.csv")
     finally:
         os.chmod(d, 0o700)
+
+
+def test_readme_lists_every_column_and_the_scenario_group():
+    """README "Columns" has a row for every CSV column, and "CSV schema" names the
+    scenario group (compare groups on it: an aliased guest never joins a real one)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Columns (", 1)[1].split("\n### ", 1)[0]
+    named = {c for line in table.splitlines() if line.startswith("| `")
+             for c in re.findall(r"`([a-z0-9_]+)`", line.split(" | ", 1)[0])}
+    assert [c for c in results.COLUMNS if c not in named] == []
+    schema = " ".join(readme.split("### CSV schema", 1)[1].split("\n### ", 1)[0].split())
+    assert "SCENARIO `" + " ".join(results.SCENARIO_COLUMNS) + "`" in schema
+    assert "alias_mib" in results.SCENARIO_COLUMNS

@@ -9,6 +9,12 @@
  *      between consecutive iterations that is >= the threshold,
  *   5. answers "mark" and "dump" commands from the harness.
  *
+ * With migstall.alias=N the guest's RAM under test is aliased (README
+ * "Aliased guests"): N ivshmem BARs, all backed by the same host pages.  The
+ * probe then touches and writes those BARs instead of its own memory, through
+ * /sys/bus/pci/devices/.../resource2_wc mapped a window at a time, so that the
+ * guest's page tables stay small; the guest kernel never uses them as RAM.
+ *
  * The protocol is described in docs/probe-protocol.md.  Configuration comes
  * from the kernel command line (migstall.*).  Built static by the harness:
  *   gcc -static -O2 -pthread -o probe probe.c
@@ -52,6 +58,11 @@
 #define SERIAL_DEV "/dev/ttyS1"
 #define CHANNEL_WAIT_S 20
 #define CONTROL_RT_PRIO 50      /* SCHED_FIFO priority of the control thread */
+#define MAX_ALIAS 256           /* aliased-RAM devices (the harness places at most 232) */
+#define ALIAS_WINDOW_MAX (8192 * MIB) /* largest window of aliased RAM one thread maps */
+#define ALIAS_PT_BUDGET (64 * MIB)    /* guest page tables of all threads' windows: 8 B per 4 KiB */
+#define IVSHMEM_VENDOR 0x1af4
+#define IVSHMEM_DEVICE 0x1110
 
 enum cls { CLS_PIO, CLS_WRITE, CLS_CPU };
 static const char *const cls_names[] = { "pio", "write", "cpu" };
@@ -62,8 +73,13 @@ struct worker {
 	int cpu;
 	int cls;
 	int port_fd;                    /* pio via /dev/port when outb faults; -1 = outb */
-	char *region;                   /* this worker's touched memory */
+	char *region;                   /* this worker's touched memory (aliased: the mapped window) */
 	size_t bytes;
+	uint64_t alias_start;           /* aliased: this worker's share of the aliased range */
+	uint64_t win_off;               /* aliased: offset in the share where the window starts */
+	size_t win_len;                 /* aliased: length of the mapped window (0: none) */
+	uint64_t remaps;                /* aliased write loop: window changes in the loop */
+	uint64_t remap_ticks;           /* their time, not counted as gaps */
 	struct stall *stalls;           /* preallocated and pre-touched */
 	size_t nstalls;
 	uint64_t dropped;
@@ -72,6 +88,12 @@ struct worker {
 	uint64_t sink;
 	pthread_t th;
 } __attribute__((aligned(64)));
+
+struct alias_bar {
+	char path[300];                 /* resource2_wc (or resource2) in sysfs */
+	uint64_t start, size;           /* guest-physical */
+	int fd;
+};
 
 static struct {
 	/* configuration */
@@ -83,6 +105,7 @@ static struct {
 	long write_mib;                 /* write loop cycles over this much of its region; 0 = all */
 	char channel[16];               /* "virtio" | "serial" | "" (auto) */
 	char clock_req[8];              /* "tsc" | "mono" | "" (auto) */
+	long alias_devices;             /* aliased RAM: ivshmem BARs expected; 0 = not aliased */
 
 	/* clock */
 	int use_tsc;
@@ -102,6 +125,12 @@ static struct {
 	atomic_ulong done_bytes;
 	uint64_t total_bytes;
 	int loops_stopped;
+
+	/* aliased RAM: the BARs, in guest-physical order */
+	int nalias;
+	struct alias_bar alias[MAX_ALIAS];
+	uint64_t alias_total;
+	uint64_t alias_window;          /* bytes one thread maps at a time */
 } g = {
 	.threshold_us = 50,
 	.max_stalls = 131072,
@@ -358,6 +387,8 @@ static void read_cmdline(void)
 			g.max_stalls = parse_num(k, v, 1);
 		else if (!strcmp(k, "migstall.channel"))
 			snprintf(g.channel, sizeof g.channel, "%s", v);
+		else if (!strcmp(k, "migstall.alias"))
+			g.alias_devices = parse_num(k, v, 0);
 		else if (!strcmp(k, "migstall.clock"))
 			snprintf(g.clock_req, sizeof g.clock_req, "%s", v);
 		else
@@ -502,6 +533,122 @@ static void open_channel(void)
 	fprintf(stderr, "probe: channel %s\n", SERIAL_DEV);
 }
 
+/* ------------------------------------------------------- aliased RAM */
+
+static void read_small(const char *path, char *buf, size_t len);
+
+static int read_hex_file(const char *path, unsigned long long *out)
+{
+	char buf[64];
+	read_small(path, buf, sizeof buf);
+	return buf[0] && sscanf(buf, "%llx", out) == 1;
+}
+
+static int cmp_alias(const void *a, const void *b)
+{
+	uint64_t x = ((const struct alias_bar *)a)->start, y = ((const struct alias_bar *)b)->start;
+	return x < y ? -1 : x > y;
+}
+
+/* The ivshmem BARs (BAR 2) the harness gave the guest, sorted by address. */
+static void find_alias(void)
+{
+	DIR *d = opendir("/sys/bus/pci/devices");
+	struct dirent *e;
+	if (!d)
+		fatal("aliased RAM: cannot list /sys/bus/pci/devices: %s", strerror(errno));
+	while ((e = readdir(d))) {
+		char path[512], line[256];
+		unsigned long long ven, dev, s0, e0, f0;
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/vendor", e->d_name);
+		if (!read_hex_file(path, &ven) || ven != IVSHMEM_VENDOR)
+			continue;
+		snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/device", e->d_name);
+		if (!read_hex_file(path, &dev) || dev != IVSHMEM_DEVICE)
+			continue;
+		snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/resource", e->d_name);
+		FILE *f = fopen(path, "r");
+		int ok = 0;
+		for (int i = 0; f && i < 3 && fgets(line, sizeof line, f); i++)
+			ok = i == 2 && sscanf(line, "%llx %llx %llx", &s0, &e0, &f0) == 3 && e0 > s0;
+		if (f)
+			fclose(f);
+		if (!ok)
+			fatal("aliased RAM: device %s has no BAR 2 assigned (the firmware or the guest kernel could not "
+			      "place it; see the guest console)", e->d_name);
+		if (g.nalias == MAX_ALIAS)
+			fatal("aliased RAM: more than %d ivshmem devices", MAX_ALIAS);
+		int k = g.nalias++;
+		/* write-combining where the BAR is prefetchable (it is): no uncached stores under NPT */
+		snprintf(g.alias[k].path, sizeof g.alias[k].path, "/sys/bus/pci/devices/%s/resource2_wc", e->d_name);
+		if (access(g.alias[k].path, F_OK) != 0)
+			snprintf(g.alias[k].path, sizeof g.alias[k].path, "/sys/bus/pci/devices/%s/resource2", e->d_name);
+		g.alias[k].start = s0;
+		g.alias[k].size = e0 - s0 + 1;
+	}
+	closedir(d);
+	if (g.nalias != g.alias_devices)
+		fatal("aliased RAM: found %d ivshmem BARs, the harness gave the guest %ld", g.nalias, g.alias_devices);
+	qsort(g.alias, (size_t)g.nalias, sizeof g.alias[0], cmp_alias);
+	for (int k = 0; k < g.nalias; k++) {
+		g.alias[k].fd = open(g.alias[k].path, O_RDWR | O_CLOEXEC);
+		if (g.alias[k].fd < 0)
+			fatal("aliased RAM: cannot open %s: %s", g.alias[k].path, strerror(errno));
+		g.alias_total += g.alias[k].size;
+	}
+}
+
+/* The window size: the guest page tables of every thread's window within
+ * ALIAS_PT_BUDGET (a 4 KiB page costs an 8-byte PTE), at most ALIAS_WINDOW_MAX.
+ * Large windows keep window changes rare: each is a munmap, whose TLB
+ * shootdown interrupts the other vCPUs' loops (same mm). */
+static void alias_window_size(void)
+{
+	uint64_t w = ALIAS_PT_BUDGET / (uint64_t)g.ncpus / 8 * PAGE;
+	if (w > ALIAS_WINDOW_MAX)
+		w = ALIAS_WINDOW_MAX;
+	w &= ~(2 * MIB - 1);
+	g.alias_window = w ? w : 2 * MIB;
+}
+
+/* Map the window of w's share that starts at share offset `off`: at most
+ * g.alias_window, never past the share, contiguous in the probe's address
+ * space even where it spans several BARs (one MAP_FIXED mapping of each BAR
+ * piece into a reserved range).  Unmaps the old window first. */
+static void alias_map(struct worker *w, uint64_t off)
+{
+	if (w->win_len)
+		munmap(w->region, w->win_len);
+	w->win_len = 0;
+	uint64_t len = w->bytes - off < g.alias_window ? w->bytes - off : g.alias_window;
+	char *base = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (base == MAP_FAILED)
+		fatal("aliased RAM: cannot reserve %llu bytes of address space: %s", (unsigned long long)len,
+		      strerror(errno));
+	uint64_t pos = w->alias_start + off, done = 0;
+	int k = 0;
+	while (k < g.nalias - 1 && pos >= g.alias[k].size) {
+		pos -= g.alias[k].size;
+		k++;
+	}
+	while (done < len) {
+		uint64_t piece = g.alias[k].size - pos < len - done ? g.alias[k].size - pos : len - done;
+		void *p = mmap(base + done, piece, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g.alias[k].fd,
+			       (off_t)pos);
+		if (p == MAP_FAILED)
+			fatal("aliased RAM: cannot map %llu bytes of %s at %llu: %s", (unsigned long long)piece,
+			      g.alias[k].path, (unsigned long long)pos, strerror(errno));
+		done += piece;
+		pos = 0;
+		k++;
+	}
+	w->region = base;
+	w->win_off = off;
+	w->win_len = (size_t)len;
+}
+
 /* ------------------------------------------------------- measure loops */
 
 static inline void account(struct worker *w, uint64_t prev, uint64_t t)
@@ -570,6 +717,37 @@ static void loop_write(struct worker *w)
 		uint64_t t = now();
 		account(w, prev, t);
 		prev = t;
+	}
+}
+
+/* The write loop over aliased RAM: the same stores, across the whole share,
+ * a window at a time.  Changing the window is a system call (munmap + mmap
+ * of up to g.alias_window): its time is left out of the gaps and counted in
+ * remaps/remap_ns instead, so it neither hides in nor inflates the stalls. */
+static void loop_write_alias(struct worker *w)
+{
+	uint64_t span = w->bytes, off = 0;
+	if (g.write_mib && (uint64_t)g.write_mib * MIB < span)
+		span = (uint64_t)g.write_mib * MIB;
+	alias_map(w, 0);
+	started();
+	uint64_t prev = now();
+	while (!stopped()) {
+		*(volatile uint64_t *)(w->region + (off - w->win_off) + (w->iters & 63) * 8) = w->iters;
+		off += PAGE;
+		uint64_t t = now();
+		account(w, prev, t);
+		prev = t;
+		if (off >= span)
+			off = 0;
+		/* past the window: map the next one (a share that fits one window never does) */
+		if (off < w->win_off || off - w->win_off >= w->win_len) {
+			alias_map(w, off);
+			uint64_t t2 = now();
+			w->remaps++;
+			w->remap_ticks += t2 - t;
+			prev = t2;
+		}
 	}
 }
 
@@ -653,7 +831,20 @@ static void *worker_main(void *arg)
 
 	/* prefault */
 	const size_t chunk = 4 * MIB;
-	for (size_t off = 0; off < w->bytes; off += chunk) {
+	if (g.nalias) {
+		/* aliased: window by window; each touch maps a 4 KiB page in KVM */
+		for (uint64_t off = 0; off < w->bytes; off += w->win_len) {
+			alias_map(w, off);
+			for (size_t o = 0; o < w->win_len; o += PAGE)
+				((volatile char *)w->region)[o] = 1;
+			uint64_t before = atomic_fetch_add(&g.done_bytes, (uint64_t)w->win_len);
+			report_progress(before, before + w->win_len);
+		}
+		if (w->win_len)
+			munmap(w->region, w->win_len);
+		w->win_len = 0;
+	}
+	for (size_t off = 0; !g.nalias && off < w->bytes; off += chunk) {
 		size_t end = off + chunk < w->bytes ? off + chunk : w->bytes;
 		for (size_t o = off; o < end; o += PAGE)
 			((volatile char *)w->region)[o] = 1;
@@ -669,7 +860,10 @@ static void *worker_main(void *arg)
 		loop_pio(w);
 		break;
 	case CLS_WRITE:
-		loop_write(w);
+		if (g.nalias)
+			loop_write_alias(w);
+		else
+			loop_write(w);
 		break;
 	default:
 		loop_cpu(w);
@@ -736,7 +930,8 @@ static void send_dump(void)
 			last--;
 		for (int k = 0; k <= last; k++)
 			sb_printf(&b, "%s%lu", k ? "," : "", (unsigned long)w->hist[k]);
-		sb_printf(&b, "],\"dropped\":%lu}", (unsigned long)w->dropped);
+		sb_printf(&b, "],\"dropped\":%lu,\"remaps\":%lu,\"remap_ns\":%lu}", (unsigned long)w->dropped,
+			  (unsigned long)w->remaps, (unsigned long)ticks_to_ns(w->remap_ticks));
 		send_line(&b);
 	}
 	struct sb b = { 0 };
@@ -836,11 +1031,17 @@ int main(void)
 	}
 
 	/* how much to touch */
+	if (g.alias_devices) {
+		find_alias();
+		alias_window_size();
+	}
 	long avail_mib = meminfo_kib("MemAvailable") / 1024;
 	long total_mib = meminfo_kib("MemTotal") / 1024;
 	long reserve = total_mib / 8 > 64 ? total_mib / 8 : 64;
 	long spare = avail_mib - reserve;
 	long per = 0;
+	if (g.nalias)   /* aliased: the BARs, not the guest's own memory */
+		spare = (long)(g.alias_total / MIB);
 	if (spare < g.ncpus)
 		fatal("the guest has no memory to spare (MemAvailable %ld MiB, reserve %ld MiB)", avail_mib, reserve);
 	long want = g.touch_mib ? g.touch_mib : spare;
@@ -853,7 +1054,11 @@ int main(void)
 	if (per < 1)
 		per = 1;
 	g.total_bytes = (uint64_t)per * (uint64_t)g.ncpus * MIB;
-	for (int i = 0; i < g.ncpus; i++) {
+	for (int i = 0; i < g.ncpus && g.nalias; i++) {
+		g.workers[i].bytes = (size_t)per * MIB;
+		g.workers[i].alias_start = (uint64_t)i * (uint64_t)per * MIB;
+	}
+	for (int i = 0; i < g.ncpus && !g.nalias; i++) {
 		struct worker *w = &g.workers[i];
 		w->bytes = (size_t)per * MIB;
 		w->region = mmap(NULL, w->bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -897,7 +1102,13 @@ int main(void)
 		  g.touch_mib, avail_mib, pio_method);
 	for (int i = 0; i < g.ncpus; i++)
 		sb_printf(&b, "%s\"%s\"", i ? "," : "", cls_names[g.workers[i].cls]);
-	sb_printf(&b, "]}");
+	sb_printf(&b, "]");
+	if (g.nalias)
+		sb_printf(&b, ",\"alias\":{\"devices\":%d,\"bar_mib\":%lu,\"total_mib\":%lu,\"window_mib\":%lu,"
+			  "\"first_gpa\":%llu}", g.nalias, (unsigned long)(g.alias[0].size / MIB),
+			  (unsigned long)(g.alias_total / MIB), (unsigned long)(g.alias_window / MIB),
+			  (unsigned long long)g.alias[0].start);
+	sb_printf(&b, "}");
 	send_line(&b);
 	fprintf(stderr, "probe: ready: %lu MiB touched in %.1f ms\n", (unsigned long)(g.total_bytes / MIB), ms);
 

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Boot a guest, migrate it to a destination QEMU and measure dirty-log start, "
                                    "migration times and guest stalls; one CSV row per run.")
     add_output_arguments(p)
+    p.add_argument("--check", action="store_true",
+                   help="check the scenarios without the host (names, ranges, combinations, aliased-RAM limits), "
+                        "print each one with the host memory an aliased one needs, and exit; starts nothing")
     add_scenario_arguments(p)
     p.set_defaults(func=run)
 
@@ -93,7 +96,35 @@ def execute(args: argparse.Namespace, scenarios_loader=None) -> List[Dict[str, A
         return asyncio.run(runner.run_matrix(ctx, scenarios))
 
 
+def check_lines(scenarios: Sequence[Any]) -> List[str]:
+    """``run --check``: one line per scenario; an aliased one also gets the
+    host memory it needs (:mod:`harness.hostmem`; KVM's items unless it asks for tcg)."""
+    from harness.qemu import alias
+    from harness.scenario import alias_estimate
+
+    out = []
+    for s in scenarios:
+        line = (f"{s.name} r{s.repeat}: mem {s.mem_mib} MiB, {s.vcpus} vCPUs ({'+'.join(s.loop_list)}), "
+                f"backing {s.backing}, accel {s.accel}, dirty_log_mode {s.dirty_log_mode}, end {s.end_action}")
+        est = alias_estimate(s, "tcg" if s.accel == "tcg" else "kvm")
+        if est is not None:
+            layout = alias.AliasLayout(s.mem_mib, s.alias_mib)
+            line += (f"; aliased onto {s.alias_mib} MiB: {layout.devices} ivshmem BARs, "
+                     f"{alias.address_bits_needed(layout)} guest physical address bits; "
+                     f"host memory needed about {est.text()}")
+        out.append(line)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.check:
+        from harness.scenario import static_scenarios
+
+        scenarios = static_scenarios(args)
+        for line in check_lines(scenarios):
+            print(line)
+        print(f"{len(scenarios)} scenario(s) check out (the host is checked when they run)")
+        return 0
     rows = execute(args)
     print_rows(rows)
     print(f"results: {args.out}")

@@ -21,8 +21,8 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from harness.errors import GuestError, HostError
 from harness.hosts.base import Host, HostStream
@@ -49,6 +49,8 @@ class ReadyInfo:
     prefault_ms: float
     loops: Tuple[str, ...]
     pio_method: str = "outb"    # "devport" where outb faults (nested SVM under TCG)
+    #: aliased guests: what the probe found and mapped (devices, bar_mib, total_mib, window_mib, first_gpa)
+    alias: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class LoopRecord:
     stalls: Tuple[Tuple[int, int], ...]
     hist_log2us: Tuple[int, ...]
     dropped: int
+    #: aliased write loops: window changes inside the loop and their time, left out of the gaps
+    remaps: int = 0
+    remap_ns: int = 0
 
 
 class ProbeChannel:
@@ -234,7 +239,8 @@ class ProbeChannel:
                 try:
                     return ReadyInfo(int(ev["touched_mib"]), float(ev["prefault_ms"]),
                                      tuple(str(x) for x in ev["loops"]),
-                                     str(ev.get("pio_method", "outb")))
+                                     str(ev.get("pio_method", "outb")),
+                                     {str(k): int(v) for k, v in (ev.get("alias") or {}).items()})
                 except (KeyError, TypeError, ValueError) as exc:
                     raise self._error(f"malformed READY from the probe: {ev}") from exc
             elif kind == "hello":
@@ -276,7 +282,8 @@ class ProbeChannel:
                         iters=int(ev["iters"]),
                         stalls=tuple((int(t), int(d)) for t, d in ev["stalls"]),
                         hist_log2us=tuple(int(n) for n in ev["hist_log2us"]),
-                        dropped=int(ev["dropped"])))
+                        dropped=int(ev["dropped"]), remaps=int(ev.get("remaps", 0)),
+                        remap_ns=int(ev.get("remap_ns", 0))))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise self._error(f"malformed stalls record from the probe: {str(ev)[:300]}") from exc
             elif ev["ev"] == "end":

@@ -203,6 +203,8 @@ def kernel_cmdline(image: GuestImage, scenario: Scenario,
         f"migstall.touch_mib={scenario.touch_mib}",
         f"migstall.loops={','.join(scenario.loop_list)}",
         f"migstall.threshold_us={scenario.threshold_us}",
+        # aliased RAM: the probe touches the ivshmem BARs (harness.qemu.alias), not its own memory
+        *([f"migstall.alias={scenario.mem_mib // scenario.alias_mib}"] if scenario.alias_mib else []),
         *(f"migstall.{k}={v}" for k, v in sorted(extra.items())),
     ])
 

@@ -154,6 +154,20 @@ def read_memory(host: Host) -> Memory:
     return Memory(mem.get("MemTotal", 0) // 1024, mem.get("MemAvailable", 0) // 1024)
 
 
+def phys_address_bits(host: Host) -> int:
+    """The CPU's physical address bits (``address sizes`` of /proc/cpuinfo); 0 if unknown."""
+    m = re.search(r"^address sizes\s*:\s*(\d+) bits physical", _read_text(host, "/proc/cpuinfo") or "", re.M)
+    return int(m.group(1)) if m else 0
+
+
+def free_mib(host: Host, path: str) -> int:
+    """Free MiB of the filesystem holding ``path`` (``df``); -1 if unknown."""
+    res = host.run(["df", "-Pk", path], check=False, timeout=QUICK_COMMAND_TIMEOUT_S)
+    lines = res.text.splitlines() if res.returncode == 0 else []
+    fields = lines[-1].split() if len(lines) >= 2 else []
+    return int(fields[3]) // 1024 if len(fields) >= 4 and fields[3].isdigit() else -1
+
+
 def online_cpus(host: Host) -> int:
     text = (_read_text(host, "/sys/devices/system/cpu/online") or "").strip()
     count = 0
@@ -350,6 +364,8 @@ class Facts:
     memory: Memory
     hugepages: Tuple[HugePool, ...]  # by page size
     thp_mode: str                   # always | madvise | never | "" (no THP)
+    phys_bits: int = 0              # the CPU's physical address bits (0: unknown)
+    shm_avail_mib: int = -1         # free MiB in /dev/shm, where aliased guest RAM goes (-1: unknown)
 
     @property
     def accel_auto(self) -> str:
@@ -378,4 +394,6 @@ def gather(host: Host, qemu: str = "") -> Facts:
         memory=memory,
         hugepages=tuple(hugepage_pools(host)),
         thp_mode=thp_mode(host),
+        phys_bits=phys_address_bits(host),
+        shm_avail_mib=free_mib(host, "/dev/shm"),
     )

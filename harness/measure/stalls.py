@@ -104,6 +104,10 @@ def per_vcpu(records: Sequence[Any], clock: ClockMap, windows: Dict[str, Tuple[i
             "iters": _a(rec, "iters"), "dropped": _a(rec, "dropped"),
             "hist_log2us": list(_a(rec, "hist_log2us")), "stalls": stalls,
         }
+        remaps = rec.get("remaps", 0) if isinstance(rec, dict) else getattr(rec, "remaps", 0)
+        if remaps:      # an aliased write loop's window changes, left out of its gaps (probe protocol)
+            item["remaps"] = remaps
+            item["remap_ns"] = rec.get("remap_ns", 0) if isinstance(rec, dict) else getattr(rec, "remap_ns", 0)
         for wname, (w0, w1) in windows.items():
             durs = [s["dur_us"] for s in stalls if s["host_ns"] < w1 and s["host_ns"] + s["dur_us"] * 1000 > w0]
             item[f"{wname}_max_us"] = max(durs) if durs else 0.0

@@ -124,12 +124,15 @@ def _kb(entry: Dict[str, str], key: str) -> int:
     return int(v[0]) if v and v[0].isdigit() else 0
 
 
-def page_size_obtained(smaps_text: str, mem_mib: int) -> PageInfo:
-    """Pick the guest RAM mapping from smaps text and say which page size backs it."""
+def page_size_obtained(smaps_text: str, mem_mib: int, path_part: str = "") -> PageInfo:
+    """Pick the guest RAM mapping from smaps text and say which page size backs it.
+    ``path_part``: only mappings of a file whose path contains it (an aliased
+    guest's shared file: ``mem_mib`` is then the alias size)."""
     want = mem_mib * 1024 * 1024
     # guest RAM is read-write and not executable (TCG's code buffer is rwx)
     cands = [m for m in parse_smaps(smaps_text)
-             if int(m["bytes"]) >= want and m["perms"].startswith("rw") and "x" not in m["perms"]]
+             if int(m["bytes"]) >= want and m["perms"].startswith("rw") and "x" not in m["perms"]
+             and path_part in m["path"]]
     if not cands:
         return PageInfo(None)
     ram = min(cands, key=lambda m: int(m["bytes"]))
@@ -142,10 +145,40 @@ def page_size_obtained(smaps_text: str, mem_mib: int) -> PageInfo:
     return PageInfo(size, ram)
 
 
-def read_page_size(host: Host, pid: int, mem_mib: int) -> PageInfo:
+def read_page_size(host: Host, pid: int, mem_mib: int, path_part: str = "") -> PageInfo:
     try:
         text = host.read_bytes(f"/proc/{pid}/smaps").decode(errors="replace")
     except Exception as exc:  # noqa: BLE001  gone, or not permitted
         log.warning("cannot read /proc/%d/smaps: %s", pid, exc)
         return PageInfo(None)
-    return page_size_obtained(text, mem_mib)
+    return page_size_obtained(text, mem_mib, path_part)
+
+
+#: /proc/<pid>/status and smaps_rollup fields :func:`process_memory` keeps (KiB)
+MEMORY_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
+def parse_memory(status_text: str, rollup_text: str) -> Dict[str, int]:
+    """The :data:`MEMORY_FIELDS` found in ``/proc/<pid>/status`` and ``smaps_rollup`` text, KiB."""
+    out: Dict[str, int] = {}
+    for line in (status_text + "\n" + rollup_text).splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if key in MEMORY_FIELDS and parts and parts[0].isdigit():
+            out[key] = int(parts[0])
+    return out
+
+
+def process_memory(host: Host, pid: int) -> Dict[str, int]:
+    """A QEMU's memory, KiB: ``VmHWM``/``VmRSS`` and the ``Rss*`` of its status,
+    the ``Pss*`` of its smaps_rollup.  The Rss counters count a page once per
+    mapping of it, so an aliased guest's shared file counts once per alias
+    there; ``Pss`` shares each page among its mappings and counts it once.
+    {} when unreadable (the QEMU is gone)."""
+    try:
+        status = host.read_bytes(f"/proc/{pid}/status").decode(errors="replace")
+        rollup = host.read_bytes(f"/proc/{pid}/smaps_rollup").decode(errors="replace")
+    except Exception as exc:  # noqa: BLE001  gone, or not permitted: a diagnostic only
+        log.warning("cannot read the memory of process %d: %s", pid, exc)
+        return {}
+    return parse_memory(status, rollup)

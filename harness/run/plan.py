@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 from harness.guest.image import GuestImage, guest_qemu_args
 from harness.measure import verify
-from harness.qemu import backing, dirtylog, migration
+from harness.qemu import alias, backing, dirtylog, migration
 from harness.scenario import Scenario
 
 #: seconds ``qemu -daemonize`` may take to return: generous, because a nested
@@ -43,6 +43,9 @@ class HostFacts:
     dst_rundir: str
     mode: dirtylog.ModeSetup           #: the dirty-log mode's accel options, env, trace events
     prefix: Tuple[str, ...] = ()       #: QEMU's exec prefix (backing.exec_prefix)
+    #: aliased guests: each side's shared file on the host (tmpfs), "" otherwise
+    src_alias_path: str = ""
+    dst_alias_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,18 @@ def accel_args(accel: str, scenario: Scenario, mode: dirtylog.ModeSetup) -> List
     return ["-accel", "tcg,thread=multi", "-cpu", scenario.cpu_model or "max"]
 
 
+def memory_args(scenario: Scenario, pad_kib: int, alias_path: str) -> List[str]:
+    """Guest RAM: the scenario's backing; for an aliased guest the kernel's own
+    RAM (alias.OWN_RAM_MIB) plus the alias devices on the file ``alias_path``."""
+    sc = scenario
+    if not sc.alias_mib:
+        return backing.memory_args(sc.backing, sc.mem_mib, sc.prealloc, pad_kib)
+    if not alias_path:
+        raise ValueError("an aliased scenario needs the path of its shared file")
+    layout = alias.AliasLayout(sc.mem_mib, sc.alias_mib)
+    return [*backing.memory_args(sc.backing, layout.own_mib, False), *alias.qemu_args(layout, alias_path)]
+
+
 def plan_run(scenario: Scenario, facts: HostFacts, image: GuestImage, run_id: str,
              src_env: Optional[Mapping[str, str]] = None) -> RunPlan:
     """The QEMU command lines of a run of ``scenario`` on a host with ``facts``.
@@ -107,19 +122,21 @@ def plan_run(scenario: Scenario, facts: HostFacts, image: GuestImage, run_id: st
     check = verifying(sc)
     pad = ram_pad_kib(sc, facts.accel, facts.qemu_version)
 
-    def common(rundir: str) -> List[str]:
+    def common(rundir: str, alias_path: str) -> List[str]:
         return [*accel_args(facts.accel, sc, mode),
                 *backing.attach_args(facts.qemu_version),
                 "-smp", str(sc.vcpus),
-                *backing.memory_args(sc.backing, sc.mem_mib, sc.prealloc, pad),
+                *memory_args(sc, pad, alias_path),
                 "-nodefaults", "-no-user-config",
                 *guest_qemu_args(image, kernel=facts.kernel, initrd=facts.initrd,
                                  channel_socket=f"{rundir}/{PROBE_SOCKET}",
                                  console_log=f"{rundir}/{CONSOLE_LOG}", scenario=sc)]
 
     paused = ["-S"] if check else []
-    src = VMPlan(f"{run_id}-src", tuple(common(facts.src_rundir)), {**mode.env, **(src_env or {})}, facts.src_rundir)
-    dst = VMPlan(f"{run_id}-dst", tuple(common(facts.dst_rundir) + list(migration.INCOMING_ARGS) + paused),
+    src = VMPlan(f"{run_id}-src", tuple(common(facts.src_rundir, facts.src_alias_path)),
+                 {**mode.env, **(src_env or {})}, facts.src_rundir)
+    dst = VMPlan(f"{run_id}-dst", tuple(common(facts.dst_rundir, facts.dst_alias_path) + list(migration.INCOMING_ARGS)
+                                        + paused),
                  dict(mode.env), facts.dst_rundir)
     return RunPlan(accel=facts.accel, cpu_model=default_cpu_model(sc, facts.accel),
                    qemu=sc.qemu or "qemu-system-x86_64", qemu_version=facts.qemu_version, prefix=facts.prefix,

@@ -53,6 +53,7 @@ class Row:
     accel: str = ""
     cpu_model: str = ""
     guest_mem_mib: Optional[int] = None
+    alias_mib: Optional[int] = None
     vcpus: Optional[int] = None
     backing: str = ""
     page_size_kib: Optional[int] = None
@@ -128,7 +129,7 @@ def identity_columns(ident: Identity, accel: str = "") -> Dict[str, Any]:
         "host": ident.host, "kernel_variant": ident.kernel_variant or "stock",
         "series_id": ident.series_id, "scenario": sc.name,
         "accel": accel or sc.accel, "cpu_model": sc.cpu_model,
-        "guest_mem_mib": sc.mem_mib, "vcpus": sc.vcpus, "backing": sc.backing,
+        "guest_mem_mib": sc.mem_mib, "alias_mib": sc.alias_mib or None, "vcpus": sc.vcpus, "backing": sc.backing,
         "dirty_log_mode": sc.dirty_log_mode, "dirty_ring": sc.dirty_ring or None,
         "loops": list(sc.loop_list), "end_action": sc.end_action,
         "repeat": sc.repeat,
