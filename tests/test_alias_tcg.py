@@ -15,6 +15,12 @@ from harness.hosts.local import LocalHost
 from harness.qemu import alias
 from harness.scenario import Scenario, check_static
 
+import pytest
+
+#: slow (`make test-slow`): 30-34 s here, and a cold `make test` already takes 19-20 of
+#: CI's 20 minutes on this 2-core machine (README "CI runs")
+pytestmark = pytest.mark.slow
+
 #: the source QEMU's real memory (Pss: the shared file counted once) must stay under this
 MAX_SRC_PSS_KIB = 2 * 1024 * 1024
 
