@@ -32,10 +32,13 @@ def test_16g_guest_aliased_onto_512m(tmp_path, guest_image):
                   migration_timeout_s=180.0)
     check_static(sc)
     avail: dict = {}
+    shm_at_ready: list = []
 
     async def hook(point: str, vms: dict) -> None:
         if point in ("launched", "ready"):    # the host's MemAvailable: what the source QEMU really took
             avail[point] = hostfacts.read_memory(LocalHost()).available_mib
+        if point == "ready":                  # the source runs on its shared file, already unlinked
+            shm_at_ready.extend(glob.glob(f"{alias.SHM_DIR}/migstall-alias-src-*"))
 
     t0 = time.monotonic()
     row = asyncio.run(runner.run_one(runner.RunContext(host=LocalHost(), out=out, hook=hook), sc, guest_image))
@@ -59,7 +62,9 @@ def test_16g_guest_aliased_onto_512m(tmp_path, guest_image):
     # the write loop never changes window, so no munmap interrupts the pio loop
     assert side["alias"]["probe"]["window_mib"] == 8192
     assert all(s.get("remaps", 0) == 0 for s in side["stalls"])
-    # the shared files are gone with their QEMUs
+    # the shared file is unlinked once its QEMU has mapped it (a SIGKILLed harness
+    # leaves nothing in /dev/shm), and nothing is left after the run
+    assert shm_at_ready == []
     assert not glob.glob(f"{alias.SHM_DIR}/migstall-alias-*")
     print(f"alias-16g: wall {wall:.1f} s, prefault {float(got['prefault_ms']) / 1000:.1f} s, "
           f"stages {side['stages']}, src memory (KiB) {mem}, host MemAvailable at launch and READY "

@@ -174,10 +174,24 @@ def qemu_args(layout: AliasLayout, path: str) -> List[str]:
 def shm_dir(host: Host, prefix: str) -> Iterator[str]:
     """A fresh directory in :data:`SHM_DIR` on ``host`` for one QEMU's shared
     file (QEMU creates the file at its first backend, the others open it);
-    removed with the file on exit, once that QEMU is gone."""
+    removed with the file on exit, once that QEMU is gone, unless
+    :func:`release` removed it earlier."""
     path = host.run(["mktemp", "-d", f"{SHM_DIR}/{prefix}XXXXXX"], timeout=QUICK_COMMAND_TIMEOUT_S).text.strip()
     try:
         yield path
     finally:
-        with best_effort(f"removing {path} (aliased guest RAM)", log):
-            host.run(["rm", "-rf", "--", path], timeout=QUICK_COMMAND_TIMEOUT_S)
+        release(host, path)
+
+
+def release(host: Host, path: str) -> None:
+    """Remove a shared file's directory (:func:`shm_dir`, or the directory of
+    the file ``path``) as soon as its QEMU has mapped every alias, that is once
+    QEMU has launched: tmpfs keeps the pages while a mapping holds them and
+    frees them when that QEMU exits, so a harness killed later (SIGKILL: no
+    ``finally`` runs; the reaper stops the QEMU) leaves nothing in /dev/shm.
+    Idempotent; a failure is logged, not raised."""
+    d = path if path.rstrip("/").rsplit("/", 1)[-1] != ALIAS_FILE else path.rstrip("/").rsplit("/", 1)[0]
+    if not d.startswith(f"{SHM_DIR}/"):
+        raise ValueError(f"not a shared-file directory under {SHM_DIR}: {path!r}")
+    with best_effort(f"removing {d} (aliased guest RAM)", log):
+        host.run(["rm", "-rf", "--", d], timeout=QUICK_COMMAND_TIMEOUT_S)
