@@ -67,6 +67,7 @@ def test_destination_guest_that_does_not_run_fails_the_row(tmp_path, guest_image
     side = json.loads(Path(got["sidecar"]).read_text())
     stuck = side["stuck"]
     assert stuck["status"] == "paused" and len(stuck["vcpus"]) == 2 and "RIP=" in stuck["registers"]
+    assert [set(a) for a in stuck["lapic"]] == [{"isr", "irr", "text"}] * 2, stuck.get("lapic")
     assert not _mine(row["run_id"])
 
 

@@ -3,10 +3,12 @@
 When the probe misses a deadline, "timed out" alone cannot tell a hung guest
 from a busy one.  :func:`snapshot` asks its QEMU, over QMP, for the run state,
 each vCPU's KVM counters twice :data:`SAMPLE_S` apart (``query-stats``: exits,
-halt exits, page faults per second) and each vCPU's instruction pointer, so the
-row can say e.g. "vCPU0 halted, 0 exits/s" (the guest idles: the probe is
-blocked) or "vCPU0 in user space, 40000 pf/s" (the write loop is in a fault
-storm and the control thread never ran).
+halt exits, page faults per second), each vCPU's instruction pointer and its
+local APIC's pending and in-service vectors, so the row can say e.g. "vCPU0
+halted, 0 exits/s" (the guest idles: the probe is blocked), "vCPU1 halted, IRR
+34" (an interrupt is pending but the vCPU was never woken) or "vCPU0 in user
+space, 40000 pf/s" (the write loop is in a fault storm and the control thread
+never ran).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ RESET_RIP = 0xfff0
 #: HMP register text kept in the sidecar, characters
 REGISTERS_KEEP = 8192
 _CPU = re.compile(r"^CPU#(\d+)", re.M)
+#: HMP ``info lapic N`` lines: ``ISR\t 34 236(level) `` or ``IRR\t (none)``
+_APIC_VECTORS = re.compile(r"^(ISR|IRR)\t\s*(.*?)\s*$", re.M)
+#: HMP ``info lapic`` text kept in the sidecar per vCPU, characters
+LAPIC_KEEP = 2048
 
 
 def _natural(path: str) -> List[Any]:
@@ -69,6 +75,15 @@ def parse_registers(text: str) -> List[Dict[str, Any]]:
     return cpus
 
 
+def parse_lapic(text: str) -> Dict[str, List[int]]:
+    """``{"isr": [...], "irr": [...]}``: the in-service and pending vectors of
+    one local APIC from HMP ``info lapic N`` (``(level)`` marks dropped)."""
+    out: Dict[str, List[int]] = {"isr": [], "irr": []}
+    for m in _APIC_VECTORS.finditer(text.replace("\r", "")):
+        out[m.group(1).lower()] = [int(t) for t in re.findall(r"\d+", m.group(2))]
+    return out
+
+
 async def snapshot(vm: VM) -> Dict[str, Any]:
     """Best effort: every part that QEMU cannot give is left out and logged."""
     snap: Dict[str, Any] = {}
@@ -95,6 +110,19 @@ async def snapshot(vm: VM) -> Dict[str, Any]:
     except QEMUError as exc:
         log.warning("snapshot of %s: no registers: %s", vm.name, exc)
         snap["incomplete"] = str(exc)
+    # each local APIC (KVM_GET_LAPIC under KVM): an interrupt pending (IRR) on a
+    # halted vCPU is a lost wake-up; one stuck in service (ISR) blocks lower ones
+    lapics: List[Dict[str, Any]] = []
+    for i in range(len(snap.get("vcpus") or [])):
+        try:
+            text = str(await vm.cmd("human-monitor-command", {"command-line": f"info lapic {i}"},
+                                    timeout=QMP_TIMEOUT))
+        except QEMUError as exc:
+            log.warning("snapshot of %s: no local APIC %d: %s", vm.name, i, exc)
+            break
+        lapics.append({**parse_lapic(text), "text": text[:LAPIC_KEEP]})
+    if lapics:
+        snap["lapic"] = lapics
     return snap
 
 
@@ -116,6 +144,10 @@ def summary(snap: Dict[str, Any]) -> str:
         r: Optional[Dict[str, int]] = rates[i] if i < len(rates) else None
         if r:
             text += " (" + ", ".join(f"{r[k]} {k}/s" for k in ("exits", "pf_taken", "halt_exits") if k in r) + ")"
+        apic = (snap.get("lapic") or [])[i] if i < len(snap.get("lapic") or []) else {}
+        for reg in ("irr", "isr"):
+            if apic.get(reg):
+                text += f", {reg.upper()} " + " ".join(str(v) for v in apic[reg])
         parts.append(text)
     if snap.get("incomplete") and len(parts) <= 1:
         parts.append("no vCPU state: " + str(snap["incomplete"])[:120])
