@@ -4,6 +4,7 @@ guest runs), mode verification, and trace parsing."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -137,3 +138,32 @@ def test_walk_time_merges_nested_calls():
              Call("kvm_tdp_mmu_wrprot_slot", 1, 10.001, 10.029, "enable"),      # nested: not twice
              Call("kvm_mmu_slot_try_split_huge_pages", 1, 10.050, 10.060, "enable")]
     assert walk_time_ms(calls) == pytest.approx(40.0)
+
+
+def test_row_host_label_leaves_the_kernel_to_host_kernel(tmp_path):
+    """Stock and patched runs in the virtual host share the ``host`` column (L1's
+    kernel is in ``host_kernel``), so compare pairs them: with the kernel in the
+    label, `make demo-series` found "no common scenario" (2026-12-04)."""
+    from harness import results
+    from harness.commands.run import row_host_label
+    from harness.compare import api
+
+    assert row_host_label("virtual:6.1.192-migstall-patched-82dd1d4b") == "virtual"
+    assert row_host_label("virtual:debian") == "virtual"
+    assert row_host_label("vhost") == "vhost" and row_host_label("local") == "local"
+    base = {c: "" for c in results.COLUMNS}
+    base.update(scenario="fwp", host="virtual", accel="kvm", guest_mem_mib="512", vcpus="1", backing="anon",
+                page_size_kib="4", dirty_log_mode="legacy", loops="write", end_action="complete", status="ok")
+    paths = []
+    for variant, enable in (("stock", ("103.2", "98.9")), ("patched", ("0.73", "0.82"))):
+        path = tmp_path / f"{variant}.csv"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(results.COLUMNS))
+            w.writeheader()
+            for i, ms in enumerate(enable):
+                w.writerow({**base, "run_id": f"{variant}-{i}", "repeat": str(i + 1),
+                            "host_kernel": f"6.1.192-migstall-{variant}-82dd1d4b",
+                            "kernel_variant": variant, "kvm_enable_ms": ms})
+        paths.append(path)
+    outcome = api.run([str(paths[0])], [str(paths[1])])
+    assert outcome.comparison is not None
