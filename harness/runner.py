@@ -61,6 +61,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import os
+import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -309,7 +310,7 @@ class _Run:
         ready_deadline = time.monotonic() + sc.ready_timeout_s   # READY within this of the launch
         await stack.enter_async_context(src)
         if sc.alias_mib:        # QEMU has mapped its shared file: from now on nothing of it is left in /dev/shm
-            await asyncio.to_thread(alias.release, host, self.side["alias"]["src_path"])
+            await asyncio.to_thread(alias.release, host, posixpath.dirname(self.side["alias"]["src_path"]))
         await self._hook("launched")
         info = await schema.probe(src, [*schema.WANTED_TRACE_EVENTS, *mode.trace_events])
         self.qemu_info = info
@@ -344,7 +345,7 @@ class _Run:
         self.stages.start("baseline")
         await stack.enter_async_context(dst)
         if sc.alias_mib:
-            await asyncio.to_thread(alias.release, host, self.side["alias"]["dst_path"])
+            await asyncio.to_thread(alias.release, host, posixpath.dirname(self.side["alias"]["dst_path"]))
         uri = await migration.prepare_destination(dst)
 
         # KVM's counters FAULT_WINDOW_S before migrate (query-stats takes the BQL:

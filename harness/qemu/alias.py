@@ -183,15 +183,14 @@ def shm_dir(host: Host, prefix: str) -> Iterator[str]:
         release(host, path)
 
 
-def release(host: Host, path: str) -> None:
-    """Remove a shared file's directory (:func:`shm_dir`, or the directory of
-    the file ``path``) as soon as its QEMU has mapped every alias, that is once
-    QEMU has launched: tmpfs keeps the pages while a mapping holds them and
-    frees them when that QEMU exits, so a harness killed later (SIGKILL: no
-    ``finally`` runs; the reaper stops the QEMU) leaves nothing in /dev/shm.
-    Idempotent; a failure is logged, not raised."""
-    d = path if path.rstrip("/").rsplit("/", 1)[-1] != ALIAS_FILE else path.rstrip("/").rsplit("/", 1)[0]
-    if not d.startswith(f"{SHM_DIR}/"):
-        raise ValueError(f"not a shared-file directory under {SHM_DIR}: {path!r}")
-    with best_effort(f"removing {d} (aliased guest RAM)", log):
-        host.run(["rm", "-rf", "--", d], timeout=QUICK_COMMAND_TIMEOUT_S)
+def release(host: Host, directory: str) -> None:
+    """Remove a :func:`shm_dir` directory and its shared file, also as soon as
+    its QEMU has mapped every alias, that is once QEMU has launched: tmpfs
+    keeps the pages while a mapping holds them and frees them when that QEMU
+    exits, so a harness killed later (SIGKILL: no ``finally`` runs; the reaper
+    stops the QEMU) leaves nothing in /dev/shm.  Idempotent; a failure is
+    logged, not raised."""
+    if not directory.startswith(f"{SHM_DIR}/"):
+        raise ValueError(f"not a shared-file directory under {SHM_DIR}: {directory!r}")
+    with best_effort(f"removing {directory} (aliased guest RAM)", log):
+        host.run(["rm", "-rf", "--", directory], timeout=QUICK_COMMAND_TIMEOUT_S)

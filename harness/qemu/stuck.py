@@ -132,6 +132,7 @@ def summary(snap: Dict[str, Any]) -> str:
     if snap.get("status"):
         parts.append(f"QEMU {snap['status']}")
     rates = list((snap.get("per_s") or {}).values())
+    lapics = snap.get("lapic") or []
     for i, cpu in enumerate(snap.get("vcpus") or []):
         rip = int(cpu["rip"], 16)
         if rip == RESET_RIP:
@@ -144,7 +145,7 @@ def summary(snap: Dict[str, Any]) -> str:
         r: Optional[Dict[str, int]] = rates[i] if i < len(rates) else None
         if r:
             text += " (" + ", ".join(f"{r[k]} {k}/s" for k in ("exits", "pf_taken", "halt_exits") if k in r) + ")"
-        apic = (snap.get("lapic") or [])[i] if i < len(snap.get("lapic") or []) else {}
+        apic = lapics[i] if i < len(lapics) else {}
         for reg in ("irr", "isr"):
             if apic.get(reg):
                 text += f", {reg.upper()} " + " ".join(str(v) for v in apic[reg])
