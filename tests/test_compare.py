@@ -43,6 +43,20 @@ def test_golden_markdown_and_csv(tmp_path):
     _golden("expected_comparison.csv", csv_out.read_text())
 
 
+def test_tcg_stall_metrics_are_called_noise(tmp_path):
+    """issue 12: a compare of TCG rows says its stall metrics are host scheduling noise;
+    a KVM compare (the golden files) does not."""
+    for name in ("stock.csv", "patched.csv"):
+        text = (FIX / name).read_text()
+        (tmp_path / name).write_text(text.replace(",kvm,", ",tcg,"))
+    cmp = stats.compare(load.load(str(tmp_path / "stock.csv"), "stock"),
+                        load.load(str(tmp_path / "patched.csv"), "patched"))
+    (note,) = [line for line in table.summary_lines(cmp) if line.startswith("TCG scenarios")]
+    assert "sweep mem=512 mode=legacy ring=0" in note and "host scheduling noise" in note
+    kvm = stats.compare(load.load(str(FIX / "stock.csv"), "stock"), load.load(str(FIX / "patched.csv"), "patched"))
+    assert not [line for line in table.summary_lines(kvm) if line.startswith("TCG")]
+
+
 def test_comparison_content():
     cmp = stats.compare(load.load(str(FIX / "stock.csv"), "stock"), load.load(str(FIX / "patched.csv"), "patched"))
     labels = [s.label for s in cmp.scenarios]

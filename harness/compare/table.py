@@ -73,6 +73,11 @@ def summary_lines(cmp: Comparison) -> List[str]:
     counts = ", ".join(f"{v} {cmp.count(v)}" for v in ("improved", "regressed", "unchanged", "noisy", "missing")
                        if cmp.count(v))
     lines.append(f"verdicts (threshold {cmp.threshold_pct:g}%, lower is better): {counts or 'none'}")
+    tcg = [s.label for s in cmp.scenarios
+           if dict(s.key).get("accel") == "tcg" and any("stall" in m.metric for m in s.metrics)]
+    if tcg:
+        lines.append(f"TCG scenarios ({', '.join(tcg)}): their stall metrics are host scheduling noise "
+                     "(every vCPU is a host thread), not KVM's behaviour")
     return lines
 
 
