@@ -16,7 +16,7 @@ help:
 	@echo "make lint       static checks: ruff on harness/ and tests/, mypy on harness/ (config in pyproject.toml), shellcheck on the shell files"
 	@echo "make kernels    build stock and patched kernels of the seed test series"
 	@echo "make bench      benchmarks: print timings (not tests)"
-	@echo "make soak       SOAK_ARGS='--runs 50 -- --mem 512M --vcpus 2 --overcommit': loop runs, print the pass rate"
+	@echo "make soak       SOAK_ARGS='--runs 50 -- --mem 512M --vcpus 2': loop runs, print the pass rate"
 
 setup: $(STAMP)
 
@@ -56,7 +56,7 @@ kernels: setup
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
-SOAK_ARGS ?= --runs 10 -- --dirty-log-mode legacy --mem 512M --vcpus 2 --overcommit --accel kvm
+SOAK_ARGS ?= --runs 10 -- --dirty-log-mode legacy --mem 512M --vcpus 2 --accel kvm
 soak: setup
 	$(BIN)/python scripts/soak $(SOAK_ARGS)
 

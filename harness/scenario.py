@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import os
 import re
@@ -54,6 +55,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 BACKINGS = ("anon", "thp", "hugetlb2m", "hugetlb1g", "memfd")
 ACCELS = ("auto", "kvm", "tcg")
@@ -419,6 +422,7 @@ class HostFacts:
     supports_l1_cmdline: bool = False     # the host can boot with a scenario's l1_cmdline
     phys_bits: int = 0                    # the CPU's physical address bits (0: unknown)
     shm_avail_mib: int = -1               # free MiB in /dev/shm, where aliased RAM goes (-1: unknown)
+    vcpus_beyond_cpus_ok: bool = False    # the host's CPU count is migstall's choice (the virtual host's L1)
 
 
 def check_static(s: Scenario) -> None:
@@ -580,8 +584,12 @@ def validate(s: Scenario, facts: HostFacts) -> None:
         raise _err(s, "qemu", "not given and qemu-system-x86_64 is not on the host's PATH",
                    "install qemu-system-x86 (make setup) or pass --qemu PATH")
     if s.vcpus > facts.online_cpus and not s.overcommit:
-        raise _err(s, "vcpus", f"{s.vcpus} exceeds the host's {facts.online_cpus} CPUs (stalls would measure "
-                   "host scheduling)", f"give at most {facts.online_cpus}, or add --overcommit")
+        if facts.vcpus_beyond_cpus_ok:
+            log.info("%s: %d vCPUs share the host's %d CPU(s), which migstall chose (the virtual host's L1); "
+                     "baseline stalls rise with it", s.name, s.vcpus, facts.online_cpus)
+        else:
+            raise _err(s, "vcpus", f"{s.vcpus} exceeds the host's {facts.online_cpus} CPUs (stalls would "
+                       "measure host scheduling)", f"give at most {facts.online_cpus}, or add --overcommit")
     page_kib = HUGETLB_PAGE_KIB.get(s.backing)
     if page_kib:
         pool = facts.hugepages.get(page_kib)
@@ -637,6 +645,7 @@ def gather_host_facts(host: Any, scenarios: Sequence[Scenario]) -> HostFacts:
         kvm_reason=reason,
         executables=executables,
         supports_l1_cmdline=bool(getattr(host, "supports_l1_cmdline", False)),
+        vcpus_beyond_cpus_ok=bool(getattr(host, "vcpus_beyond_cpus_ok", False)),
         phys_bits=hostfacts.phys_address_bits(host) if aliased else 0,
         shm_avail_mib=hostfacts.free_mib(host, alias.SHM_DIR) if aliased else -1,
     )

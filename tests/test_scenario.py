@@ -208,6 +208,18 @@ def test_overcommit_allows_big_guests():
     validate(Scenario(mem_mib=100000 * 1024, overcommit=True, vcpus=4), facts())
 
 
+def test_virtual_host_takes_two_vcpus_on_its_one_cpu():
+    """The virtual host's L1 has one vCPU by migstall's choice: the default two L2
+    vCPUs need no --overcommit there, and only there (issue 16's command)."""
+    from harness.hosts.local import LocalHost
+    from harness.hosts.virtual import VirtualHost
+
+    assert VirtualHost.vcpus_beyond_cpus_ok and not LocalHost.vcpus_beyond_cpus_ok
+    validate(Scenario(vcpus=2), facts(online_cpus=1, vcpus_beyond_cpus_ok=True))
+    with pytest.raises(UserError, match="vcpus 2 exceeds the host's 1 CPUs.*add --overcommit"):
+        validate(Scenario(vcpus=2), facts(online_cpus=1))
+
+
 def test_file_errors_point_at_entry(tmp_path):
     p = write(tmp_path, '[[scenario]]\nname = "ok"\n[[scenario]]\nname = "bad"\nmem = 64\n')
     ss = load_scenarios(p)

@@ -170,6 +170,9 @@ class Host(abc.ABC):
     # -- per-scenario host settings ------------------------------------------------------
     #: whether :meth:`configure` accepts a kernel command line (the virtual host does)
     supports_l1_cmdline: bool = False
+    #: whether a guest may have more vCPUs than the host has CPUs without ``--overcommit``:
+    #: only where migstall itself chose the host's CPU count (the virtual host's L1)
+    vcpus_beyond_cpus_ok: bool = False
 
     def configure(self, l1_cmdline: str = "") -> bool:
         """Apply a scenario's host settings before its run; True if the host
