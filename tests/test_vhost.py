@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.hosts.virtual import VirtualHost
+from harness import scenario
 from harness.scenario import Scenario
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None or shutil.which("sshd") is None
@@ -96,22 +98,19 @@ def test_sweep_orderings_and_legacy_row(vhost, tmp_path, mem_mib, touch_mib):
     from harness import runner
 
     out = tmp_path / "sweep.csv"
-    # one L2 vCPU running the pio loop: an L2 whose stores keep faulting on write-protected
-    # nested page tables sometimes triple-faults in this emulated host (QEMU 7.2's TCG
-    # SVM; README "Long write-fault storms break the emulated host"); it ended this
-    # sweep's default-384 row with the write loop in a CI run, so the sweep that gates
-    # CI does not write after prefaulting.  The write loop runs in CI in the CLI test
-    # and the negative control, on smaller guests.
-    common = dict(vcpus=1, loops=("pio",), accel="kvm", baseline_s=0.5,
-                  ready_timeout_s=600, migration_timeout_s=600)
-    big = f"{touch_mib}"
+    # the scenarios are scenarios/vhost-sweep.toml, which scripts/soak runs too: one L2
+    # vCPU running the pio loop.  An L2 whose stores keep faulting on write-protected
+    # nested page tables sometimes triple-faulted in this emulated host with two L1
+    # vCPUs (QEMU 7.2's TCG SVM; README "Long write-fault storms break the emulated
+    # host"); the write loop runs in CI in the CLI test (beside pio, two L2 vCPUs) and
+    # the negative control, on smaller guests.
+    scenarios = scenario.load_scenarios(REPO / "scenarios" / "vhost-sweep.toml")
     scaling = mem_mib > 512
-    scenarios = [
-        *([Scenario(name="legacy-64", dirty_log_mode="legacy", mem_mib=256, touch_mib=64, **common)]
-          if scaling else []),
-        Scenario(name=f"legacy-{big}", dirty_log_mode="legacy", mem_mib=mem_mib, touch_mib=touch_mib, **common),
-        Scenario(name=f"default-{big}", dirty_log_mode="default", mem_mib=mem_mib, touch_mib=touch_mib, **common),
-    ]
+    if scaling:
+        small = dataclasses.replace(scenarios[0], name="legacy-64", mem_mib=256, touch_mib=64)
+        scenarios = [small] + [dataclasses.replace(s, name=f"{s.dirty_log_mode}-{touch_mib}", mem_mib=mem_mib,
+                                                   touch_mib=touch_mib) for s in scenarios]
+    big = f"{touch_mib}"
     ctx = runner.RunContext(host=vhost, out=out, host_label=vhost.name)
     asyncio.run(runner.run_matrix(ctx, scenarios))
     rows = {r["scenario"]: r for r in _read_rows(out)}
