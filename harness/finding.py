@@ -87,6 +87,8 @@ def _kvm_lines(g: Group) -> List[str]:
     if stall is not None:
         against = f", against {fmt_ms(base)} ms in the baseline" if base is not None else ""
         parts.append(f"{who} stalled {fmt_ms(stall)} ms{against}")
+    if pio is not None and write is not None:
+        parts.append(f"the writing vCPU stalled {fmt_ms(write)} ms")
     if kvm is not None:
         doing = "write-protecting" if g.mode == "legacy" else "in its MMU walk"
         parts.append(f"KVM spent {fmt_ms(kvm)} ms {doing}" if kvm else

@@ -34,6 +34,13 @@ def test_the_kvm_finding_in_plain_words():
     assert len(lines) == 2
 
 
+def test_two_vcpus_name_both_stalls():
+    """The demo's KVM row has a pio and a write vCPU: the line names both stalls."""
+    (first, _) = finding.finding_lines([dict(KVM_ROW, stall_write_max_us=18012.0)])
+    assert ("the vCPU waiting on the BQL stalled 31.0 ms, against 1.3 ms in the baseline; "
+            "the writing vCPU stalled 18.0 ms; KVM spent 13.3 ms") in first
+
+
 def test_csv_rows_say_the_same():
     """Rows read back from a CSV (text) give the same lines as the runner's rows."""
     text_row = {k: results._fmt(v) for k, v in KVM_ROW.items()}
