@@ -13,6 +13,7 @@ from harness import cli, results
 from harness.errors import HostError, UserError
 from harness.nightly import boot, plan
 from harness.nightly.config import load_config
+from harness.scenario import load_scenarios
 
 SCEN = """
 [defaults]
@@ -247,3 +248,16 @@ def test_install_through_the_host_api(tmp_path):
     assert (root / "lib").is_symlink()
     assert (root / "usr" / "lib" / "modules" / release / "modules.dep").exists()   # depmod ran
     assert method.install(LocalHost(), art) is inst                                 # once per variant
+
+
+def test_series_nightly_on_the_virtual_host_validates():
+    """ci/nightly-fwp-virtual.toml (the series at 2 GiB in the virtual host):
+    L1 boots with the scenario's l1_cmdline, so that a run does not boot it twice."""
+    repo = Path(__file__).resolve().parent.parent
+    path = repo / "ci" / "nightly-fwp-virtual.toml"
+    assert cli.main(["nightly", "--config", str(path), "--check"]) == 0
+    cfg = load_config(path)
+    (host,) = cfg.hosts
+    assert host.boot == "virtual" and host.l1_mem_mib >= 4096
+    l1_cmdlines = {s.l1_cmdline for s in load_scenarios(cfg.scenarios)}
+    assert l1_cmdlines == {host.cmdline_extra}, (l1_cmdlines, host.cmdline_extra)
