@@ -401,6 +401,7 @@ class _Run:
                     raise MigrationError(f"migration was {q_active.get('status')!r} at cancel time; "
                                          f"use a shorter cancel_after_s", src.log_path)
                 since = len(src.events)
+                dst.expect_exit("the migration was cancelled, so the incoming one fails")
                 await migration.cancel(src)
                 end = await migration.wait_end(src, sc.migration_timeout_s)
                 if end["data"]["status"] != "cancelled":

@@ -444,6 +444,26 @@ def test_sigkilled_qemu_says_so(tmp_path):
     assert _gone(vm.pid)
 
 
+@needs_qemu
+def test_expected_exit_is_not_a_death(tmp_path, caplog):
+    """A cancelled migration's destination exits by itself: after ``expect_exit`` that is
+    recorded as "exited", with no warning and no death note."""
+    async def scenario() -> VM:
+        vm = VM(LocalHost(), "reapertest-dst", NONE_MACHINE, log_dir=tmp_path, launch_timeout=60)
+        async with vm:
+            await vm.cmd("query-status")
+            vm.expect_exit("the migration was cancelled")
+            vm.host.signal(vm.pid, signal.SIGTERM)
+            assert await asyncio.to_thread(vm.host.wait_pid_exit, vm.pid, WAIT_S)
+        return vm
+
+    with caplog.at_level("WARNING", logger="harness.qemu.machine"):
+        vm = asyncio.run(scenario())
+    assert vm.exit_reason == "exited" and not vm.log_tail
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    assert _gone(vm.pid)
+
+
 # A harness that launches a QEMU, prints its pid, then waits to be killed.
 OWNER = r"""
 import asyncio, sys, time

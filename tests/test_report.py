@@ -200,3 +200,31 @@ def test_precopy_columns_plotted(tmp_path):
     for col in ("stall_write_precopy_ms_per_s", "baseline_stall_pio_ms_per_s"):
         assert f"<td>{col}</td>" in text                                  # the table rows
     assert not any(m in plots.PLOT_METRICS for m in plots.PRECOPY_METRICS)
+
+
+def test_fit_uses_mapped_memory_when_every_run_has_it():
+    """Per-GiB figures use the memory KVM had mapped at start (issue 10), never a mix of mapped
+    and guest sizes in one line; kvm_enable_ms is fitted too."""
+    import pandas as pd
+
+    rows = pd.DataFrame({"status": ["ok"] * 4 + ["failed"],
+                         "guest_mem_mib": [512, 1024, 2048, 2048, 4096],
+                         "kvm_mapped_mib": [256.0, 512.0, 1024.0, 1024.0, float("nan")],
+                         "dirty_log_start_ms": [10.0, 20.0, 40.0, 42.0, 1.0],
+                         "kvm_enable_ms": [5.0, 10.0, 20.0, 20.0, 1.0]})
+    assert plots.fit_basis([rows], "dirty_log_start_ms") == plots.FIT_BASIS_MAPPED   # the failed row is not a point
+    pts = plots.fit_points_frame(rows, "kvm_enable_ms", plots.FIT_BASIS_MAPPED)
+    assert pts == [(0.25, 5.0), (0.5, 10.0), (1.0, 20.0), (1.0, 20.0)]
+    fit = plots.linear_fit(pts, "base", metric="kvm_enable_ms", basis=plots.FIT_BASIS_MAPPED)
+    assert fit is not None and abs(fit.slope_ms_per_gib - 20.0) < 1e-9 and fit.basis == "mapped GiB"
+    gap = rows.copy()
+    gap.loc[1, "kvm_mapped_mib"] = float("nan")
+    assert plots.fit_basis([rows, gap], "dirty_log_start_ms") == plots.FIT_BASIS_GUEST
+    assert plots.fit_points_frame(gap, "dirty_log_start_ms")[0] == (0.5, 10.0)
+
+
+def test_report_fits_enable_and_start(report):
+    text = report.read_text()
+    assert "<code>kvm_enable_ms</code>" in text and "<code>dirty_log_start_ms</code>" in text
+    assert "guest GiB" in text          # the fixture's rows predate kvm_mapped_mib
+    assert "not native figures" in text

@@ -299,8 +299,10 @@ class VM:
         self.local_log: Optional[Path] = None   # the copied -D log, after shutdown
         self.log_text: str = ""                 # its content, after shutdown
         # "quit" | "terminated" (no QMP: SIGTERM) | "died" (exited on its own) | "killed" (no exit
-        # after quit, or killed at a foreground run's timeout) | "exited" (a foreground run ended by itself)
+        # after quit, or killed at a foreground run's timeout) | "exited" (a foreground run ended by
+        # itself, or a QEMU ended after :meth:`expect_exit`)
         self.exit_reason: str = ""
+        self.expected_exit: str = ""            # why it may exit on its own (:meth:`expect_exit`)
         # after shutdown (see the module docstring):
         self.exit_status: str = ""             # "exited 1" | "killed by signal 9 (SIGKILL)" | "" unknown
         self.exit_pid: Optional[int] = None     # the pid the reaper reported it for
@@ -644,6 +646,10 @@ class VM:
         self._state = RunState.SHUTTING_DOWN
         try:
             if self.pid is not None and not self.exit_reason and not self.host.pid_alive(self.pid):
+                if self.expected_exit:
+                    self.exit_reason = "exited"
+                    log.debug("VM %s: pid %d exited, as expected: %s", self.name, self.pid, self.expected_exit)
+                    return
                 self.exit_reason = "died"        # before we asked it to quit
                 log.warning("VM %s: pid %d had already exited", self.name, self.pid)
             if not self.with_qmp:
@@ -666,8 +672,9 @@ class VM:
                 elif not asked and not self.exit_reason:
                     # exited without being asked: its QMP socket closes before /proc shows it gone,
                     # so the check above can still see it alive
-                    self.exit_reason = "died"
-                    log.warning("VM %s: pid %d exited on its own", self.name, self.pid)
+                    self.exit_reason = "exited" if self.expected_exit else "died"
+                    if not self.expected_exit:
+                        log.warning("VM %s: pid %d exited on its own", self.name, self.pid)
         finally:
             await self._cleanup()
 
@@ -691,6 +698,12 @@ class VM:
                 "shutdown": shutdown_note(self.shutdown_event) or None,
                 "pid": self.pid, "log_tail": list(self.log_tail), "host_kernel_log": list(self.kernel_log),
                 "host_uptime_at_launch_s": self.launch_uptime_s}
+
+    def expect_exit(self, why: str) -> None:
+        """Say that this QEMU may now end by itself (an incoming migration's destination once the
+        migration is cancelled): :meth:`shutdown` then records ``exit_reason`` "exited", not
+        "died", and logs no warning."""
+        self.expected_exit = why
 
     async def kill(self) -> None:
         """Stop the process at once (fault injection, emergency)."""
