@@ -392,8 +392,13 @@ class _Run:
                 q_active = {}
             self.side["query_migrate_active"] = q_active
             if sc.end_action == "cancel":
-                await self._fault_sample(src, migrate_mono, until=pass1_seen + sc.cancel_after_s)
-                await asyncio.sleep(max(0.0, pass1_seen + sc.cancel_after_s - time.monotonic()))
+                # the cancel waits for the fault-cost span to end: cut short by an early cancel
+                # (a fast start reaches pass 1 sooner), spans of two kernels would not compare
+                cancel_at = pass1_seen + sc.cancel_after_s
+                if self.fault_cost:
+                    cancel_at = max(cancel_at, migrate_mono + FAULT_WINDOW_S)
+                await self._fault_sample(src, migrate_mono, until=cancel_at)
+                await asyncio.sleep(max(0.0, cancel_at - time.monotonic()))
                 tracer.phase("disable")
                 q_active = await migration.query(src)
                 self.side["query_migrate_active"] = q_active
