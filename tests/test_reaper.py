@@ -464,13 +464,16 @@ def test_expected_exit_is_not_a_death(tmp_path, caplog):
     assert _gone(vm.pid)
 
 
-# A harness that launches a QEMU, prints its pid, then waits to be killed.
+# A harness that launches a QEMU, prints its pid, then waits to be killed.  Its
+# runtime dir is under the test's tmp_path: killed, it cannot remove one of its own.
 OWNER = r"""
-import asyncio, sys, time
+import asyncio, os, sys, time
 from harness.hosts.local import LocalHost
 from harness.qemu.machine import VM
 async def main():
-    vm = VM(LocalHost(), "lifeline", sys.argv[2:], log_dir=sys.argv[1], launch_timeout=60)
+    rundir = os.path.join(sys.argv[1], "run")
+    os.mkdir(rundir, 0o700)
+    vm = VM(LocalHost(), "lifeline", sys.argv[2:], log_dir=sys.argv[1], runtime_dir=rundir, launch_timeout=60)
     await vm.launch()
     print(vm.pid, flush=True)
     await asyncio.sleep(3600)
