@@ -363,18 +363,20 @@ def _sides(cmp: Comparison) -> Tuple[Tuple[str, List[Any]], Tuple[str, List[Any]
     return (("base", [sc.base_rows for sc in cmp.scenarios]), ("new", [sc.new_rows for sc in cmp.scenarios]))
 
 
-def fits(cmp: Comparison, metric: str = "dirty_log_start_ms") -> List[Fit]:
-    """Per side (``base``, ``new``), ``metric`` against memory over the compared scenarios' runs;
-    the basis (mapped or guest GiB) is chosen once for both sides, so their slopes compare."""
+def _side_points(cmp: Comparison, metric: str) -> Tuple[str, List[Tuple[str, List[Tuple[float, float]]]]]:
+    """The basis (mapped or guest GiB), chosen once for both sides so their slopes compare,
+    and per side (``base``, ``new``) the (GiB, ``metric``) points of the compared scenarios' runs."""
     sides = _sides(cmp)
     basis = fit_basis([f for _, frames in sides for f in frames], metric)
-    out: List[Fit] = []
-    for name, frames in sides:
-        pts = sorted(p for rows in frames for p in fit_points_frame(rows, metric, basis))
-        fit = linear_fit(pts, name, metric=metric, basis=basis)
-        if fit is not None:
-            out.append(fit)
-    return out
+    return basis, [(name, sorted(p for rows in frames for p in fit_points_frame(rows, metric, basis)))
+                   for name, frames in sides]
+
+
+def fits(cmp: Comparison, metric: str = "dirty_log_start_ms") -> List[Fit]:
+    """Per side, ``metric`` against memory (:func:`linear_fit`; sides without enough runs left out)."""
+    basis, data = _side_points(cmp, metric)
+    found = (linear_fit(pts, name, metric=metric, basis=basis) for name, pts in data)
+    return [f for f in found if f is not None]
 
 
 def fit_figure(cmp: Comparison) -> Tuple[Optional[bytes], List[Fit]]:
@@ -384,10 +386,7 @@ def fit_figure(cmp: Comparison) -> Tuple[Optional[bytes], List[Fit]]:
     all_fits = [f for m in FIT_METRICS for f in fits(cmp, m)]
     start_fits = {f.side: f for f in all_fits if f.metric == "dirty_log_start_ms"}
     colors = {"base": BASE_COLOR, "new": NEW_COLOR}
-    sides = _sides(cmp)
-    basis = fit_basis([f for _, frames in sides for f in frames], "dirty_log_start_ms")
-    data = [(name, sorted(p for rows in frames for p in fit_points_frame(rows, "dirty_log_start_ms", basis)))
-            for name, frames in sides]
+    basis, data = _side_points(cmp, "dirty_log_start_ms")
     if not any(pts for _, pts in data):
         return None, all_fits
     fig, ax = plt.subplots(figsize=(8, 5))
