@@ -404,7 +404,8 @@ class _Run:
                 self.side["query_migrate_active"] = q_active
                 if q_active.get("status") not in ("active", "setup", "pre-switchover", "device"):
                     raise MigrationError(f"migration was {q_active.get('status')!r} at cancel time; "
-                                         f"use a shorter cancel_after_s", src.log_path)
+                                         f"use a shorter cancel_after_s (with a write loop the cancel waits "
+                                         f"at least {FAULT_WINDOW_S:g} s after migrate)", src.log_path)
                 since = len(src.events)
                 dst.expect_exit("the migration was cancelled, so the incoming one fails")
                 await migration.cancel(src)
