@@ -83,7 +83,7 @@ from harness.progress import Progress
 from harness.qemu import alias, backing, dirtylog, migration, schema, stuck
 from harness.qemu.machine import VM, event_time_ns
 from harness.run.observe import Identity, Mark, MigrationEnd, Observations, Stages, Timeline
-from harness.run.plan import CONSOLE_LOG, PROBE_SOCKET, HostFacts, RunPlan, plan_run, ram_pad_kib
+from harness.run.plan import CONSOLE_LOG, PROBE_SOCKET, HostFacts, RunPlan, plan_run, ram_pad_kib, verify_after_cancel
 from harness.run.row import Derived, check_causality, check_invariants, derive, identity_columns
 from harness.scenario import Scenario
 
@@ -253,6 +253,8 @@ class _Run:
         with contextlib.ExitStack() as dirs:
             src_rd = dirs.enter_context(host.runtime_dir("migstall-src-"))
             dst_rd = dirs.enter_context(host.runtime_dir("migstall-dst-"))
+            # cancel + verify: a second destination for the migration that completes
+            again_rd = dirs.enter_context(host.runtime_dir("migstall-dst2-")) if verify_after_cancel(sc) else ""
             # aliased RAM: each side's shared file on tmpfs, removed once its QEMU is gone
             src_alias = dst_alias = ""
             if sc.alias_mib:
@@ -264,14 +266,16 @@ class _Run:
             self.side["mode"] = {"accel_opts": list(mode.accel_opts), "env": dict(mode.env),
                                  "trace_events": list(mode.trace_events)}
             facts = HostFacts(accel=accel, qemu_version=qver, kernel=kernel, initrd=initrd,
-                              src_rundir=src_rd, dst_rundir=dst_rd, mode=mode, prefix=tuple(prefix),
+                              src_rundir=src_rd, dst_rundir=dst_rd, dst_again_rundir=again_rd, mode=mode,
+                              prefix=tuple(prefix),
                               src_alias_path=src_alias, dst_alias_path=dst_alias)
             self.plan = plan = plan_run(sc, facts, self.image, self.run_id, src_env=self.ctx.src_env)
-            src, dst = (VM(host, p.name, list(p.argv), qemu=plan.qemu, prefix=plan.prefix, runtime_dir=p.runtime_dir,
-                           env=p.env, log_dir=self.log_dir, launch_timeout=plan.launch_timeout_s,
-                           collect=(CONSOLE_LOG,))
-                        for p in (plan.src, plan.dst))
-            self.vms = {"src": src, "dst": dst}
+            planned = {"src": plan.src, "dst": plan.dst, **({"dst2": plan.dst_again} if plan.dst_again else {})}
+            self.vms = {tag: VM(host, p.name, list(p.argv), qemu=plan.qemu, prefix=plan.prefix,
+                                runtime_dir=p.runtime_dir, env=p.env, log_dir=self.log_dir,
+                                launch_timeout=plan.launch_timeout_s, collect=(CONSOLE_LOG,))
+                        for tag, p in planned.items()}
+            src, dst = self.vms["src"], self.vms["dst"]
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     await self._measure(stack, src, dst, mode)
@@ -414,7 +418,11 @@ class _Run:
                     raise MigrationError(await _why_failed(src, dst, end["data"]["status"]), src.log_path)
                 self._at(cancelling=_status_time(src, "cancelling", since), cancelled=event_time_ns(end))
                 q = q_active
-                await self._dump(chan, src)
+                if self.verifying:
+                    # the loops keep writing; their records migrate with the guest
+                    await self._migrate_again_verified(stack, src, self.vms["dst2"], tracer, task)
+                else:
+                    await self._dump(chan, src)
             else:
                 await self._fault_sample(src, migrate_mono)
                 if not self.verifying:
@@ -434,14 +442,7 @@ class _Run:
                 if not self.verifying:
                     await self._destination_answers(stack, dst)
                 if self.verifying:
-                    task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
-                    with self.stages.within("verification"):
-                        await self._verify(src, dst)
-                    await dst.cmd("cont")
-                    dchan = await ProbeChannel.open_on(host, dst.path(PROBE_SOCKET),
-                                                       log_path=dst.path(CONSOLE_LOG))
-                    stack.push_async_callback(_aclose, dchan)
-                    await self._dump(dchan, dst)
+                    await self._verify_and_collect(stack, src, dst, task)
         if sc.alias_mib:
             # what the source QEMU holds after prefault and migration (its peak): read at the
             # end, not during the run, as smaps_rollup walks the page tables of every alias mapping
@@ -455,6 +456,43 @@ class _Run:
         with self.stages.within("verification"):
             self._check_clocks()
         await self._hook("measured")
+
+    async def _migrate_again_verified(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM,
+                                      tracer: KvmTracer, task: Any) -> None:
+        """``cancel`` + ``verify``: after the cancel (whose destination has
+        exited), migrate the still-writing guest again, to a second destination,
+        let that migration complete and compare guest RAM.  Dirty logging was
+        started, stopped and started again: every write since must still reach
+        the destination.  The row's figures stay those of the cancelled
+        migration; the second one is in the sidecar's ``verify_migration``."""
+        sc = self.sc
+        tracer.phase("again")       # its KVM work is neither the measured enable nor the cancel's disable
+        task.update(description=f"{sc.name} r{sc.repeat}: migrating again, to compare guest RAM")
+        await stack.enter_async_context(dst)
+        uri = await migration.prepare_destination(dst)
+        since = len(src.events)
+        await migration.start(src, uri, auto_converge=True)
+        await migration.release(src)
+        end = await migration.wait_end(src, sc.migration_timeout_s, since=since)
+        if end["data"]["status"] != "completed":
+            raise MigrationError("the second migration (after the cancel, to compare guest RAM): "
+                                 + await _why_failed(src, dst, end["data"]["status"]), src.log_path)
+        q = await migration.query(src)
+        self.side["verify_migration"] = {"query_migrate": q, "setup_ns": _status_time(src, "setup", since),
+                                         "completed_ns": event_time_ns(end)}
+        await self._verify_and_collect(stack, src, dst, task)
+
+    async def _verify_and_collect(self, stack: contextlib.AsyncExitStack, src: VM, dst: VM, task: Any) -> None:
+        """After a completed migration with ``verify``: compare guest RAM (both
+        sides paused), resume the destination and collect the probe's records there."""
+        sc = self.sc
+        task.update(description=f"{sc.name} r{sc.repeat}: comparing guest RAM")
+        with self.stages.within("verification"):
+            await self._verify(src, dst)
+        await dst.cmd("cont")
+        dchan = await ProbeChannel.open_on(self.host, dst.path(PROBE_SOCKET), log_path=dst.path(CONSOLE_LOG))
+        stack.push_async_callback(_aclose, dchan)
+        await self._dump(dchan, dst)
 
     def _sample(self, point: str, sample: Optional[kvm_stats.Sample]) -> None:
         self._observe(kvm_samples={**self.obs.kvm_samples, point: sample})

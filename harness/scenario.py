@@ -102,7 +102,7 @@ class Scenario:
     qemu: str = ""                  # "" = qemu-system-x86_64 on the host's PATH
     guest_kernel: str = ""          # "" = Debian's linux-image, cached
     l1_cmdline: str = ""            # virtual host only: extra L1 kernel args (e.g. kvm.tdp_mmu=0)
-    verify: bool = False            # hash guest RAM on both sides after a completed migration
+    verify: bool = False            # hash guest RAM on both sides after a completed migration (cancel: a second one)
     alias_mib: int = 0              # > 0: guest RAM aliased onto this much host memory (harness.qemu.alias)
     alias_complete: bool = False    # an aliased guest may complete its migration (sends every alias)
     # Where the scenario came from, for error messages only (not compared):
@@ -243,7 +243,8 @@ class ScenarioTable(ConfigModel):
         "--overcommit", None, "allow more guest memory or vCPUs than the host has")
     verify: Optional[bool] = _key(
         "--verify", None, "after a completed migration, compare guest RAM on both sides page by page "
-        "(the write loops keep writing until the source stops)")
+        "(the write loops keep writing until the source stops); with --end cancel, the cancelled migration "
+        "is followed by a second one, to a new destination, that completes and is compared")
     alias_mib: Optional[Size] = _key(
         "--alias-mib", "MIB", "alias the guest's RAM (mem) onto this much host memory: one shared file, "
         "mapped mem/alias times as ivshmem BARs (a power of two; mem a multiple of it); default 0 = no aliasing")

@@ -98,3 +98,28 @@ def test_cancel_records_dirty_log_stop(tmp_path, guest_image):
     side = json.loads(Path(got["sidecar"]).read_text())
     assert side["dirty_log_stop"]["source"].startswith("trace:global_dirty_changed")
     assert [e["data"]["status"] for e in side["events"]["src"] if e["event"] == "MIGRATION"][-1] == "cancelled"
+
+
+def test_cancel_then_verify_migrates_again_and_compares(tmp_path, guest_image):
+    """cancel + verify: the row measures the cancelled migration (dirty-log
+    start and stop); then the still-writing guest migrates again, to a second
+    destination, that migration completes and guest RAM compares equal (dirty
+    logging started, stopped and started again lost no write)."""
+    out = tmp_path / "cancel-verify.csv"
+    sc = Scenario(name="e2e-cancel-verify", end_action="cancel", cancel_after_s=0.3, verify=True, **SMALL)
+    ctx = runner.RunContext(host=LocalHost(), out=out)
+    row = asyncio.run(runner.run_one(ctx, sc, guest_image))
+    assert row["status"] == "ok", row["error"]
+    (got,) = results.read_rows(out)
+    assert got["end_action"] == "cancel" and float(got["dirty_log_stop_ms"]) >= 0
+    assert got["total_time_ms"] == "" and got["downtime_ms"] == ""       # the figures are the cancelled one's
+    side = json.loads(Path(got["sidecar"]).read_text())
+    pad_pages = side["ram_pad_kib"] // 4
+    assert int(got["verify_pages"]) == 512 * 256 - 96 + pad_pages and got["verify_mismatch_pages"] == "0"
+    statuses = [e["data"]["status"] for e in side["events"]["src"] if e["event"] == "MIGRATION"]
+    assert statuses.index("cancelled") < statuses.index("completed"), statuses
+    assert side["verify_migration"]["query_migrate"]["status"] == "completed"
+    assert set(side["commands"]) == {"src", "dst", "dst2"} and side["commands"]["dst2"].endswith("-S")
+    # the loops' records came from the second destination, with both classes' stalls
+    assert {s["cls"] for s in side["stalls"]} == {"pio", "write"}
+    assert side["qemu_exit"]["dst2"]["exit_status"] == "exited 0"

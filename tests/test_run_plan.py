@@ -48,6 +48,25 @@ def test_tcg_verify_plan_on_old_qemu():
     assert plan.qemu == "qemu-system-x86_64" and plan.launch_timeout_s == 300.0
 
 
+def test_cancel_verify_plans_a_second_destination():
+    """cancel + verify: the cancelled migration's destination runs as it comes; a
+    second one (its own runtime directory, paused by -S) receives the migration
+    that completes and whose memory is compared.  The padding applies."""
+    sc = Scenario(name="x", mem_mib=512, accel="tcg", verify=True, end_action="cancel")
+    plan = plan_run(sc, facts(dst_again_rundir="/run/d2"), IMAGE, "r1")
+    assert plan.verifying and plan.ram_pad_kib == 8
+    assert plan.dst.argv[-2:] == ("-incoming", "defer")
+    assert plan.dst_again is not None and plan.dst_again.name == "r1-dst2"
+    assert plan.dst_again.argv[-3:] == ("-incoming", "defer", "-S")
+    assert "path=/run/d2/probe.sock" in " ".join(plan.dst_again.argv)
+    assert list(plan.dst_again.argv[:-3]) == [a.replace("/run/d/", "/run/d2/") for a in plan.dst.argv[:-2]]
+    with pytest.raises(ValueError, match="dst_again_rundir"):
+        plan_run(sc, facts(), IMAGE, "r1")
+    # without verify, or with complete, there is no second destination
+    assert plan_run(dataclasses.replace(sc, verify=False), facts(), IMAGE, "r1").dst_again is None
+    assert plan_run(dataclasses.replace(sc, end_action="complete"), facts(), IMAGE, "r1").dst_again is None
+
+
 def test_kvm_legacy_plan():
     """KVM: the mode's accel options and env on both sides; no padding, no -S without verify."""
     mode = ModeSetup(accel_opts=("dirty-ring-size=4096",), env={"LD_PRELOAD": "/h/shim.so"})

@@ -111,10 +111,11 @@ async def wait_pass(src: VM, n: int = 1, timeout: float = DEFAULT_FIRST_PASS_TIM
         await asyncio.gather(want, end, return_exceptions=True)
 
 
-async def wait_end(src: VM, timeout: float) -> Dict[str, Any]:
-    """The MIGRATION event with a final status (completed/failed/cancelled)."""
+async def wait_end(src: VM, timeout: float, since: int = 0) -> Dict[str, Any]:
+    """The MIGRATION event with a final status (completed/failed/cancelled), at
+    index >= ``since`` of the source's events (a second migration's end)."""
     try:
-        return await src.wait_event("MIGRATION", timeout, match=_status_is(*END_STATES))
+        return await src.wait_event("MIGRATION", timeout, match=_status_is(*END_STATES), since=since)
     except QEMUError as exc:
         raise MigrationError(f"migration did not end: {exc.one_line()}", src.log_path) from exc
 

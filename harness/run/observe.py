@@ -134,8 +134,8 @@ class Observations:
 
     @property
     def verifying(self) -> bool:
-        """Migrated memory is compared: ``verify`` and a migration that completes."""
-        return self.scenario.verify and self.scenario.end_action == "complete"
+        """Migrated memory is compared (``verify``; after ``cancel``, that of a second migration)."""
+        return self.scenario.verify
 
 
 class Stages:

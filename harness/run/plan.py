@@ -46,6 +46,8 @@ class HostFacts:
     #: aliased guests: each side's shared file on the host (tmpfs), "" otherwise
     src_alias_path: str = ""
     dst_alias_path: str = ""
+    #: ``cancel`` + ``verify``: the runtime directory of the second destination
+    dst_again_rundir: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,27 @@ class RunPlan:
     launch_timeout_s: float
     #: KiB of RAM beyond the scenario's ``mem`` (TCG dirty-sync workaround)
     ram_pad_kib: int
-    #: migrated memory is compared (``verify`` and a migration that completes)
+    #: migrated memory is compared (``verify``)
     verifying: bool
     mode: dirtylog.ModeSetup
     src: VMPlan
     dst: VMPlan
+    #: ``cancel`` + ``verify``: the destination of the second migration, the one
+    #: that completes and whose memory is compared (paused by ``-S`` until then)
+    dst_again: Optional[VMPlan] = None
 
 
 def verifying(scenario: Scenario) -> bool:
-    """Migrated memory is compared: ``verify`` and a migration that completes."""
-    return scenario.verify and scenario.end_action == "complete"
+    """Migrated memory is compared (``verify``).  With ``end = "cancel"`` the
+    cancelled migration is followed by a second one that completes, and that
+    one's memory is compared: dirty logging stopped and started again must
+    still catch every write."""
+    return scenario.verify
+
+
+def verify_after_cancel(scenario: Scenario) -> bool:
+    """``cancel`` + ``verify``: a second migration, to a second destination, completes and is compared."""
+    return scenario.verify and scenario.end_action == "cancel"
 
 
 def ram_pad_kib(scenario: Scenario, accel: str, qemu_version: Sequence[int]) -> int:
@@ -132,13 +145,20 @@ def plan_run(scenario: Scenario, facts: HostFacts, image: GuestImage, run_id: st
                                  channel_socket=f"{rundir}/{PROBE_SOCKET}",
                                  console_log=f"{rundir}/{CONSOLE_LOG}", scenario=sc)]
 
-    paused = ["-S"] if check else []
+    again = verify_after_cancel(sc)
+    if again and not facts.dst_again_rundir:
+        raise ValueError("cancel + verify needs dst_again_rundir (the second destination's runtime directory)")
+    # the destination whose memory is compared stays paused (-S) until then
+    paused = ["-S"] if check and not again else []
     src = VMPlan(f"{run_id}-src", tuple(common(facts.src_rundir, facts.src_alias_path)),
                  {**mode.env, **(src_env or {})}, facts.src_rundir)
     dst = VMPlan(f"{run_id}-dst", tuple(common(facts.dst_rundir, facts.dst_alias_path) + list(migration.INCOMING_ARGS)
                                         + paused),
                  dict(mode.env), facts.dst_rundir)
+    dst_again = VMPlan(f"{run_id}-dst2", tuple(common(facts.dst_again_rundir, facts.dst_alias_path)
+                                               + list(migration.INCOMING_ARGS) + ["-S"]),
+                       dict(mode.env), facts.dst_again_rundir) if again else None
     return RunPlan(accel=facts.accel, cpu_model=default_cpu_model(sc, facts.accel),
                    qemu=sc.qemu or "qemu-system-x86_64", qemu_version=facts.qemu_version, prefix=facts.prefix,
                    launch_timeout_s=launch_timeout_s(sc), ram_pad_kib=pad, verifying=check, mode=mode,
-                   src=src, dst=dst)
+                   src=src, dst=dst, dst_again=dst_again)
