@@ -42,7 +42,8 @@ SCENARIO_COLUMNS = (
 )
 # Measured facts that describe the run but are not figures of merit.
 INFO_COLUMNS = ("touched_mib", "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params",
-                "verify_pages", "verify_mismatch_pages", "fault_window_ms", "kvm_mapped_mib")
+                "verify_pages", "verify_mismatch_pages", "fault_window_ms", "kvm_mapped_mib",
+                "before_vcpu_wait_ms", "before_vcpu_blocked_ms", "window_vcpu_wait_ms", "window_vcpu_blocked_ms")
 # Figures of merit (numbers; empty when not measured).
 METRIC_COLUMNS = (
     "dirty_log_start_ms", "setup_time_ms", "first_pass_ms",
@@ -61,7 +62,8 @@ COLUMNS = ID_COLUMNS[:2] + ("host", "host_kernel", "kernel_variant", "series_id"
     c for c in SCENARIO_COLUMNS if c != "host"
 ) + ("touched_mib", "repeat") + METRIC_COLUMNS + (
     "prefault_ms", "dirty_log_start_source", "dirty_log_stop_source", "kvm_params",
-    "verify_pages", "verify_mismatch_pages", "fault_window_ms", "kvm_mapped_mib", "sidecar",
+    "verify_pages", "verify_mismatch_pages", "fault_window_ms", "kvm_mapped_mib",
+    "before_vcpu_wait_ms", "before_vcpu_blocked_ms", "window_vcpu_wait_ms", "window_vcpu_blocked_ms", "sidecar",
 ) + STATUS_COLUMNS
 
 assert sorted(COLUMNS) == sorted(
@@ -70,7 +72,8 @@ assert sorted(COLUMNS) == sorted(
 
 # Columns that hold numbers: floats in :func:`load`'s frame, NaN where the CSV is empty.
 NUMERIC_COLUMNS = METRIC_COLUMNS + ("repeat", "touched_mib", "prefault_ms", "verify_pages", "verify_mismatch_pages",
-                                    "fault_window_ms", "kvm_mapped_mib")
+                                    "fault_window_ms", "kvm_mapped_mib", "before_vcpu_wait_ms",
+                                    "before_vcpu_blocked_ms", "window_vcpu_wait_ms", "window_vcpu_blocked_ms")
 # Text columns with few distinct values: categoricals in :func:`load`'s frame.  The scenario
 # keys are ordered categoricals (numbers by value: 512 < 1024); a key column whose values
 # are all numbers has numeric categories (``df.guest_mem_mib == 512``).

@@ -77,7 +77,7 @@ from harness.hosts import kernel_log
 from harness.hosts.base import Host
 from harness.hosts.facts import qemu_version, resolve_accel
 from harness.measure import clock as clockmod
-from harness.measure import kvm_stats, qemu_trace, verify
+from harness.measure import kvm_stats, qemu_trace, threads, verify
 from harness.measure.kvm_trace import KvmTiming, KvmTracer
 from harness.progress import Progress
 from harness.qemu import alias, backing, dirtylog, migration, schema, stuck
@@ -338,6 +338,7 @@ class _Run:
             raise GuestError(f"guest never became READY within {sc.ready_timeout_s:g}s of its start "
                              f"({' '.join(str(exc).split())}){note}", exc.log_path) from exc
         self._observe(touched_mib=ready.touched_mib, prefault_ms=ready.prefault_ms)
+        await self._threads(src, "ready")     # the loops run from here
         if ready.alias:
             self.side.setdefault("alias", {})["probe"] = dict(ready.alias)
         await self._hook("ready")
@@ -362,12 +363,14 @@ class _Run:
         # last mark's echo reached the QEMU host, and migrate is sent after it ends
         baseline_start = self.obs.marks[-1].host_recv_ns
         self._at(baseline_start=baseline_start, baseline_end=baseline_start + int(sc.baseline_s * 1e9))
+        await self._hook("baseline")
         await asyncio.sleep(sc.baseline_s)
         if self.fault_cost:
             # the span before migrate that the fault-cost columns compare with
             await asyncio.sleep(max(0.0, before_mono + FAULT_WINDOW_S - time.monotonic()))
         # what KVM has mapped when dirty logging starts (kvm_mapped_mib)
         self._sample("migrate", await kvm_stats.sample(src) if kvm else None)
+        await self._threads(src, "migrate")
 
         self.stages.start("migration")
         tracer.phase("enable")
@@ -388,6 +391,7 @@ class _Run:
                      window_end=pass1_ns + int(sc.margin_ms * 1e6))
             task.update(description=f"{sc.name} r{sc.repeat}: migration, pass 1")
             await asyncio.sleep(sc.margin_ms / 1000)   # so window_end has passed on the QEMU host too
+            await self._threads(src, "window_end")
             await self._marks(chan, MARKS_PER_BATCH, "after-window")
             try:
                 q_active = await migration.query(src)
@@ -477,7 +481,7 @@ class _Run:
         if end["data"]["status"] != "completed":
             raise MigrationError("the second migration (after the cancel, to compare guest RAM): "
                                  + await _why_failed(src, dst, end["data"]["status"]), src.log_path)
-        q = await migration.query(src)
+        q = await migration.query_completed(src)
         self.side["verify_migration"] = {"query_migrate": q, "setup_ns": _status_time(src, "setup", since),
                                          "completed_ns": event_time_ns(end)}
         await self._verify_and_collect(stack, src, dst, task)
@@ -493,6 +497,11 @@ class _Run:
         dchan = await ProbeChannel.open_on(self.host, dst.path(PROBE_SOCKET), log_path=dst.path(CONSOLE_LOG))
         stack.push_async_callback(_aclose, dchan)
         await self._dump(dchan, dst)
+
+    async def _threads(self, vm: VM, point: str) -> None:
+        """The source QEMU's threads' scheduler statistics at ``point`` (:mod:`harness.measure.threads`)."""
+        got = await asyncio.to_thread(threads.sample, self.host, vm.pid)
+        self._observe(thread_samples={**self.obs.thread_samples, point: got})
 
     def _sample(self, point: str, sample: Optional[kvm_stats.Sample]) -> None:
         self._observe(kvm_samples={**self.obs.kvm_samples, point: sample})

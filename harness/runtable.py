@@ -10,8 +10,10 @@ CSV is not affected: it keeps every column at full precision.
 Under TCG every vCPU is a host thread, so a TCG row's stall columns measure
 how the host scheduled those threads, not KVM (issue 12 saw baselines of
 2.5-7.7 s in a `make demo` on this 2-core host).  Those cells carry :data:`NOISE_MARK` and
-the table is followed by :data:`NOISE_NOTE`, so a multi-second TCG stall never
-appears unexplained.
+the table is followed by :data:`NOISE_NOTE`.  And every stall of a second or
+more, TCG or KVM, gets a line saying what the source QEMU's vCPU threads did
+meanwhile (:func:`long_stall_lines`, from the row's ``*_vcpu_wait_ms`` and
+``*_vcpu_blocked_ms``): waited for a host CPU, were blocked, or ran.
 """
 
 from __future__ import annotations
@@ -155,13 +157,40 @@ def errors(rows: Sequence[Mapping[str, Any]], *, plain: bool = False) -> List["T
     return [Text(line, style="" if plain else "red") for line in error_lines(rows)]
 
 
+#: the stall columns the table shows, and the span of the row's thread statistics each lies in
+_STALL_SPANS = (("baseline_stall_max_us", "baseline", "before"), ("stall_pio_max_us", "pio", "window"),
+                ("stall_write_max_us", "write", "window"))
+
+
+def long_stall_lines(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+    """For each stall of at least :data:`threads.LONG_STALL_MS` a row shows, what
+    the source QEMU's vCPU threads did meanwhile (:func:`threads.why`)."""
+    from harness.measure import threads
+
+    out = []
+    for r in rows:
+        for key, label, span in _STALL_SPANS:
+            us = number(r.get(key))
+            if us is None or us / 1000 < threads.LONG_STALL_MS:
+                continue
+            where = "READY to migrate" if span == "before" else "the stall window"
+            cause = threads.why(us / 1000, number(r.get(f"{span}_vcpu_wait_ms")),
+                                number(r.get(f"{span}_vcpu_blocked_ms")))
+            out.append(f"{r.get('scenario')} r{r.get('repeat')}: {label} stall of {us / 1e6:.2f} s; "
+                       f"from {where}, {cause}.")
+    return out
+
+
 def notes(rows: Sequence[Mapping[str, Any]], *, plain: bool = False) -> List["Text"]:
-    """What the table's marks mean: :data:`NOISE_NOTE` when a TCG row shows a stall."""
+    """What the table's marks mean: :data:`NOISE_NOTE` when a TCG row shows a
+    stall; then what the vCPU threads did during each stall of a second or more."""
     from rich.text import Text
 
+    out = []
     if any(_noise(r, c) and number(r.get(c.key)) is not None for r in rows for c in columns_for(rows)):
-        return [Text(NOISE_NOTE, style="" if plain else "dim")]
-    return []
+        out.append(Text(NOISE_NOTE, style="" if plain else "dim"))
+    out += [Text(line, style="" if plain else "dim") for line in long_stall_lines(rows)]
+    return out
 
 
 def render(rows: Sequence[Mapping[str, Any]], *, title: Optional[str] = None, plain: bool = False) -> "Group":

@@ -250,13 +250,13 @@ def test_install_through_the_host_api(tmp_path):
     assert method.install(LocalHost(), art) is inst                                 # once per variant
 
 
-@pytest.mark.parametrize("name", ["nightly-fwp-virtual.toml", "nightly-fwp-matrix.toml",
+@pytest.mark.parametrize("name", ["nightly-fwp-virtual.toml", "nightly-fwp-matrix.toml", "nightly-fwp-write.toml",
                                   "nightly-fwp-verify.toml"])
 def test_series_nightly_on_the_virtual_host_validates(name):
-    """ci/nightly-fwp-virtual.toml (the series at 2 GiB in the virtual host),
-    ci/nightly-fwp-matrix.toml (256 MiB - 1 GiB) and ci/nightly-fwp-verify.toml (the
-    verified matrix, patched only): L1 boots with the scenarios'
-    l1_cmdline, so that a run does not boot it twice."""
+    """The series' nightlies in the virtual host: ci/nightly-fwp-virtual.toml (2 GiB),
+    ci/nightly-fwp-matrix.toml (256 MiB - 1 GiB), ci/nightly-fwp-write.toml (the
+    write-only mix) and ci/nightly-fwp-verify.toml (the verified matrix, patched
+    only).  L1 boots with the scenarios' l1_cmdline, so that a run does not boot it twice."""
     repo = Path(__file__).resolve().parent.parent
     path = repo / "ci" / name
     assert cli.main(["nightly", "--config", str(path), "--check"]) == 0

@@ -119,6 +119,7 @@ def test_cancel_then_verify_migrates_again_and_compares(tmp_path, guest_image):
     statuses = [e["data"]["status"] for e in side["events"]["src"] if e["event"] == "MIGRATION"]
     assert statuses.index("cancelled") < statuses.index("completed"), statuses
     assert side["verify_migration"]["query_migrate"]["status"] == "completed"
+    assert side["verify_migration"]["query_migrate"]["total-time"] > 0
     assert set(side["commands"]) == {"src", "dst", "dst2"} and side["commands"]["dst2"].endswith("-S")
     # the loops' records came from the second destination, with both classes' stalls
     assert {s["cls"] for s in side["stalls"]} == {"pio", "write"}

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from harness.measure import kvm_stats
+from harness.measure import kvm_stats, threads
 from harness.measure.clock import ClockMap
 from harness.measure.kvm_trace import KvmTiming
 from harness.measure.qemu_trace import Span
@@ -113,6 +113,8 @@ class Observations:
     records: Tuple[Any, ...] = ()
     #: KVM's counters at the fault-cost span's ends: before, migrate, after
     kvm_samples: Mapping[str, Optional[kvm_stats.Sample]] = field(default_factory=dict)
+    #: the source QEMU's threads (scheduler statistics) at READY, migrate and the stall window's end
+    thread_samples: Mapping[str, Optional[threads.Sample]] = field(default_factory=dict)
     #: s from migrate to the end of the fault-cost span (0: not measured)
     fault_window_s: float = 0.0
     migration: Optional[MigrationEnd] = None

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from harness import results
 from harness.errors import MeasurementError
-from harness.measure import kvm_stats, stalls
+from harness.measure import kvm_stats, stalls, threads
 from harness.measure.clock import ClockMap
 from harness.qemu import dirtylog, migration
 from harness.run.observe import Identity, Observations
@@ -100,6 +100,10 @@ class Row:
     verify_mismatch_pages: Optional[int] = None
     fault_window_ms: Optional[float] = None
     kvm_mapped_mib: Optional[float] = None
+    before_vcpu_wait_ms: Optional[float] = None
+    before_vcpu_blocked_ms: Optional[float] = None
+    window_vcpu_wait_ms: Optional[float] = None
+    window_vcpu_blocked_ms: Optional[float] = None
     sidecar: Optional[str] = None
     status: Optional[str] = None
     error: Optional[str] = None
@@ -162,6 +166,8 @@ def derive(obs: Observations) -> Derived:
         cols["kvm_params"] = obs.kvm.params or None
     if obs.clock is not None and obs.clock_offset is not None:
         cols.update(_stall_columns(obs, obs.clock, side))
+    if obs.thread_samples:
+        cols.update(_thread_columns(obs, side))
     if obs.dirty_log_start is not None:
         cols["dirty_log_start_ms"] = obs.dirty_log_start.ms
         cols["dirty_log_start_source"] = obs.dirty_log_start.source
@@ -230,6 +236,18 @@ def _precopy_columns(obs: Observations, cm: ClockMap, side: Dict[str, Any]) -> D
         cols[f"stall_{cls}_precopy_ms_per_s"] = None if during is None else during / ((end - setup) / 1e9)
         cols[f"baseline_stall_{cls}_ms_per_s"] = None if before is None else before / ((setup - base) / 1e9)
     side["precopy_windows_ns"] = {"precopy": [setup, end], "baseline": [base, setup]}
+    return cols
+
+
+def _thread_columns(obs: Observations, side: Dict[str, Any]) -> Dict[str, Any]:
+    """Where the source QEMU's vCPU threads spent READY -> migrate (``before``)
+    and the stall window (``window``): the largest time a vCPU thread waited
+    for a host CPU, and the largest it was blocked (:mod:`harness.measure.threads`)."""
+    cols: Dict[str, Any] = {}
+    spans = threads.spans(obs.thread_samples)
+    for name, key in (("pre", "before"), ("window", "window")):
+        cols[f"{key}_vcpu_wait_ms"], cols[f"{key}_vcpu_blocked_ms"] = threads.worst(spans[name])
+    side["threads"] = {name: [s.to_json() for s in splits] for name, splits in spans.items()}
     return cols
 
 
