@@ -33,7 +33,9 @@ The session, every wait bounded:
    first, and the records come from the destination, which answers the same way).
    ``end_action = cancel``: ``cancel_after_s`` after pass 1,
    ``KvmTracer.phase("disable")`` + ``migrate_cancel``, wait for
-   ``cancelled``, then collect the probe's data;
+   ``cancelled``, then collect the probe's data (with ``verify``: first migrate
+   again, to a second destination, let that complete and compare guest RAM;
+   the records then come from that destination);
 5. collection: KVM's timing; shut both QEMUs down, keep their logs;
 6. verification: the clock check (:func:`~harness.run.row.check_causality`,
    before the shutdown); parse the source's trace lines into
