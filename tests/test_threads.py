@@ -93,7 +93,8 @@ def test_a_stopped_qemu_reads_as_blocked(tmp_path, guest_image):
 
     row = _run_with(tmp_path, guest_image, stop)
     assert float(row["baseline_stall_max_us"]) >= 1.3e6
-    assert float(row["before_vcpu_blocked_ms"]) >= 1300 and float(row["before_vcpu_wait_ms"]) < 700
+    blocked, wait = float(row["before_vcpu_blocked_ms"]), float(row["before_vcpu_wait_ms"])
+    assert blocked >= 1300 and wait < blocked, (blocked, wait)
     assert float(row["window_vcpu_blocked_ms"]) >= 0
     (line,) = [ln for ln in runtable.long_stall_lines([row]) if "baseline" in ln]
     assert "blocked or stopped" in line
