@@ -31,9 +31,9 @@ def test_parse_keeps_well_formed_lines():
 
 
 def test_split_run_wait_blocked_and_the_worst_vcpu():
-    a = threads.Sample(0, 1000, threads.parse(SCHEDSTAT))
+    a = threads.Sample(0, threads.parse(SCHEDSTAT))
     later = SCHEDSTAT.replace("900000000 50000000", "1100000000 850000000").replace("800000000 0", "1700000000 0")
-    b = threads.Sample(1_000_000_000, 1000, threads.parse(later) + (threads.ThreadStat(104, "CPU 2/TCG", 5, 5),))
+    b = threads.Sample(1_000_000_000, threads.parse(later) + (threads.ThreadStat(104, "CPU 2/TCG", 5, 5),))
     s = {x.name: x for x in threads.split(a, b)}
     assert set(s) == {"qemu-system-x86", "CPU 0/TCG", "CPU 1/TCG"}     # 104 was not in the first sample
     assert (s["CPU 0/TCG"].run_ms, s["CPU 0/TCG"].wait_ms, s["CPU 0/TCG"].blocked_ms) == (200.0, 800.0, 0.0)

@@ -17,8 +17,8 @@ or ``CPU N/TCG`` with ``-name ...,debug-threads=on``) in three:
 
 The runner samples at READY, when ``migrate`` is sent and at the end of the
 stall window.  The guest's loops start at READY, so every stall that overlaps
-the baseline window lies in the first span (``pre``); the second is the stall
-window (``window``).  The row keeps the largest ``wait`` and ``blocked`` of a
+the baseline window lies in the first span (``before``); the second is the
+stall window (``window``).  The row keeps the largest ``wait`` and ``blocked`` of a
 vCPU thread in each (README "Columns"); the sidecar keeps every thread's split
 (``threads``).  Under TCG, where a stall of seconds can appear in the
 baseline, the run table says which of the three it was.
@@ -57,9 +57,8 @@ class ThreadStat:
 @dataclass(frozen=True)
 class Sample:
     """The threads of one process at one time (this machine's monotonic clock,
-    the middle of the command that read them; ``rtt_ns`` its length)."""
+    the middle of the command that read them)."""
     mono_ns: int
-    rtt_ns: int
     threads: Tuple[ThreadStat, ...]
 
 
@@ -89,11 +88,11 @@ def sample(host: Host, pid: Optional[int]) -> Optional[Sample]:
         log.warning("cannot read the scheduler statistics of process %d on %s: %s", pid, host.name, exc)
         return None
     t1 = time.monotonic_ns()
-    threads = parse(res.stdout if isinstance(res.stdout, str) else res.stdout.decode(errors="replace"))
+    threads = parse(res.text)
     if not threads:
         log.info("no scheduler statistics for process %d on %s (gone, or no CONFIG_SCHED_INFO)", pid, host.name)
         return None
-    return Sample((t0 + t1) // 2, t1 - t0, threads)
+    return Sample((t0 + t1) // 2, threads)
 
 
 def is_vcpu(name: str) -> bool:
@@ -141,8 +140,8 @@ def worst(splits: Tuple[Split, ...]) -> Tuple[Optional[float], Optional[float]]:
 
 
 def spans(samples: Mapping[str, Optional[Sample]]) -> Dict[str, Tuple[Split, ...]]:
-    """The runner's two spans (module docstring): ``pre`` READY -> migrate, ``window`` migrate -> window end."""
-    return {"pre": split(samples.get("ready"), samples.get("migrate")),
+    """The runner's two spans (module docstring): ``before`` READY -> migrate, ``window`` migrate -> window end."""
+    return {"before": split(samples.get("ready"), samples.get("migrate")),
             "window": split(samples.get("migrate"), samples.get("window_end"))}
 
 

@@ -245,8 +245,8 @@ def _thread_columns(obs: Observations, side: Dict[str, Any]) -> Dict[str, Any]:
     for a host CPU, and the largest it was blocked (:mod:`harness.measure.threads`)."""
     cols: Dict[str, Any] = {}
     spans = threads.spans(obs.thread_samples)
-    for name, key in (("pre", "before"), ("window", "window")):
-        cols[f"{key}_vcpu_wait_ms"], cols[f"{key}_vcpu_blocked_ms"] = threads.worst(spans[name])
+    for name, splits in spans.items():
+        cols[f"{name}_vcpu_wait_ms"], cols[f"{name}_vcpu_blocked_ms"] = threads.worst(splits)
     side["threads"] = {name: [s.to_json() for s in splits] for name, splits in spans.items()}
     return cols
 
