@@ -16,9 +16,9 @@ or ``CPU N/TCG`` with ``-name ...,debug-threads=on``) in three:
   lock, a halted vCPU, SIGSTOP, the host itself paused).
 
 The runner samples at READY, when ``migrate`` is sent and at the end of the
-stall window.  The guest's loops start at READY, so every stall that overlaps
-the baseline window lies in the first span (``before``); the second is the
-stall window (``window``).  The row keeps the largest ``wait`` and ``blocked`` of a
+stall window.  The guest's loops start at READY, so the first span
+(``before``) contains the baseline window and the start of every stall that
+overlaps it; the second is the stall window (``window``).  The row keeps the largest ``wait`` and ``blocked`` of a
 vCPU thread in each (README "Columns"); the sidecar keeps every thread's split
 (``threads``).  Under TCG, where a stall of seconds can appear in the
 baseline, the run table says which of the three it was.
