@@ -120,6 +120,15 @@ def test_bad_entry_late_in_matrix_starts_nothing(sandbox):
     check(r, out, rt, "#2 (broken)")
 
 
+def test_virtual_host_dir_that_is_no_kvm_modules_build(sandbox):
+    """``--host virtual:DIR`` takes the output directory of ``migstall kernel
+    build --target kvm-modules``; any other directory is refused up front."""
+    empty = sandbox[0] / "not-a-build"
+    empty.mkdir()
+    r, out, rt = run_cli(sandbox, "--host", f"virtual:{empty}", "--accel", "kvm")
+    check(r, out, rt, "is not a kvm-modules build")
+
+
 def test_l1_cmdline_needs_the_virtual_host(sandbox):
     path = write(sandbox[0], "l1.toml",
                  '[[scenario]]\nname = "legacy-mmu"\naccel = "tcg"\nl1_cmdline = "kvm.tdp_mmu=0"\n')

@@ -238,3 +238,25 @@ def test_bootcheck_console_parsing():
                     "MIGSTALL-EVENT kvm/kvm_exit yes\n[ 1.1] MIGSTALL-MARKER /sys/x Y\nMIGSTALL-DONE\n")
     assert parsed["release"] == "6.1.192-migstall-stock-12345678" and parsed["kvm"] and parsed["done"]
     assert parsed["events"] == [("kvm/kvm_exit", True)] and parsed["markers"] == [("/sys/x", "Y")]
+
+
+# -- --target kvm-modules: rejected before any download -------------------------------------
+
+def test_kvm_modules_reject_whole_kernel_options(cache):
+    assert_user_error(migstall("kernel", "build", "--manifest", str(TEST_SERIES), "--target", "kvm-modules",
+                               "--config", "tiny"), "--config", "only for --target kernel")
+
+
+def test_kvm_modules_reject_a_series_outside_kvm(cache):
+    """The conflict-test series also changes Documentation/: KVM's modules alone
+    cannot carry it, and nothing is downloaded to find that out."""
+    assert_user_error(migstall("kernel", "build", "--manifest", str(CONFLICT), "--target", "kvm-modules",
+                               "--variant", "patched"),
+                      "Documentation/virt/kvm/migstall-notes.rst", "--target kernel")
+    assert not list(Path(cache).glob("kvm-modules/kit-*")), "nothing was downloaded"
+
+
+def test_kvm_modules_need_a_debian_base(tmp_path, cache, tiny_git_tree):
+    path = _manifest_for(tmp_path, f'path = "{tiny_git_tree}"')
+    assert_user_error(migstall("kernel", "build", "--manifest", str(path), "--target", "kvm-modules"),
+                      "debian_source")

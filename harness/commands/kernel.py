@@ -31,6 +31,10 @@ def register(sub: "argparse._SubParsersAction") -> None:
                         "else https://lore.kernel.org/all)")
     b.add_argument("--fetch-timeout", type=float, default=None, metavar="S",
                    help="timeout of fetching a series by Message-ID with b4, seconds (default: 300)")
+    b.add_argument("--target", choices=("kernel", "kvm-modules"), default="kernel",
+                   help="kernel: a whole kernel (bzImage); kvm-modules: only KVM's modules, for the Debian "
+                        "kernel the virtual host boots (seconds instead of minutes; the series may change "
+                        "only KVM's files); boot them with --host virtual:OUT_DIR")
     b.add_argument("--json", action="store_true", help="print the builds as a JSON list")
     b.set_defaults(func=_build)
 
@@ -54,6 +58,8 @@ def _build(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     source = parse_source_option(args.source) if args.source else None
     variants = ("stock", "patched") if args.variant == "both" else (args.variant,)
+    if args.target == "kvm-modules":
+        return _build_modules(args, manifest, variants, lore_url, timeout, source)
     builds = build_kernels(manifest, variants, args.config, progress_mod.for_terminal(), source=source,
                            builder=args.builder, jobs=args.jobs, lore_url=lore_url, fetch_timeout=timeout)
     if args.json:
@@ -62,6 +68,26 @@ def _build(args: argparse.Namespace) -> int:
         for b in builds:
             how = "cached" if b.cached else f"built in {b.duration_s:.0f}s"
             print(f"{b.variant:8} {b.release:40} {how:16} {b.bzimage}")
+    return 0
+
+
+def _build_modules(args: argparse.Namespace, manifest, variants, lore_url, timeout, source) -> int:
+    from harness.errors import UserError
+    from harness.kernel.modules import build_modules
+
+    wrong = [opt for opt, bad in (("--source", source is not None), ("--config", args.config is not None),
+                                  ("--builder", args.builder != "auto")) if bad]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: only for --target kernel (kvm-modules builds against Debian's "
+                        f"kernel and its config); drop {'them' if len(wrong) > 1 else 'it'}")
+    builds = build_modules(manifest, variants, progress_mod.for_terminal(), jobs=args.jobs, lore_url=lore_url,
+                           fetch_timeout=timeout)
+    if args.json:
+        print(json.dumps([b.as_json() for b in builds], indent=1))
+    else:
+        for b in builds:
+            how = "cached" if b.cached else f"built in {b.duration_s:.0f}s"
+            print(f"{b.variant:8} {b.release:40} {how:16} {b.out}")
     return 0
 
 

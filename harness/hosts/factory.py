@@ -29,10 +29,10 @@ from harness.progress import Progress
 
 _SSH_RE = re.compile(r"^ssh://(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                      r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?/?$")
-_USAGE = "use --host local, ssh://user@host[:port], virtual[:debian|/path/to/bzImage] or vhost"
+_USAGE = "use --host local, ssh://user@host[:port], virtual[:debian|/path/to/bzImage|KVM_MODULES_DIR] or vhost"
 
 #: ``--host`` help text shared by every command that takes one
-HOST_HELP = ("where QEMU runs: local | ssh://[user@]host[:port] | virtual[:debian|BZIMAGE] | "
+HOST_HELP = ("where QEMU runs: local | ssh://[user@]host[:port] | virtual[:debian|BZIMAGE|KVM_MODULES_DIR] | "
              "vhost (the VM left by `migstall vhost up`); default local")
 
 
@@ -42,7 +42,7 @@ class HostSpec:
     user: str = "root"
     hostname: str = ""
     port: int = 22
-    kernel: str = "debian"          # virtual: "debian" or a bzImage path
+    kernel: str = "debian"          # virtual: "debian", a bzImage path or a kvm-modules build dir
 
 
 def parse_host_spec(spec: str) -> HostSpec:
@@ -64,9 +64,14 @@ def parse_host_spec(spec: str) -> HostSpec:
         kernel = spec.partition(":")[2] or "debian"
         if kernel != "debian":
             path = Path(kernel).expanduser()
-            if not path.is_file():
+            if path.is_dir():
+                from harness.kernel.modules import load_build
+
+                load_build(path)                 # a kvm-modules build, or UserError
+            elif not path.is_file():
                 raise UserError(f"--host {spec!r}: kernel {kernel} does not exist; pass a bzImage built "
-                                f"with CONFIG_KVM=y/CONFIG_KVM_AMD=y (migstall kernel build) or 'virtual:debian'")
+                                f"with CONFIG_KVM=y/CONFIG_KVM_AMD=y (migstall kernel build), the output "
+                                f"directory of `migstall kernel build --target kvm-modules`, or 'virtual:debian'")
             kernel = str(path.resolve())
         return HostSpec("virtual", kernel=kernel)
     raise UserError(f"--host {spec!r} is not supported; {_USAGE}")

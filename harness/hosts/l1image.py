@@ -8,7 +8,8 @@ holds everything the runner drives over SSH inside L1:
   (nanoseconds for clock alignment);
 * QEMU (``qemu-system-x86_64``) with the shared libraries ``ldd`` resolves and its
   firmware (``/usr/share/seabios``, the x86 ROMs of ``/usr/share/qemu``);
-* for Debian's kernel: the KVM modules (irqbypass, kvm, ccp, kvm-amd) and the
+* for Debian's kernel: the KVM modules (irqbypass, kvm, ccp, kvm-amd; kvm and
+  kvm-amd those of a ``--target kvm-modules`` build when one is given) and the
   virtio-net NIC driver (a migstall-built kernel has them built in), loaded by
   ``/etc/init.d/rcS`` with the ``MODULE.param=value`` arguments of the kernel
   command line (as modprobe would);
@@ -175,8 +176,26 @@ def bzimage_kernel(path: str) -> L1Kernel:
     return L1Kernel(p, release, release)
 
 
+def modules_kernel(out: str) -> L1Kernel:
+    """Debian's kernel with the KVM modules of a ``migstall kernel build --target
+    kvm-modules`` output directory in place of its own."""
+    from harness.kernel.modules import load_build
+
+    build = load_build(Path(out))
+    base = debian_kernel()
+    if build.release != base.release:
+        raise UserError(f"{out}: KVM modules for {build.release}, but the virtual host boots {base.release}; "
+                        f"build them again (migstall kernel build --target kvm-modules)")
+    ours = dict(build.modules)
+    modules = tuple((name, ours.get(name, ko)) for name, ko in base.modules)
+    return L1Kernel(base.image, base.release, f"debian+kvm-{build.variant}", modules)
+
+
 def resolve_kernel(kernel: str) -> L1Kernel:
-    return debian_kernel() if kernel in ("", "debian") else bzimage_kernel(kernel)
+    """``debian``, a bzImage path, or a kvm-modules build directory (:func:`modules_kernel`)."""
+    if kernel in ("", "debian"):
+        return debian_kernel()
+    return modules_kernel(kernel) if Path(kernel).is_dir() else bzimage_kernel(kernel)
 
 
 # -- the initramfs --------------------------------------------------------------------------
