@@ -38,15 +38,38 @@ def test_existing_results_are_not_appended_to(tmp_path):
     assert res.returncode == 2 and "stock.csv exists" in res.stderr
 
 
+def _row(mem, enable, start, pio_us=30000.0, write_ms=200.0, pf=1000, **kw):
+    return {"status": "ok", "guest_mem_mib": mem, "verify_pages": 130976, "verify_mismatch_pages": 0,
+            "kvm_enable_ms": enable, "dirty_log_start_ms": start, "stall_pio_max_us": pio_us,
+            "stall_write_sum_ms": write_ms, "kvm_pf": pf, **kw}
+
+
 def test_summary_lines():
-    ok = {"status": "ok", "verify_pages": 130976, "verify_mismatch_pages": 0, "kvm_enable_ms": 45.3,
-          "dirty_log_start_ms": 65.4}
     lines = summary_lines({
-        "stock": [ok, dict(ok, kvm_enable_ms=67.1, dirty_log_start_ms=141.4)],
-        "patched": [dict(ok, kvm_enable_ms=1.5, dirty_log_start_ms=21.1),
-                    {"status": "failed", "run_id": "r2", "error": "the guest reset itself"}],
+        "stock": [_row(512, 45.3, 65.4), _row(512, 67.1, 141.4), _row(1024, 90.0, 120.0)],
+        "patched": [_row(512, 1.5, 21.1, write_ms=400.0), _row(512, 1.7, 25.0, write_ms=380.0),
+                    {"status": "failed", "run_id": "r2", "error": "the guest reset itself"},
+                    _row(1024, 2.0, 30.0)],
     })
-    assert lines[0] == ("stock: 2 of 2 runs ok; 2 with migrated memory verified equal; KVM enable median 56.2 ms; "
-                        "dirty-log start median 103.4 ms")
-    assert lines[1].startswith("patched: 1 of 2 runs ok; 1 with migrated memory verified equal; KVM enable median 1.5")
+    assert lines[0] == "stock: 3 of 3 runs ok; 3 with migrated memory verified equal"
+    assert lines[1] == "patched: 3 of 4 runs ok; 3 with migrated memory verified equal"
     assert lines[2] == "  patched r2: the guest reset itself"
+    assert lines[3] == "512 MiB guest (2 stock, 2 patched runs ok):"
+    assert lines[4] == ("  KVM's dirty-log enable: stock 56.2 ms, patched 1.60 ms (medians), 35.1x lower; "
+                        "the ranges do not overlap")
+    assert lines[6] == "  worst pio stall after migrate: stock 30.0 ms, patched 30.0 ms (medians), about the same; " \
+                       "the ranges overlap"
+    assert lines[7].startswith("  write-loop stall in the 2 s after migrate: stock 200.0 ms, "
+                               "patched 390.0 ms (medians), 1.95x higher")
+    assert lines[9] == "1024 MiB guest (1 stock, 1 patched runs ok):"
+    assert lines[-2].startswith("Verdict: at 1024 MiB the series starts dirty logging with 45.0x less KVM work "
+                                "(90.0 -> 2.00 ms")
+    assert lines[-1].startswith("The virtual host is nested KVM under TCG")
+
+
+def test_summary_says_lost_writes_first():
+    lines = summary_lines({"stock": [_row(512, 45.3, 65.4)],
+                           "patched": [_row(512, 1.5, 21.1),
+                                       dict(_row(512, 1.4, 20.0), status="failed", verify_mismatch_pages=3,
+                                            error="migrated memory differs: 3 pages")]})
+    assert lines[-2].startswith("Verdict: the patched kernel LOST WRITES: 1 run(s)"), lines
