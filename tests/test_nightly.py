@@ -81,6 +81,8 @@ def test_good_config(tmp_path):
     (("out = \"res\"", "out = \"res\"\nvariants = []"), "variants"),
     (("out = \"res\"", "out = \"res\"\nbaseline = \"nothere\""), "baseline"),
     (("out = \"res\"", "out = = \"res\""), "not valid TOML"),
+    (("out = \"res\"", "out = \"res\"\ntarget = \"modules\""), "target 'modules' is not one of"),
+    (("out = \"res\"", "out = \"res\"\ntarget = \"kvm-modules\""), "set manifest"),
 ])
 def test_bad_config_is_user_error(tmp_path, edit, needle):
     old, new = edit
@@ -90,6 +92,15 @@ def test_bad_config_is_user_error(tmp_path, edit, needle):
         load_config(p)
     assert needle in str(exc.value)
     assert "\n" not in exc.value.one_line()
+
+
+def test_kvm_modules_target_is_for_the_virtual_host_only(tmp_path):
+    manifest = Path(__file__).resolve().parent.parent / "patches" / "fast-write-protect-6.1" / "series.toml"
+    body = GOOD.replace('out = "res"', f'out = "res"\nmanifest = "{manifest}"\ntarget = "kvm-modules"', 1)
+    with pytest.raises(UserError, match="kexec or grub-reboot need target"):
+        load_config(_write(tmp_path, body))
+    virtual_only = body[:body.index("[[host]]")] + '[[host]]\nname = "ci"\nvirtual = "debian"\n'
+    assert load_config(_write(tmp_path, virtual_only)).target == "kvm-modules"
 
 
 def test_bad_scenario_in_matrix_is_user_error(tmp_path):

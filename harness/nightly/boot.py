@@ -314,8 +314,12 @@ class VirtualBoot(BootMethod):
 
     def _install(self, host: Host, art: Artifact) -> Installed:
         from harness.hosts.l1image import bzimage_release
+        from harness.kernel.modules import load_build
 
-        bzimage_release(art.bzimage)          # a real bzImage, or UserError
+        if art.bzimage.is_dir():
+            load_build(art.bzimage)           # a kvm-modules build for Debian's kernel, or UserError
+        else:
+            bzimage_release(art.bzimage)      # a real bzImage, or UserError
         return Installed(kernel=str(art.bzimage))
 
     def _boot(self, host: Host, art: Artifact, inst: Installed) -> None:

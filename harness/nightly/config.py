@@ -10,6 +10,7 @@ Example::
     scenarios = "../scenarios/nightly.toml"     # the scenario matrix (required)
     out = "../results/nightly"                   # <out>/<host>/<variant>.csv + sidecars
     manifest = "../patches/x/series.toml"        # kernels built by `migstall kernel`
+    target = "kernel"                            # or "kvm-modules" (virtual hosts only)
     variants = ["stock", "patched"]              # first = BASE of the report
     baseline = "../results/baseline"             # optional: gate tonight against it
     fail_on = ["dirty_log_start_ms:+10"]
@@ -55,6 +56,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BOOT_METHODS = ("kexec", "grub-reboot", "virtual")
+#: what ``manifest`` builds (harness.kernel.build / harness.kernel.modules)
+TARGETS = ("kernel", "kvm-modules")
 DEFAULT_BOOT_TIMEOUT_S = 600.0
 DEFAULT_VARIANTS = ("stock", "patched")
 
@@ -88,6 +91,8 @@ class NightlyFile(ConfigModel):
     scenarios: str = Field(description="scenario TOML file")
     out: Optional[str] = optional("results directory (default results/nightly next to the config)")
     manifest: Optional[str] = optional("series manifest; kernels are built with migstall kernel")
+    target: Optional[str] = optional("what is built from the manifest: kernel (default) | kvm-modules "
+                                     "(KVM's modules for the virtual host's Debian kernel)")
     variants: Optional[List[str]] = optional("kernel variants, first is BASE (default stock, patched)")
     kernels: Optional[Dict[str, KernelTable]] = optional("prebuilt kernels per variant")
     baseline: Optional[str] = optional("stored baseline results (CSV or dir)")
@@ -133,6 +138,7 @@ class NightlyConfig:
     manifest: Optional[Path] = None
     kernels: Tuple[Tuple[str, KernelSpec], ...] = ()
     baseline: Optional[Path] = None
+    target: str = "kernel"
     gates: Tuple[GateSpec, ...] = ()
     threshold: float = 10.0
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
@@ -197,6 +203,12 @@ def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyCo
         raise UserError(f"{where}no kernel for variant(s) {', '.join(missing)}; set manifest = ... "
                         f"or add [kernels.{missing[0]}] bzimage = ...")
 
+    target = cfg.target if cfg.target is not None else TARGETS[0]
+    if target not in TARGETS:
+        raise UserError(f"{where}target {target!r} is not one of {', '.join(TARGETS)}")
+    if target == "kvm-modules" and manifest is None:
+        raise UserError(f"{where}target = \"kvm-modules\" builds from the manifest; set manifest = ...")
+
     gates = []
     for spec in cfg.fail_on or []:
         try:
@@ -214,6 +226,9 @@ def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyCo
         raise UserError(f"{where}baseline {baseline} does not exist; remove the key or point it at stored results")
 
     hosts = _hosts(cfg.host, where, cfg.interleave is not False)
+    if target == "kvm-modules" and any(h.boot != "virtual" for h in hosts):
+        raise UserError(f"{where}target = \"kvm-modules\" is for the virtual host (Debian's kernel in L1); "
+                        f"hosts booted with kexec or grub-reboot need target = \"kernel\"")
     scen_path = _path(base, cfg.scenarios)
     if not scen_path.is_file():
         raise UserError(f"{where}scenarios {scen_path} does not exist; point it at a scenario TOML file")
@@ -230,7 +245,7 @@ def load_config(path: "str | Path", *, load_scenarios: bool = True) -> NightlyCo
         path=path, scenarios=scen_path, out=out, report=report, hosts=hosts, variants=variants,
         manifest=manifest, kernels=tuple(sorted(kernels.items())), baseline=baseline, gates=tuple(gates),
         threshold=threshold, boot_timeout_s=boot_timeout, restore_default=cfg.restore_default is not False,
-        scenario_list=scenario_list,
+        scenario_list=scenario_list, target=target,
     )
 
 

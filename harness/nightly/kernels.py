@@ -1,4 +1,6 @@
-"""Kernel artifacts per variant: prebuilt ([kernels.NAME]) or built from the manifest."""
+"""Kernel artifacts per variant: prebuilt ([kernels.NAME]) or built from the
+manifest (a whole kernel, or with ``target = "kvm-modules"`` KVM's modules for
+the virtual host's Debian kernel)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,13 @@ def resolve(cfg: NightlyConfig, progress: Optional[Progress] = None) -> Dict[str
 
         assert cfg.manifest is not None
         manifest = load_manifest(cfg.manifest)
-        kb = build_kernel(manifest, v, progress=progress)
-        out[v] = _from_build(v, kb)
+        if cfg.target == "kvm-modules":
+            from harness.kernel.modules import build_modules
+
+            (mb,) = build_modules(manifest, (v,), progress)
+            # the virtual host takes the build's directory where it takes a bzImage
+            out[v] = Artifact(variant=v, bzimage=mb.out, release=mb.release, series_id=mb.series_id)
+        else:
+            out[v] = _from_build(v, build_kernel(manifest, v, progress=progress))
         log.info("variant %s: %s (%s)", v, out[v].bzimage, out[v].release)
     return out
