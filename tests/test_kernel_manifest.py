@@ -260,3 +260,29 @@ def test_kvm_modules_need_a_debian_base(tmp_path, cache, tiny_git_tree):
     path = _manifest_for(tmp_path, f'path = "{tiny_git_tree}"')
     assert_user_error(migstall("kernel", "build", "--manifest", str(path), "--target", "kvm-modules"),
                       "debian_source")
+
+
+def test_kvm_modules_build_dir_is_read_back_and_listed(cache):
+    """What `--host virtual:DIR` and `kernel list` read: a build's out/ with its metadata."""
+    import json as _json
+
+    from harness.kernel.modules import is_modules_dir, load_build
+
+    out = Path(cache) / "kvm-modules" / "0123456789abcdef" / "out"
+    out.mkdir(parents=True)
+    for name in ("kvm.ko", "kvm-amd.ko"):
+        (out / name).write_bytes(b"\x7fELF")
+    (out / "metadata.json").write_text(_json.dumps({
+        "target": "kvm-modules", "variant": "patched", "release": "6.1.0-56-amd64", "duration_s": 19.2,
+        "started": "2026-12-05T08:45:00Z", "manifest": {"name": "fast-write-protect-6.1"},
+        "series": {"sha256": "ab" * 32},
+        "modules": [{"name": "kvm", "file": "kvm.ko"}, {"name": "kvm_amd", "file": "kvm-amd.ko"}]}))
+    build = load_build(out)
+    assert is_modules_dir(out) and not is_modules_dir(out.parent)
+    assert build.variant == "patched" and build.series_id == "ab" * 32
+    assert [n for n, _ in build.modules] == ["kvm", "kvm_amd"]
+    listed = _json.loads(migstall("kernel", "list", "--json").stdout)
+    assert [(b["target"], b["out"]) for b in listed] == [("kvm-modules", str(out))]
+    (out / "kvm-amd.ko").unlink()
+    with pytest.raises(UserError, match="modules missing"):
+        load_build(out)

@@ -92,9 +92,9 @@ def _build_modules(args: argparse.Namespace, manifest, variants, lore_url, timeo
 
 
 def _list(args: argparse.Namespace) -> int:
-    from harness.kernel.build import list_builds
+    from harness.kernel import build, modules
 
-    builds = list_builds()
+    builds = [{"target": "kernel", **b} for b in build.list_builds()] + modules.list_builds()
     if args.json:
         print(json.dumps(builds, indent=1))
         return 0
@@ -103,5 +103,5 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     for b in builds:
         print(f"{b['variant'] or '?':8} {b['release'] or '?':40} {b['manifest'] or '?':32} "
-              f"{b['duration_s']!s:>8}s {b['bzimage']}")
+              f"{b['duration_s']!s:>8}s {b.get('bzimage') or b['out']}")
     return 0

@@ -151,6 +151,22 @@ def load_build(out: Path, *, cached: bool = True) -> ModulesBuild:
                         series_id=str(series.get("sha256", "")) if meta["variant"] == "patched" else "")
 
 
+def list_builds() -> List[dict]:
+    """Metadata of every complete cached kvm-modules build, newest first (the
+    keys of :func:`harness.kernel.build.list_builds`, with ``out`` for ``bzimage``)."""
+    found = []
+    for meta in paths.cache_dir("kvm-modules").glob("*/out/metadata.json"):
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append({"target": TARGET, "variant": data.get("variant"), "release": data.get("release"),
+                      "manifest": data.get("manifest", {}).get("name"), "out": str(meta.parent),
+                      "metadata": str(meta), "duration_s": data.get("duration_s"), "started": data.get("started")})
+    found.sort(key=lambda d: d.get("started") or "", reverse=True)
+    return found
+
+
 # -- the kit -------------------------------------------------------------------------------
 
 def _apt_version(package: str) -> str:
@@ -166,12 +182,23 @@ def _apt_version(package: str) -> str:
     return m.group(1)
 
 
-def _download(packages: Sequence[str], dest: Path) -> List[Path]:
-    proc = subprocess.run(["apt-get", "download", *packages], cwd=dest, capture_output=True, text=True,
-                          timeout=DOWNLOAD_TIMEOUT)
+def _download(packages: Sequence[str], dest: Path) -> None:
+    try:
+        proc = subprocess.run(["apt-get", "download", *packages], cwd=dest, capture_output=True, text=True,
+                              timeout=DOWNLOAD_TIMEOUT)
+    except FileNotFoundError as exc:
+        raise UserError("apt-get not found; --target kvm-modules needs a Debian machine") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandTimeout(f"apt-get download did not finish within {DOWNLOAD_TIMEOUT:g}s") from exc
     if proc.returncode != 0:
         raise HostError(f"apt-get download {' '.join(packages)} failed: {proc.stderr.strip()[-300:]}")
-    return sorted(dest.glob("*.deb"))
+
+
+def _one(directory: Path, pattern: str) -> Path:
+    found = sorted(directory.glob(pattern))
+    if len(found) != 1:
+        raise HostError(f"expected one {pattern} in {directory}, found {len(found)}")
+    return found[0]
 
 
 def _kit(release: str, progress: Progress) -> _Kit:
@@ -198,9 +225,8 @@ def _kit(release: str, progress: Progress) -> _Kit:
                     if not deb.name.startswith(f"linux-source-{series}_"):
                         run(["dpkg-deb", "-x", deb, unpacked], timeout=UNPACK_TIMEOUT)
                 src = tmp / "src"
-                run(["dpkg-deb", "-x", next(debs.glob(f"linux-source-{series}_*.deb")), src],
-                    timeout=UNPACK_TIMEOUT)
-                tarball = next((src / "usr/src").glob(f"linux-source-{series}.tar.*"))
+                run(["dpkg-deb", "-x", _one(debs, f"linux-source-{series}_*.deb"), src], timeout=UNPACK_TIMEOUT)
+                tarball = _one(src / "usr/src", f"linux-source-{series}.tar.*")
                 top = f"linux-source-{series}"
                 wanted = [f"{top}/{p.rstrip('/')}" for p in SOURCE_PATHS]
                 run(["tar", "-xf", tarball, "-C", tmp, *wanted], timeout=UNPACK_TIMEOUT)
