@@ -64,6 +64,9 @@ def test_summary_lines():
     assert lines[9] == "1024 MiB guest (1 stock, 1 patched runs ok):"
     assert lines[-2].startswith("Verdict: at 1024 MiB the series starts dirty logging with 45.0x less KVM work "
                                 "(90.0 -> 2.00 ms")
+    assert "the guest's writes stalled about as long afterwards (200.0 -> 200.0 ms" in lines[-2]
+    more = summary_lines({"stock": [_row(512, 45.3, 65.4)], "patched": [_row(512, 1.5, 21.1, write_ms=300.0)]})
+    assert "the guest's writes paid for it afterwards (200.0 -> 300.0 ms" in more[-2]
     assert lines[-1].startswith("The virtual host is nested KVM under TCG")
 
 

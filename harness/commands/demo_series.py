@@ -178,7 +178,9 @@ def summary_lines(rows_by_variant: Mapping[str, Sequence[Dict[str, Any]]]) -> Li
                 ws, wp = (_values(by[v], "stall_write_sum_ms", 1.0) for v in VARIANTS)
                 if ws and wp:
                     ms, mp = statistics.median(ws), statistics.median(wp)
-                    verdict += ("; the guest's writes paid for it afterwards" if mp > ms else
+                    verdict += ("; the guest's writes stalled about as long afterwards"
+                                if abs(mp - ms) <= 0.05 * ms else
+                                "; the guest's writes paid for it afterwards" if mp > ms else
                                 "; the guest's writes did not stall longer afterwards")
                     verdict += f" ({_fmt(ms)} -> {_fmt(mp)} ms of write-loop stall in the 2 s after migrate)"
                 verdict += "."

@@ -175,6 +175,8 @@ def _apt_version(package: str) -> str:
                              text=True, timeout=60)
     except FileNotFoundError as exc:
         raise UserError("apt-cache not found; --target kvm-modules needs a Debian machine") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandTimeout(f"apt-cache show {package} did not finish within 60s") from exc
     m = re.search(r"^Version: (\S+)$", out.stdout, re.M)
     if out.returncode != 0 or not m:
         raise HostError(f"apt knows no package {package} (apt-cache show: {out.stderr.strip()[-200:]}); "
