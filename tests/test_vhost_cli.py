@@ -82,33 +82,14 @@ def test_cli_run_series_verified(request, tmp_path, variant):
         kernel = request.getfixturevalue("fwp_modules")
     else:
         kernel = os.environ.get("MIGSTALL_TEST_L1_KERNEL", "debian")
-    out = tmp_path / f"{variant}.csv"
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", f"virtual:{kernel}",
-                           "--scenario", str(FWP_SCENARIO), "--kernel-variant", variant, "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
-    with open(out, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 1, proc.stderr[-2000:]
-    row = rows[0]
+    proc, row = _run_one(f"virtual:{kernel}", FWP_SCENARIO, tmp_path / f"{variant}.csv", "--kernel-variant", variant)
     # the row fails on a WARN, BUG, Oops or KVM error in L1's kernel log during the run
-    assert row["status"] == "ok", row["error"]
-    assert row["accel"] == "kvm" and row["host"].startswith("virtual") and row["kernel_variant"] == variant
+    _check_pio_write_row(row, touched_mib=64, max_mapped_mib=300)
+    assert row["kernel_variant"] == variant
     assert int(row["verify_pages"]) == 256 * 256 - 96 and row["verify_mismatch_pages"] == "0", row
     params = row["kvm_params"].split(";")
     assert "kvm.tdp_mmu=N" in params, params          # the scenario's l1_cmdline reached L1's kernel
     assert ("kvm.fast_write_protect=Y" in params) == (variant == "patched"), params
-    assert float(row["kvm_enable_ms"]) > 0
-    # the memslot ioctls that turned logging on lie inside QEMU's dirty-log start
-    # (shim's CLOCK_MONOTONIC against trace lines' wall clock: 1 ms of slack)
-    assert 0 < float(row["kvm_ioctl_ms"]) <= float(row["dirty_log_start_ms"]) + 1, \
-        (row["kvm_ioctl_ms"], row["dirty_log_start_ms"])
-    # where the cost went: legacy start write-protected the 64 MiB the write loop
-    # keeps writing (at once, or lazily with the series), so KVM takes more faults
-    # after migrate than before it
-    assert int(row["kvm_pf"]) > int(row["baseline_kvm_pf"]) >= 0, (row["kvm_pf"], row["baseline_kvm_pf"])
-    assert 64 <= float(row["kvm_mapped_mib"]) <= 300, row["kvm_mapped_mib"]
-    assert float(row["stall_write_sum_ms"]) >= 0 and float(row["baseline_stall_write_sum_ms"]) >= 0
-    assert row["vcpus"] == "2" and row["stall_pio_max_us"] != "" and row["stall_write_max_us"] != ""
     assert proc.returncode == 0
     assert [p for p, _ in _l1_processes() if p not in before] == []
 
@@ -128,27 +109,8 @@ def _run_legacy(tmp_path: Path, kernel: str, patched: bool) -> None:
     scenario.write_text('[defaults]\naccel = "kvm"\nvcpus = 2\nloops = ["pio", "write"]\nbaseline_s = 0.5\n'
                         '[[scenario]]\nname = "l1-cmdline"\nmem = "512M"\ntouch = 128\n'
                         'dirty_log_mode = "legacy"\nl1_cmdline = "kvm.eager_page_split=0"\n')
-    spec = "virtual" if kernel == "debian" else f"virtual:{kernel}"
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", spec, "--scenario", str(scenario),
-                           "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
-    with open(out, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 1, proc.stderr[-2000:]
-    row = rows[0]
-    assert row["status"] == "ok", row["error"]
-    assert row["accel"] == "kvm" and row["host"].startswith("virtual")
-    assert float(row["kvm_enable_ms"]) > 0
-    # the memslot ioctls that turned logging on lie inside QEMU's dirty-log start
-    # (shim's CLOCK_MONOTONIC against trace lines' wall clock: 1 ms of slack)
-    assert 0 < float(row["kvm_ioctl_ms"]) <= float(row["dirty_log_start_ms"]) + 1, \
-        (row["kvm_ioctl_ms"], row["dirty_log_start_ms"])
-    # where the cost went: legacy start write-protected the 128 MiB the write loop
-    # keeps writing, so KVM takes more faults after migrate than before it
-    assert int(row["kvm_pf"]) > int(row["baseline_kvm_pf"]) >= 0, (row["kvm_pf"], row["baseline_kvm_pf"])
-    assert 128 <= float(row["kvm_mapped_mib"]) <= 600, row["kvm_mapped_mib"]
-    assert float(row["stall_write_sum_ms"]) >= 0 and float(row["baseline_stall_write_sum_ms"]) >= 0
-    assert row["vcpus"] == "2" and row["stall_pio_max_us"] != "" and row["stall_write_max_us"] != ""
+    proc, row = _run_one("virtual" if kernel == "debian" else f"virtual:{kernel}", scenario, out)
+    _check_pio_write_row(row, touched_mib=128, max_mapped_mib=600)
     # the scenario's l1_cmdline reached L1's kernel (test_vhost_reboot, slow, covers reboots)
     assert "kvm.eager_page_split=N" in row["kvm_params"].split(";"), row["kvm_params"]
     if patched:
@@ -158,6 +120,35 @@ def _run_legacy(tmp_path: Path, kernel: str, patched: bool) -> None:
         assert seen.get("kvm_migstall_dirty_log_enable", 0) > 0, seen
     assert proc.returncode == 0
     assert [p for p, _ in _l1_processes() if p not in before] == []
+
+
+def _run_one(spec: str, scenario: Path, out: Path, *extra: str) -> "tuple[subprocess.CompletedProcess, dict]":
+    """`migstall run --host SPEC --scenario F` of a one-row scenario: the process and its row."""
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--host", spec, "--scenario", str(scenario),
+                           "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CI": "true"})
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1, proc.stderr[-2000:]
+    return proc, rows[0]
+
+
+def _check_pio_write_row(row: dict, touched_mib: int, max_mapped_mib: int) -> None:
+    """What every legacy-mode `pio` + `write` row in the virtual host must show."""
+    assert row["status"] == "ok", row["error"]
+    assert row["accel"] == "kvm" and row["host"].startswith("virtual")
+    assert float(row["kvm_enable_ms"]) > 0
+    # the memslot ioctls that turned logging on lie inside QEMU's dirty-log start
+    # (shim's CLOCK_MONOTONIC against trace lines' wall clock: 1 ms of slack)
+    assert 0 < float(row["kvm_ioctl_ms"]) <= float(row["dirty_log_start_ms"]) + 1, \
+        (row["kvm_ioctl_ms"], row["dirty_log_start_ms"])
+    # where the cost went: legacy start write-protected the memory the write loop
+    # keeps writing (at once, or lazily with the series), so KVM takes more faults
+    # after migrate than before it
+    assert int(row["kvm_pf"]) > int(row["baseline_kvm_pf"]) >= 0, (row["kvm_pf"], row["baseline_kvm_pf"])
+    assert touched_mib <= float(row["kvm_mapped_mib"]) <= max_mapped_mib, row["kvm_mapped_mib"]
+    assert float(row["stall_write_sum_ms"]) >= 0 and float(row["baseline_stall_write_sum_ms"]) >= 0
+    assert row["vcpus"] == "2" and row["stall_pio_max_us"] != "" and row["stall_write_max_us"] != ""
 
 
 def _vhost(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

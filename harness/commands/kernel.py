@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any, Sequence
 
 from harness import progress as progress_mod
 
@@ -62,13 +63,18 @@ def _build(args: argparse.Namespace) -> int:
         return _build_modules(args, manifest, variants, lore_url, timeout, source)
     builds = build_kernels(manifest, variants, args.config, progress_mod.for_terminal(), source=source,
                            builder=args.builder, jobs=args.jobs, lore_url=lore_url, fetch_timeout=timeout)
-    if args.json:
-        print(json.dumps([b.as_json() for b in builds], indent=1))
-    else:
-        for b in builds:
-            how = "cached" if b.cached else f"built in {b.duration_s:.0f}s"
-            print(f"{b.variant:8} {b.release:40} {how:16} {b.bzimage}")
+    _print_builds(builds, args.json, [b.bzimage for b in builds])
     return 0
+
+
+def _print_builds(builds: Sequence[Any], as_json: bool, where: Sequence[Any]) -> None:
+    """One line per build (``where``: what to boot, a bzImage or a modules dir), or a JSON list."""
+    if as_json:
+        print(json.dumps([b.as_json() for b in builds], indent=1))
+        return
+    for b, path in zip(builds, where):
+        how = "cached" if b.cached else f"built in {b.duration_s:.0f}s"
+        print(f"{b.variant:8} {b.release:40} {how:16} {path}")
 
 
 def _build_modules(args: argparse.Namespace, manifest, variants, lore_url, timeout, source) -> int:
@@ -82,12 +88,7 @@ def _build_modules(args: argparse.Namespace, manifest, variants, lore_url, timeo
                         f"kernel and its config); drop {'them' if len(wrong) > 1 else 'it'}")
     builds = build_modules(manifest, variants, progress_mod.for_terminal(), jobs=args.jobs, lore_url=lore_url,
                            fetch_timeout=timeout)
-    if args.json:
-        print(json.dumps([b.as_json() for b in builds], indent=1))
-    else:
-        for b in builds:
-            how = "cached" if b.cached else f"built in {b.duration_s:.0f}s"
-            print(f"{b.variant:8} {b.release:40} {how:16} {b.out}")
+    _print_builds(builds, args.json, [b.out for b in builds])
     return 0
 
 

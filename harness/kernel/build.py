@@ -49,11 +49,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from harness import paths
 from harness.paths import file_lock, sha256_file
-from harness.errors import CommandTimeout, KernelBuildInfraError, UserError
+from harness.errors import KernelBuildInfraError, UserError
 from harness.kernel.apply import apply_series
 from harness.kernel.config import ConfigPlan, missing_options, resolve_config
 from harness.kernel.manifest import BaseSpec, Manifest, load_manifest
-from harness.kernel.run import git, run
+from harness.kernel.run import git, run, run_logged
 from harness.kernel.series import B4_TIMEOUT, Series, load_series
 from harness.kernel.source import SourceTree, prepare_source
 from harness.kernel.toolchain import Toolchain, resolve_toolchain, tuxmake_path
@@ -195,21 +195,6 @@ def _make_cmds(plan: _Plan, tree: Path, lv: str) -> List[List[str]]:
     return cmds
 
 
-def _run_logged(argv: Sequence[str], logfh, cwd: Path, deadline: float) -> int:
-    logfh.write(f"$ {shlex.join(argv)}\n")
-    logfh.flush()
-    proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=logfh,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired as exc:
-        raise CommandTimeout(f"kernel build did not finish within {BUILD_TIMEOUT:g}s") from exc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
 def _collect(plan: _Plan, tree: Path, outdir: Path) -> Dict[str, Path]:
     obj = tree / OBJDIR
     arts: Dict[str, Path] = {}
@@ -345,7 +330,7 @@ def _build_one(plan: _Plan, variant: str, src: SourceTree, series: Series, commi
             with open(build_log, "w") as logfh, progress.task(
                     f"{variant}: building {src.version}{lv} ({plan.toolchain.builder}, -j{plan.jobs})"):
                 for argv in cmds:
-                    rc = _run_logged(argv, logfh, tree, deadline)
+                    rc = run_logged(argv, logfh, tree, deadline, "kernel build", BUILD_TIMEOUT)
                     if rc != 0:
                         kept = logs / f"{key[:16]}-{variant}-{int(started)}.log"
                         logfh.flush()

@@ -47,12 +47,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from harness import paths
 from harness.errors import CommandTimeout, HostError, KernelBuildInfraError, UserError
 from harness.kernel.manifest import Manifest, load_manifest
-from harness.kernel.run import git, run
+from harness.kernel.run import git, run, run_logged
 from harness.kernel.series import B4_TIMEOUT, Series, load_series
 from harness.progress import Progress
 from harness.results import atomic_write_json
@@ -311,20 +311,9 @@ def _workspace(kit: _Kit, work: Path, series: Optional[Series]) -> Tuple[Path, P
     return objtree, common / "arch/x86/kvm"
 
 
-def _make(objtree: Path, mdir: Path, jobs: int, logfh) -> int:
+def _make(objtree: Path, mdir: Path, jobs: int, logfh: IO[str]) -> int:
     argv = ["make", "-C", str(objtree), f"M={mdir}", f"-j{jobs}", "modules"]
-    logfh.write(f"$ {' '.join(argv)}\n")
-    logfh.flush()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        return proc.wait(timeout=BUILD_TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        raise CommandTimeout(f"the kvm-modules build did not finish within {BUILD_TIMEOUT:g}s") from exc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+    return run_logged(argv, logfh, None, time.monotonic() + BUILD_TIMEOUT, "the kvm-modules build", BUILD_TIMEOUT)
 
 
 def _build_one(manifest: Manifest, kit: _Kit, variant: str, series: Series, compiler: str,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
+import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import IO, Mapping, Optional, Sequence, Union
 
 from harness.errors import CommandTimeout, KernelBuildInfraError
 
@@ -57,3 +59,23 @@ def git(args: Sequence[Union[str, Path]], *, repo: Path, timeout: float = DEFAUL
     """``git -C repo ARGS`` with migstall's fixed identity."""
     return run(["git", "-C", repo, "-c", "gc.auto=0", "-c", "core.autocrlf=false", *args],
                timeout=timeout, check=check, env={**GIT_ENV, **(env or {})})
+
+
+def run_logged(argv: Sequence[str], logfh: IO[str], cwd: Optional[Path], deadline: float, what: str,
+               limit_s: float) -> int:
+    """Run ``argv`` (a build) with its output appended to ``logfh``, in its own
+    process group, and return its exit status; at the ``time.monotonic()``
+    ``deadline`` the whole group is killed and CommandTimeout says that
+    ``what`` did not finish within ``limit_s``."""
+    logfh.write(f"$ {shlex.join(argv)}\n")
+    logfh.flush()
+    proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=logfh,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired as exc:
+        raise CommandTimeout(f"{what} did not finish within {limit_s:g}s") from exc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
