@@ -286,3 +286,15 @@ def test_kvm_modules_build_dir_is_read_back_and_listed(cache):
     (out / "kvm-amd.ko").unlink()
     with pytest.raises(UserError, match="modules missing"):
         load_build(out)
+
+
+@pytest.mark.slow
+def test_kvm_modules_build_failure_exits_2_with_the_log():
+    """A series that applies but does not compile, as KVM modules: exit 2 naming
+    the build log (the kit is fetched once into the default cache; about 40 s)."""
+    broken = REPO / "patches/migstall-broken-build-test/series.toml"
+    proc = migstall("kernel", "build", "--manifest", str(broken), "--variant", "patched", "--target", "kvm-modules",
+                    timeout=2400)
+    assert_user_error(proc, "patched kvm-modules build failed (make exited 2)", "see the log ")
+    log = Path(proc.stderr.strip().rsplit("see the log ", 1)[1])
+    assert "deliberately broken build" in log.read_text(errors="replace")
