@@ -126,14 +126,39 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}" if abs(v) >= 1000 else f"{v:.1f}"
 
 
+def _about_same(stock: float, patched: float) -> bool:
+    """Within 5 % of each other."""
+    return 1 / 1.05 <= stock / patched <= 1.05
+
+
+def _verdict(size: int, by: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """The verdict sentence for one guest size ("" when a kernel has no enable figure)."""
+    stock, patched = (_values(by[v], "kvm_enable_ms", 1.0) for v in VARIANTS)
+    if not (stock and patched):
+        return ""
+    s, p = statistics.median(stock), statistics.median(patched)
+    if max(patched) >= min(stock):
+        return (f"Verdict: at {size} MiB no clear effect on KVM's dirty-log enable ({_fmt(s)} ms stock, "
+                f"{_fmt(p)} ms patched, the ranges overlap).")
+    verdict = (f"Verdict: at {size} MiB the series starts dirty logging with {_fmt(s / p) if p > 0 else 'far'}x "
+               f"less KVM work ({_fmt(s)} -> {_fmt(p)} ms, every patched run below every stock run)")
+    ws, wp = (_values(by[v], "stall_write_sum_ms", 1.0) for v in VARIANTS)
+    if ws and wp:
+        ms, mp = statistics.median(ws), statistics.median(wp)
+        verdict += ("; the guest's writes stalled about as long afterwards" if mp > 0 and _about_same(ms, mp) else
+                    "; the guest's writes paid for it afterwards" if mp > ms else
+                    "; the guest's writes did not stall longer afterwards")
+        verdict += f" ({_fmt(ms)} -> {_fmt(mp)} ms of write-loop stall in the 2 s after migrate)"
+    return verdict + "."
+
+
 def _figure_line(words: str, unit: str, stock: List[float], patched: List[float]) -> str:
     s, p = statistics.median(stock), statistics.median(patched)
     unit = f" {unit}" if unit else ""
     line = f"  {words}: stock {_fmt(s)}{unit}, patched {_fmt(p)}{unit} (medians)"
     if s > 0 and p > 0:
-        ratio = s / p
-        line += (", about the same" if 1 / 1.05 <= ratio <= 1.05 else
-                 f", {_fmt(ratio)}x lower" if ratio > 1 else f", {_fmt(1 / ratio)}x higher")
+        line += (", about the same" if _about_same(s, p) else
+                 f", {_fmt(s / p)}x lower" if s > p else f", {_fmt(p / s)}x higher")
     apart = max(patched) < min(stock) or max(stock) < min(patched)
     if len(stock) > 1 and len(patched) > 1:
         line += "; the ranges do not overlap" if apart else "; the ranges overlap"
@@ -168,25 +193,7 @@ def summary_lines(rows_by_variant: Mapping[str, Sequence[Dict[str, Any]]]) -> Li
             stock, patched = _values(by["stock"], key, scale), _values(by["patched"], key, scale)
             if stock and patched:
                 lines.append(_figure_line(words, unit, stock, patched))
-        stock, patched = _values(by["stock"], "kvm_enable_ms", 1.0), _values(by["patched"], "kvm_enable_ms", 1.0)
-        if stock and patched:
-            s, p = statistics.median(stock), statistics.median(patched)
-            if max(patched) < min(stock):
-                verdict = (f"Verdict: at {size} MiB the series starts dirty logging with "
-                           f"{_fmt(s / p) if p > 0 else 'far'}x less KVM work ({_fmt(s)} -> {_fmt(p)} ms, every "
-                           f"patched run below every stock run)")
-                ws, wp = (_values(by[v], "stall_write_sum_ms", 1.0) for v in VARIANTS)
-                if ws and wp:
-                    ms, mp = statistics.median(ws), statistics.median(wp)
-                    verdict += ("; the guest's writes stalled about as long afterwards"
-                                if abs(mp - ms) <= 0.05 * ms else
-                                "; the guest's writes paid for it afterwards" if mp > ms else
-                                "; the guest's writes did not stall longer afterwards")
-                    verdict += f" ({_fmt(ms)} -> {_fmt(mp)} ms of write-loop stall in the 2 s after migrate)"
-                verdict += "."
-            else:
-                verdict = (f"Verdict: at {size} MiB no clear effect on KVM's dirty-log enable ({_fmt(s)} ms stock, "
-                           f"{_fmt(p)} ms patched, the ranges overlap).")
+        verdict = _verdict(size, by) or verdict
     bad = [r for r in rows_by_variant.get("patched", ()) if (number(r.get("verify_mismatch_pages")) or 0) > 0]
     if bad:
         verdict = (f"Verdict: the patched kernel LOST WRITES: {len(bad)} run(s) migrated memory that differs "

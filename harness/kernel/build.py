@@ -52,7 +52,7 @@ from harness.paths import file_lock, sha256_file
 from harness.errors import KernelBuildInfraError, UserError
 from harness.kernel.apply import apply_series
 from harness.kernel.config import ConfigPlan, missing_options, resolve_config
-from harness.kernel.manifest import BaseSpec, Manifest, load_manifest
+from harness.kernel.manifest import VARIANTS, BaseSpec, Manifest, build_request
 from harness.kernel.run import git, run, run_logged
 from harness.kernel.series import B4_TIMEOUT, Series, load_series
 from harness.kernel.source import SourceTree, prepare_source
@@ -62,7 +62,6 @@ from harness.results import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("stock", "patched")
 #: bump when the build recipe changes in a way that changes artifacts
 RECIPE = 2
 #: timeout of one kernel build (cold, defconfig, slow shared machine), seconds
@@ -405,17 +404,13 @@ def build_kernels(manifest: Union[Manifest, str, Path], variants: Sequence[str] 
     fetching a series by Message-ID (``b4 am``).  The series is read before
     the base tree is prepared, so a series that cannot be had costs nothing."""
     progress = progress or Progress()
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest)
-    for v in variants:
-        if v not in VARIANTS:
-            raise UserError(f"variant {v} is not one of stock, patched, both")
+    manifest, ordered = build_request(manifest, variants)
     plan = _plan(manifest, config, builder, jobs)          # bad input is rejected here, before any work
     series = load_series(manifest.series, progress, lore_url=lore_url, timeout=fetch_timeout)
     src = prepare_source(source or manifest.base, progress)
     patched = apply_series(src, series, progress) if "patched" in variants else None
     builds = []
-    for v in sorted(set(variants), key=VARIANTS.index):
+    for v in ordered:
         commit = src.commit if v == "stock" else patched
         assert commit is not None
         builds.append(_build_one(plan, v, src, series, commit, progress, source))

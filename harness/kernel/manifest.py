@@ -37,7 +37,7 @@ import sys
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from pydantic import Field
 
@@ -252,3 +252,18 @@ def load_manifest(path: "str | Path") -> Manifest:
                     config=build.config if build.config is not None else "tiny", fragments=tuple(fragments),
                     compiler=tc.compiler, qemu=tc.qemu, toolchain_notes=tc.notes or "",
                     events=tuple(events), markers=tuple(sorted(markers.items())))
+
+
+#: the variants a manifest builds, in build order
+VARIANTS = ("stock", "patched")
+
+
+def build_request(manifest: "Union[Manifest, str, Path]", variants: Sequence[str]) -> "Tuple[Manifest, List[str]]":
+    """The manifest (loaded if given as a path) and the variants in build order,
+    stock first; UserError for a variant that is not one of :data:`VARIANTS`."""
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    for v in variants:
+        if v not in VARIANTS:
+            raise UserError(f"variant {v} is not one of stock, patched, both")
+    return manifest, sorted(set(variants), key=VARIANTS.index)

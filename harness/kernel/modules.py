@@ -51,7 +51,7 @@ from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 from harness import paths
 from harness.errors import CommandTimeout, HostError, KernelBuildInfraError, UserError
-from harness.kernel.manifest import Manifest, load_manifest
+from harness.kernel.manifest import VARIANTS, Manifest, build_request
 from harness.kernel.run import git, run, run_logged
 from harness.kernel.series import B4_TIMEOUT, Series, load_series
 from harness.progress import Progress
@@ -60,7 +60,6 @@ from harness.results import atomic_write_json
 log = logging.getLogger(__name__)
 
 TARGET = "kvm-modules"
-VARIANTS = ("stock", "patched")
 #: bump when the recipe changes in a way that changes the modules
 RECIPE = 1
 #: the source files a series may change (directories end with "/")
@@ -388,11 +387,7 @@ def build_modules(manifest: "Manifest | str | Path", variants: Sequence[str] = V
     """Build (or fetch from the cache) KVM's modules for Debian's kernel
     ``release`` (default: the virtual host's), stock first."""
     progress = progress or Progress()
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest)
-    for v in variants:
-        if v not in VARIANTS:
-            raise UserError(f"variant {v} is not one of stock, patched, both")
+    manifest, ordered = build_request(manifest, variants)
     if manifest.base.kind != "debian" or not (manifest.base.debian_source or "").startswith("linux-source-"):
         raise UserError(f"{manifest.path}: --target {TARGET} builds against Debian's kernel, so [base] must be "
                         f"debian_source = \"linux-source-X.Y\" (it is {manifest.base.describe()})")
@@ -411,4 +406,4 @@ def build_modules(manifest: "Manifest | str | Path", variants: Sequence[str] = V
     jobs = jobs or os.cpu_count() or 1
     kit = _kit(release, progress)
     return [_build_one(manifest, kit, v, series, compiler, jobs, progress)
-            for v in sorted(set(variants), key=VARIANTS.index)]
+            for v in ordered]
